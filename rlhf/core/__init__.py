@@ -1,0 +1,28 @@
+"""Core math: pure functions, no model, optimiser or config inside."""
+from rlhf.core.advantages import (
+    discounted_cumsum,
+    discounted_returns,
+    gae,
+    group_normalize,
+    leave_one_out,
+    whiten,
+)
+from rlhf.core.objectives import (
+    AGG_MODES,
+    KL_ESTIMATORS,
+    aggregate,
+    clipped_surrogate,
+    entropy_from_logits,
+    kl_estimate,
+    policy_loss,
+    reinforce,
+    value_loss,
+)
+from rlhf.core.logprobs import selective_log_softmax
+
+__all__ = [
+    "discounted_cumsum", "discounted_returns", "gae", "group_normalize", "leave_one_out",
+    "whiten", "AGG_MODES", "KL_ESTIMATORS", "aggregate", "clipped_surrogate",
+    "entropy_from_logits", "kl_estimate", "policy_loss", "reinforce", "value_loss",
+    "selective_log_softmax",
+]

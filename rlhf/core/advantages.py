@@ -1,0 +1,144 @@
+"""Advantage estimators: pure functions over reward / value tensors.
+
+Layout is time-last everywhere: ``rewards, values, mask : [B, T]``. A gym rollout of N
+envs and T steps is ``[N, T]``; an LM batch is ``[B, T]`` over completion tokens; a batch of
+independent one-step decisions (GRPO's per-sequence rewards, a bandit) is ``[B]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "discounted_cumsum",
+    "discounted_returns",
+    "gae",
+    "group_normalize",
+    "leave_one_out",
+    "whiten",
+]
+
+
+def _check_same_shape(**tensors: Tensor | None) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items() if v is not None}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"shape mismatch: {shapes}")
+
+
+def discounted_cumsum(x: Tensor, discount: Tensor | float) -> Tensor:
+    """Reverse scan ``y_t = x_t + discount_t * y_{t+1}`` along the last axis, ``y_T = 0``.
+
+    The one recursion behind returns and GAE. ``discount`` is a scalar or a tensor shaped
+    like ``x`` (it carries gamma, lambda and the episode cuts).
+    """
+    if not torch.is_tensor(discount):
+        discount = torch.full_like(x, float(discount))
+    _check_same_shape(x=x, discount=discount)
+    out = torch.empty_like(x)
+    running = torch.zeros_like(x[..., 0])
+    for t in range(x.shape[-1] - 1, -1, -1):
+        running = x[..., t] + discount[..., t] * running
+        out[..., t] = running
+    return out
+
+
+def discounted_returns(
+    rewards: Tensor,
+    gamma: float,
+    dones: Tensor | None = None,
+    last_value: Tensor | None = None,
+) -> Tensor:
+    """Monte-Carlo returns ``G_t = r_t + gamma * (1 - done_t) * G_{t+1}``.
+
+    rewards, dones: [B, T]; ``dones[t] = 1`` when the episode ended at step t (the sum is
+    cut there). ``last_value`` [B] bootstraps the tail of a segment that did not end.
+    """
+    dones = torch.zeros_like(rewards) if dones is None else dones.to(rewards.dtype)
+    _check_same_shape(rewards=rewards, dones=dones)
+    x = rewards.clone()
+    if last_value is not None:
+        x[..., -1] = x[..., -1] + gamma * (1 - dones[..., -1]) * last_value
+    return discounted_cumsum(x, gamma * (1 - dones))
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    mask: Tensor | None = None,
+    next_values: Tensor | None = None,
+    terminated: Tensor | None = None,
+    dones: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016). Returns ``(adv, ret)``.
+
+        delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
+        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
+        ret_t   = A_t + V(s_t)
+
+    LM use: pass ``mask`` [B, T] over completion tokens; the value after the last real token
+    is 0 (the sequence ends there). Gym use: pass ``next_values`` (V of the next observation,
+    the final observation's value on truncation), ``terminated`` (no bootstrap) and ``dones``
+    (terminated or truncated: the advantage recursion is cut).
+    """
+    mask = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
+    if next_values is None:  # V(s_{t+1}) from the same row; 0 past the last real step
+        next_values = torch.zeros_like(values)
+        next_values[..., :-1] = values[..., 1:] * mask[..., 1:]
+    terminated = torch.zeros_like(rewards) if terminated is None else terminated.to(rewards.dtype)
+    dones = terminated if dones is None else dones.to(rewards.dtype)
+    _check_same_shape(rewards=rewards, values=values, mask=mask, next_values=next_values,
+                      terminated=terminated, dones=dones)
+    deltas = (rewards + gamma * (1 - terminated) * next_values - values) * mask
+    adv = discounted_cumsum(deltas, gamma * lam * (1 - dones)) * mask
+    return adv, (adv + values) * mask
+
+
+def group_normalize(
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> Tensor:
+    """GRPO's advantage (Shao et al. 2024): ``A_i = (r_i - mean_group) / (std + eps)``.
+
+    rewards: [N] with N = prompts * group_size, each prompt's completions contiguous.
+    scale: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
+    "none" only centres (Dr. GRPO). std is Bessel-corrected, as in TRL.
+    """
+    groups = _as_groups(rewards, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    return centred.reshape(-1)
+
+
+def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO baseline (Kool et al. 2019): ``A_i = r_i - mean_{j != i} r_j``. rewards: [N]."""
+    groups = _as_groups(rewards, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over masked entries."""
+    mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def _as_groups(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(
+            f"group_size must be >= 2 and divide the batch ({rewards.numel()}), got {group_size}"
+        )
+    return rewards.reshape(-1, group_size)

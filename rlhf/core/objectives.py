@@ -1,0 +1,168 @@
+"""Per-element policy and value objectives, KL estimators and the masked reducer.
+
+Every objective here returns a *per-element* loss (to be minimised) shaped like its inputs,
+``[B, T]`` for tokens or ``[N, 1]`` / ``[N]`` for gym actions; ``aggregate`` turns it into a
+scalar. ``policy_loss`` composes them and is what every trainer — LM or gym — calls.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "reinforce",
+    "clipped_surrogate",
+    "value_loss",
+    "entropy_from_logits",
+    "kl_estimate",
+    "aggregate",
+    "policy_loss",
+    "AGG_MODES",
+    "KL_ESTIMATORS",
+]
+
+AGG_MODES = ("token_mean", "seq_mean", "constant")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def reinforce(logp: Tensor, adv: Tensor) -> Tensor:
+    """Vanilla policy gradient (Williams 1992): ``-A * log pi(a|s)``."""
+    return -adv * logp
+
+
+def clipped_surrogate(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate (Schulman et al. 2017), with an optional asymmetric clip
+    (DAPO's clip-higher): ``-min(rho * A, clip(rho, 1 - eps_lo, 1 + eps_hi) * A)``,
+    ``rho = exp(logp - old_logp)``. Returns ``(loss, clipped)`` where ``clipped`` is 1 where
+    the clipped branch was taken (the gradient is zero there).
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(logp.dtype)
+
+
+def value_loss(
+    values: Tensor, ret: Tensor, old_values: Tensor | None = None, clip: float | None = None
+) -> Tensor:
+    """``0.5 * (V - ret)^2``; with ``clip`` the PPO2 pessimistic clipped variant
+    ``0.5 * max((V - ret)^2, (old_V + clip(V - old_V, -c, c) - ret)^2)``."""
+    loss = (values - ret) ** 2
+    if clip is not None:
+        if old_values is None:
+            raise ValueError("value clipping needs old_values")
+        v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (v_clipped - ret) ** 2)
+    return 0.5 * loss
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of a categorical distribution per position: logits [..., V] -> [...]."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp_all.exp() * logp_all).sum(-1)
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-sample estimate of KL(pi || pi_ref) from log-probs of actions sampled from pi
+    (Schulman, "Approximating KL divergence", 2020). With ``r = pi_ref / pi``:
+    k1 = -log r (unbiased, high variance), k2 = (log r)^2 / 2 (biased, low variance),
+    k3 = r - 1 - log r (unbiased, low variance, always >= 0; GRPO's choice).
+    """
+    log_r = ref_logp - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        # clamp keeps exp() finite when the policy has drifted far from the reference
+        return torch.exp(log_r.clamp(max=20.0)) - 1 - log_r
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | None = None) -> Tensor:
+    """Reduce a per-element loss ``x`` [B, T] under ``mask`` [B, T] to a scalar.
+
+    token_mean: ``sum(x * mask) / denom``; denom = number of valid tokens in the *whole
+        optimiser step* (all micro-batches, all processes). Default: ``mask.sum()``, right
+        only when this call sees the whole step.
+    seq_mean: mean over tokens inside each sequence, then ``sum over sequences / denom``;
+        denom = number of sequences in the step (default: B).
+    constant: ``sum(x * mask) / denom`` with a fixed denom such as B * max_len (Dr. GRPO);
+        denom is required.
+    """
+    if x.shape != mask.shape:
+        raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    mask = mask.to(x.dtype)
+    if mode == "token_mean":
+        return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+    if mode == "seq_mean":
+        per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / (x.shape[0] if denom is None else denom)
+    if mode == "constant":
+        if denom is None:
+            raise ValueError("aggregate mode 'constant' needs an explicit denom")
+        return (x * mask).sum() / denom
+    raise ValueError(f"aggregate mode must be one of {AGG_MODES}, got {mode!r}")
+
+
+def policy_loss(
+    logp: Tensor,
+    adv: Tensor,
+    mask: Tensor | None = None,
+    *,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    objective: str = "clip",
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    agg: str = "token_mean",
+    denom: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The one policy loss of the library, for tokens and gym actions alike.
+
+        loss = aggregate(objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
+
+    logp, old_logp, ref_logp, mask: [B, T] (gym: [N, 1] or [N]); adv: same shape, or [B]
+    (one advantage per sequence, broadcast over its tokens). objective: "clip" (PPO / GRPO
+    surrogate; ``old_logp`` defaults to ``logp.detach()``, i.e. one on-policy epoch) or
+    "reinforce". Returns ``(loss, stats)``; stats are detached scalars.
+    """
+    if logp.dim() == 1:
+        logp = logp[:, None]
+    mask = torch.ones_like(logp) if mask is None else mask.reshape(logp.shape).to(logp.dtype)
+    if adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
+        adv = adv[:, None].expand_as(logp)
+    adv = adv.reshape(logp.shape).to(logp.dtype)
+    stats: dict[str, Tensor] = {}
+    if objective == "clip":
+        old = logp.detach() if old_logp is None else old_logp.reshape(logp.shape)
+        per_elem, clipped = clipped_surrogate(logp, old, adv, clip_low, clip_high)
+        n = mask.sum().clamp(min=1)
+        stats["clip_frac"] = ((clipped * mask).sum() / n).detach()
+        # approx KL(old || new) with the k3 estimator, CleanRL's debug variable
+        stats["approx_kl"] = ((kl_estimate(old, logp.detach(), "k3") * mask).sum() / n)
+    elif objective == "reinforce":
+        per_elem = reinforce(logp, adv)
+    else:
+        raise ValueError(f"objective must be 'clip' or 'reinforce', got {objective!r}")
+    stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
+    if ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator)
+        stats["kl"] = aggregate(kl.detach(), mask, agg, denom)
+        if kl_coef != 0.0:
+            per_elem = per_elem + kl_coef * kl
+    loss = aggregate(per_elem, mask, agg, denom)
+    if not math.isfinite(loss.item()):
+        stats["nonfinite"] = torch.tensor(1.0)
+    return loss, stats

@@ -1,0 +1,241 @@
+"""Numeric tests of the core math against values computed by hand (in the comments)."""
+import math
+
+import pytest
+import torch
+
+from rlhf.core import (
+    aggregate,
+    clipped_surrogate,
+    discounted_returns,
+    entropy_from_logits,
+    gae,
+    group_normalize,
+    kl_estimate,
+    leave_one_out,
+    policy_loss,
+    reinforce,
+    selective_log_softmax,
+    value_loss,
+    whiten,
+)
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32),
+                               torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------- advantages
+def test_discounted_returns_by_hand():
+    # gamma 0.5: G2 = 3, G1 = 2 + 0.5*3 = 3.5, G0 = 1 + 0.5*3.5 = 2.75
+    close(discounted_returns(T([[1.0, 2.0, 3.0]]), 0.5), [[2.75, 3.5, 3.0]])
+
+
+def test_discounted_returns_cut_at_done_and_bootstrap():
+    # done after step 0: G0 = 1; segment [2, 3] bootstraps last_value 4:
+    # G2 = 3 + 0.5*4 = 5, G1 = 2 + 0.5*5 = 4.5
+    r = T([[1.0, 2.0, 3.0]])
+    d = T([[1.0, 0.0, 0.0]])
+    close(discounted_returns(r, 0.5, dones=d, last_value=T([4.0])), [[1.0, 4.5, 5.0]])
+
+
+def test_gae_lm_layout_by_hand():
+    # one sequence, 3 valid tokens + 1 pad; reward 1 on the last valid token
+    # V = [0.5, 0.2, 0.4, (pad 9)], gamma 1, lam 0.5
+    # deltas: d0 = 0 + 0.2 - 0.5 = -0.3, d1 = 0 + 0.4 - 0.2 = 0.2, d2 = 1 + 0 - 0.4 = 0.6
+    # A2 = 0.6, A1 = 0.2 + 0.5*0.6 = 0.5, A0 = -0.3 + 0.5*0.5 = -0.05
+    rewards = T([[0.0, 0.0, 1.0, 0.0]])
+    values = T([[0.5, 0.2, 0.4, 9.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, gamma=1.0, lam=0.5, mask=mask)
+    close(adv, [[-0.05, 0.5, 0.6, 0.0]])
+    close(ret, [[0.45, 0.7, 1.0, 0.0]])
+
+
+def test_gae_gym_truncation_bootstraps_but_termination_does_not():
+    # two steps, each the end of an episode. step 0 truncated: bootstrap V(final obs) = 10;
+    # step 1 terminated: no bootstrap. gamma 0.9, lam 1.
+    rewards = T([[1.0, 1.0]])
+    values = T([[0.0, 0.0]])
+    next_values = T([[10.0, 10.0]])
+    terminated = T([[0.0, 1.0]])
+    dones = T([[1.0, 1.0]])
+    adv, _ = gae(rewards, values, 0.9, 1.0, next_values=next_values, terminated=terminated, dones=dones)
+    close(adv, [[1.0 + 9.0, 1.0]])
+
+
+def test_gae_lambda_one_equals_returns_minus_values():
+    torch.manual_seed(0)
+    r, v = torch.randn(3, 7), torch.randn(3, 7)
+    adv, _ = gae(r, v, gamma=0.9, lam=1.0)
+    close(adv, discounted_returns(r, 0.9) - v)
+
+
+def test_group_normalize_by_hand():
+    # group [1, 0, 0, 1]: mean 0.5, Bessel std = sqrt(4 * 0.25 / 3) = 0.57735
+    adv = group_normalize(T([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0]), 4, eps=0.0)
+    s = 0.5 / math.sqrt(1 / 3)
+    close(adv[:4], [s, -s, -s, s])
+    assert torch.isnan(adv[4:]).all()  # eps = 0 and an all-equal group: 0/0
+    adv = group_normalize(T([2.0, 2.0, 2.0, 2.0]), 4)  # default eps keeps it finite
+    close(adv, [0.0] * 4)
+
+
+def test_group_normalize_scales():
+    r = T([1.0, 3.0, 10.0, 14.0])
+    close(group_normalize(r, 2, scale="none"), [-1.0, 1.0, -2.0, 2.0])
+    std_batch = r.std().item()
+    close(group_normalize(r, 2, scale="batch", eps=0.0), T([-1.0, 1.0, -2.0, 2.0]) / std_batch)
+    with pytest.raises(ValueError):
+        group_normalize(r, 3)
+    with pytest.raises(ValueError):
+        group_normalize(r, 2, scale="bogus")
+
+
+def test_leave_one_out_by_hand():
+    # group [1, 2, 6]: baselines (2+6)/2=4, (1+6)/2=3.5, (1+2)/2=1.5
+    close(leave_one_out(T([1.0, 2.0, 6.0]), 3), [-3.0, -1.5, 4.5])
+
+
+def test_whiten():
+    x = T([1.0, 2.0, 3.0, 100.0])
+    m = T([1.0, 1.0, 1.0, 0.0])
+    # masked mean 2, var 2/3
+    close(whiten(x, m, eps=0.0), [-1 / math.sqrt(2 / 3), 0.0, 1 / math.sqrt(2 / 3), 0.0])
+    close(whiten(x, m, shift_mean=False, eps=0.0)[:3], T([-1.2247449, 0.0, 1.2247449]) + 2)
+
+
+# ---------------------------------------------------------------- objectives
+def test_reinforce():
+    close(reinforce(T([-1.0, -2.0]), T([2.0, -0.5])), [2.0, -1.0])
+
+
+def test_clipped_surrogate_by_hand():
+    # ratios e^{0.5}=1.6487 and e^{-0.5}=0.6065, eps 0.2
+    logp = T([0.5, -0.5, 0.5, -0.5])
+    old = torch.zeros(4)
+    adv = T([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = clipped_surrogate(logp, old, adv, 0.2)
+    # A>0, rho=1.65 -> min(1.65, 1.2) = 1.2 (clipped); A>0, rho=.61 -> min(.61, .8) = .61
+    # A<0, rho=1.65 -> min(-1.65, -1.2) = -1.65; A<0, rho=.61 -> min(-.61, -.8) = -.8 (clipped)
+    close(loss, [-1.2, -math.exp(-0.5), math.exp(0.5), 0.8])
+    close(clipped, [1.0, 0.0, 0.0, 1.0])
+
+
+def test_clip_higher_is_asymmetric():
+    logp = T([0.25, -0.25])
+    loss, _ = clipped_surrogate(logp, torch.zeros(2), T([1.0, -1.0]), clip_low=0.1, clip_high=0.3)
+    # rho=e^.25=1.284 < 1.3: unclipped; rho=e^-.25=.7788 < 0.9 with A<0: clipped to .9
+    close(loss, [-math.exp(0.25), 0.9])
+
+
+def test_value_loss_by_hand():
+    v, ret, old = T([2.0, 0.0]), T([0.0, 0.0]), T([1.0, 0.5])
+    close(value_loss(v, ret), [2.0, 0.0])
+    # clipped: old + clip(v - old, -.2, .2) = [1.2, 0.3]; max(4, 1.44)/2=2, max(0, .09)/2=.045
+    close(value_loss(v, ret, old, clip=0.2), [2.0, 0.045])
+
+
+def test_entropy_and_selective_log_softmax():
+    logits = torch.log(T([[0.5, 0.25, 0.25]]))
+    close(entropy_from_logits(logits), [1.5 * math.log(2)])
+    close(selective_log_softmax(logits, T([2])), [math.log(0.25)])
+    torch.manual_seed(0)
+    big = torch.randn(2, 5, 11)
+    idx = torch.randint(0, 11, (2, 5))
+    close(selective_log_softmax(big, idx),
+          torch.log_softmax(big, -1).gather(-1, idx[..., None]).squeeze(-1))
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = T([math.log(0.5)]), T([math.log(0.25)])  # r = ref/pi = 0.5, log r = -ln 2
+    close(kl_estimate(logp, ref, "k1"), [math.log(2)])
+    close(kl_estimate(logp, ref, "k2"), [0.5 * math.log(2) ** 2])
+    close(kl_estimate(logp, ref, "k3"), [0.5 - 1 + math.log(2)])
+    with pytest.raises(ValueError):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_k3_is_unbiased_for_the_true_kl():
+    torch.manual_seed(0)
+    p = torch.distributions.Categorical(probs=T([0.6, 0.3, 0.1]))
+    q = torch.distributions.Categorical(probs=T([0.3, 0.3, 0.4]))
+    a = p.sample((200_000,))
+    true_kl = torch.distributions.kl_divergence(p, q)
+    for k in ("k1", "k3"):
+        close(kl_estimate(p.log_prob(a), q.log_prob(a), k).mean(), true_kl, tol=1e-2)
+
+
+def test_aggregate_modes_by_hand():
+    x = T([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    close(aggregate(x, m, "token_mean"), 10 / 4)
+    close(aggregate(x, m, "token_mean", denom=8), 10 / 8)  # step-wide token count
+    close(aggregate(x, m, "seq_mean"), (2.0 + 4.0) / 2)
+    close(aggregate(x, m, "constant", denom=6), 10 / 6)
+    with pytest.raises(ValueError):
+        aggregate(x, m, "constant")
+    with pytest.raises(ValueError):
+        aggregate(x, m, "nope")
+
+
+def test_micro_batches_with_step_denominator_sum_to_full_batch_loss():
+    torch.manual_seed(0)
+    x, m = torch.randn(4, 6), (torch.rand(4, 6) > 0.3).float()
+    full = aggregate(x, m, "token_mean")
+    parts = aggregate(x[:2], m[:2], "token_mean", m.sum()) + aggregate(x[2:], m[2:], "token_mean", m.sum())
+    close(parts, full)
+
+
+def test_policy_loss_grpo_by_hand():
+    # one sequence of 2 tokens, on-policy (ratio 1), adv 2, beta 0.5, ref = logp - ln2 on tok 0
+    logp = torch.log(T([[0.5, 0.25]])).requires_grad_()
+    ref = torch.log(T([[0.25, 0.25]]))
+    loss, stats = policy_loss(logp, T([2.0]), torch.ones(1, 2), ref_logp=ref, kl_coef=0.5)
+    k3 = 0.5 - 1 + math.log(2)
+    close(loss, (-2.0 + -2.0 + 0.5 * k3) / 2)
+    close(stats["kl"], k3 / 2)
+    close(stats["clip_frac"], 0.0)
+    loss.backward()
+    # d/dlogp of -A*rho at rho=1 is -A = -2; d k3/d logp = 1 - r: tok0 1 - 0.5, tok1 0
+    close(logp.grad, [[(-2.0 + 0.5 * 0.5) / 2, -2.0 / 2]])
+
+
+def test_token_path_and_flat_gym_path_are_the_same_function():
+    """The LM path [B, T] + mask and the gym path [N, 1] give the same loss and gradients."""
+    torch.manual_seed(0)
+    n = 5
+    logp_flat = torch.randn(n).requires_grad_()
+    old_flat, ref_flat, adv_flat = torch.randn(n), torch.randn(n), torch.randn(n)
+    # the same 5 actions laid out as 2 "sequences" of length 3 (last slot padded)
+    slots = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    mask = torch.zeros(2, 3)
+    kw = dict(objective="clip", clip_low=0.2, kl_coef=0.1, kl_estimator="k3")
+
+    def to_tokens(v, fill=0.0):
+        out = torch.full((2, 3), fill)
+        for i, (b, t) in enumerate(slots):
+            out = out.index_put((T([b]), T([t])), v[i : i + 1])
+        return out
+
+    for b, t in slots:
+        mask[b, t] = 1.0
+    logp_tok = to_tokens(logp_flat)
+    flat_loss, flat_stats = policy_loss(logp_flat[:, None], adv_flat[:, None], None,
+                                        old_logp=old_flat[:, None], ref_logp=ref_flat[:, None], **kw)
+    tok_loss, tok_stats = policy_loss(logp_tok, to_tokens(adv_flat), mask,
+                                      old_logp=to_tokens(old_flat), ref_logp=to_tokens(ref_flat), **kw)
+    close(flat_loss, tok_loss)
+    g_flat, = torch.autograd.grad(flat_loss, logp_flat)
+    g_tok, = torch.autograd.grad(tok_loss, logp_flat)
+    close(g_flat, g_tok)
+    for k in flat_stats:
+        close(flat_stats[k], tok_stats[k])
+
+
+def test_policy_loss_reports_nonfinite():
+    loss, stats = policy_loss(T([[float("nan")]]), T([1.0]), None)
+    assert "nonfinite" in stats
