@@ -1,0 +1,12 @@
+"""Built-in reward functions, named by their short name in recipes (``rewards: [arith_correct]``).
+
+Every function follows TRL's contract: ``fn(prompts, completions, **columns) -> list[float | None]``
+with completions as strings, or as message lists (``[{"role": "assistant", "content": ...}]``)
+for conversational prompts. ``None`` means "not applicable to this sample".
+"""
+from rewards.arith import arith_correct, arith_format, last_integer
+from rewards.text import length_penalty
+
+REGISTRY = {f.__name__: f for f in (arith_correct, arith_format, length_penalty)}
+
+__all__ = ["REGISTRY", "arith_correct", "arith_format", "last_integer", "length_penalty"]

@@ -1,0 +1,92 @@
+"""Command line: ``rlhf train RECIPE``, ``rlhf eval RUN_DIR``, ``rlhf model pull [NAME]``.
+
+Every command prints, as its very last line on stdout, one JSON object with its results.
+Mistakes a user can make end in one sentence on stderr and exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RL fine-tuning of language models and gym agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train from a YAML recipe")
+    tr.add_argument("recipe", help="path to a recipe, e.g. recipes/grpo_arith.yaml")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key (repeatable)")
+    tr.add_argument("--run-dir", help="write the run here instead of out_dir/<recipe>-<time>")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev = sub.add_parser("eval", help="evaluate a run directory on held-out problems")
+    ev.add_argument("run_dir")
+    ev.add_argument("--problems", type=int, help="number of held-out prompts (default: the recipe's)")
+    ev.add_argument("--no-progress", action="store_true")
+    mp = sub.add_parser("model", help="manage cached models")
+    mp.add_argument("action", choices=["pull"])
+    mp.add_argument("name", nargs="?", default=None, help="alias or Hub id (default: SmolLM2-135M-Instruct)")
+    args = parser.parse_args(argv)
+    _quiet()
+    from rlhf.errors import UserError
+
+    try:
+        result = COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the adapter written so far is kept in the run directory", file=sys.stderr)
+        return 130
+    print(json.dumps(result))
+    return 0
+
+
+def _train(args) -> dict:
+    from rlhf.config import load_recipe
+    from rlhf.run import Run
+    from rlhf.trainers.lm import train
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    run = Run(cfg, args.recipe, args.run_dir)
+    print(f"run directory: {run.dir}", file=sys.stderr)
+    return train(cfg, run, progress=not args.no_progress)
+
+
+def _eval(args) -> dict:
+    from rlhf.evaluate import evaluate_lm
+
+    return evaluate_lm(args.run_dir, args.problems, progress=not args.no_progress)
+
+
+def _model(args) -> dict:
+    from rlhf.lm.models import DEFAULT_MODEL, pull_model
+
+    name = args.name or DEFAULT_MODEL
+    return {"model": name, "path": pull_model(name)}
+
+
+COMMANDS = {"train": _train, "eval": _eval, "model": _model}
+
+
+def _quiet() -> None:
+    """Keep the terminal for our progress bar: silence library chatter below errors."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("rlhf").setLevel(logging.INFO)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Typed recipe configs. A recipe is YAML that only overrides these defaults.
+
+    rlhf train recipes/grpo_arith.yaml --set lr=1e-4 --set steps=50
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlhf.errors import UserError
+
+
+@dataclass
+class LMConfig:
+    """Token-level RL on a causal LM with a LoRA adapter (GRPO; REINFORCE/RLOO by settings)."""
+
+    algo: str = "grpo"                   # grpo | rloo | reinforce
+    model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
+    task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
+    eval_task: str | None = None         # held-out file for a file task (default: 10% split)
+    rewards: list = field(default_factory=lambda: ["arith_correct"])  # names or {name: weight}
+    seed: int = 0                        # seeds data, sampling and LoRA init
+    steps: int = 30                      # optimiser steps (one rollout each)
+    prompts_per_step: int = 4            # distinct prompts per rollout
+    group_size: int = 8                  # completions sampled per prompt (GRPO needs >= 2)
+    max_new_tokens: int = 24             # completion length cap
+    temperature: float = 1.0             # sampling temperature (log-probs use it too)
+    lr: float = 2e-4                     # AdamW learning rate of the adapter
+    weight_decay: float = 0.0            # AdamW weight decay
+    warmup_steps: int = 0                # linear LR warm-up, then constant
+    max_grad_norm: float = 1.0           # gradient clipping (0 disables)
+    epochs: int = 1                      # update epochs per rollout (>1 needs the clipped ratio)
+    minibatches: int = 1                 # optimiser steps per epoch, each on a slice of the rollout
+    beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
+    kl_estimator: str = "k3"             # k1 | k2 | k3
+    clip_low: float = 0.2                # PPO clip epsilon below 1
+    clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
+    agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
+    scale_rewards: str = "group"         # group | batch | none (std used in group advantages)
+    mask_truncated: bool = False         # drop completions that hit max_new_tokens from the loss
+    lora_r: int = 16                     # LoRA rank
+    lora_alpha: int = 32                 # LoRA alpha (scale = alpha / r)
+    lora_dropout: float = 0.0            # LoRA dropout
+    lora_targets: str | list = "all-linear"  # peft target_modules
+    dtype: str = "float32"               # model weights: float32 | bfloat16
+    threads: int = 0                     # torch intra-op threads (0: torch's default)
+    eval_problems: int = 200             # held-out prompts scored by `rlhf eval`
+    eval_seed: int = 12345               # seed of the held-out prompts
+    eval_batch: int = 50                 # prompts per greedy generation batch in eval
+    save_every: int = 10                 # write the adapter every N steps (0: only at the end)
+    max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    out_dir: str = "runs"                # where run directories are created
+    run_name: str | None = None          # run directory name (default: recipe name + time)
+
+
+CHOICES = {
+    "algo": ("grpo", "rloo", "reinforce"),
+    "kl_estimator": ("k1", "k2", "k3"),
+    "agg": ("token_mean", "seq_mean", "constant"),
+    "scale_rewards": ("group", "batch", "none"),
+    "dtype": ("float32", "bfloat16"),
+}
+# names users bring from TRL / other toolkits -> ours, for "did you mean" hints
+ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
+           "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
+           "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
+           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
+           "per_device_train_batch_size": "prompts_per_step", "gradient_accumulation_steps": "minibatches"}
+CONFIGS = {"grpo": LMConfig, "rloo": LMConfig, "reinforce": LMConfig}
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
+    """Read a YAML recipe (safe loader), apply ``key=value`` overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"recipe {path!r} does not exist; see recipes/ for examples")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"recipe {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(values, dict):
+            raise UserError(f"recipe {path!r} must be a mapping of key: value")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} must look like key=value")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key.strip()] = raw
+    algo = values.get("algo", "grpo")
+    cls = CONFIGS.get(algo)
+    if cls is None:
+        raise UserError(f"unknown algo {algo!r}; valid: {sorted(CONFIGS)}")
+    return build(cls, values)
+
+
+def build(cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            alias = ALIASES.get(key) or next((v for k, v in ALIASES.items()
+                                              if difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
+            if alias in names and alias not in close:
+                close.insert(0, alias)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
+            raise UserError(f"unknown recipe key {key!r}; {hint}")
+        kwargs[key] = _coerce(key, value, hints[key])
+    cfg = cls(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(key: str, value, hint):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        t = typing.get_origin(t) or t
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is type(None):
+            continue
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise UserError(f"recipe key {key!r} must be {want}, got {value!r}")
+
+
+def validate(cfg) -> None:
+    for key, options in CHOICES.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value not in options:
+            raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(options)}")
+    if cfg.algo in ("grpo", "rloo") and cfg.group_size < 2:
+        raise UserError(f"{cfg.algo} needs group_size >= 2 (got {cfg.group_size}): its baseline is "
+                        "the other completions of the same prompt; use algo: reinforce for 1")
+    positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    n = cfg.prompts_per_step * cfg.group_size
+    if n % cfg.minibatches:
+        raise UserError(f"minibatches={cfg.minibatches} must divide prompts_per_step * group_size = {n}")
+    if cfg.temperature <= 0:
+        raise UserError(f"temperature must be > 0 for sampling, got {cfg.temperature}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

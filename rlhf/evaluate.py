@@ -1,0 +1,62 @@
+"""Greedy evaluation of a run on fresh held-out prompts: the base model vs the trained adapter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from rlhf.config import CONFIGS, build
+from rlhf.errors import UserError
+from rlhf.lm.models import resolve_model
+from rlhf.lm.policy import LMPolicy
+from rlhf.rewards import RewardFn, load_rewards, score
+from rlhf.tasks import make_task
+
+
+def load_run_config(run_dir: str):
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
+                        "printed by `rlhf train`")
+    values = yaml.safe_load(path.read_text())
+    return build(CONFIGS[values.get("algo", "grpo")], values)
+
+
+def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True) -> dict:
+    cfg = load_run_config(run_dir)
+    adapter = Path(run_dir) / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
+    torch.manual_seed(cfg.seed)
+    policy = LMPolicy(resolve_model(cfg.model), dtype=cfg.dtype, adapter_path=str(adapter))
+    task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
+    rows = task.held_out(problems or cfg.eval_problems, cfg.eval_seed)
+    if task.name == "arith":  # accuracy: the correctness reward alone, no shaping
+        from rewards import arith_correct
+
+        fns, metric = [RewardFn("arith_correct", arith_correct)], "accuracy"
+    else:
+        fns, metric = load_rewards(cfg.rewards), "reward"
+    out = {"run_dir": str(run_dir), "problems": len(rows)}
+    for label, use_adapter in (("base", False), ("trained", True)):
+        out[f"{label}_{metric}"] = round(greedy_score(policy, rows, fns, cfg, use_adapter, progress), 4)
+    return out
+
+
+@torch.no_grad()
+def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, progress: bool) -> float:
+    total, n = 0.0, 0
+    batches = range(0, len(rows), cfg.eval_batch)
+    for i in tqdm(batches, desc="eval " + ("trained" if adapter else "base"), disable=not progress):
+        chunk = rows[i:i + cfg.eval_batch]
+        prompts = [r["prompt"] for r in chunk]
+        ids, attn = policy.encode_prompts(prompts)
+        roll = policy.generate(ids, attn, 1, cfg.max_new_tokens, greedy=True, adapter=adapter)
+        texts = policy.decode(roll.completion_ids, roll.mask)
+        completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
+        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
+        rewards, _ = score(fns, prompts, completions, columns)
+        total, n = total + float(rewards.sum()), n + len(chunk)
+    return total / max(n, 1)

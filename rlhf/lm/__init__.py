@@ -1,0 +1,1 @@
+"""Language-model policies: loading, LoRA, generation and token log-probs."""

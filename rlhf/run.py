@@ -1,0 +1,88 @@
+"""A run directory: the resolved recipe, metrics as JSONL, saved weights and a reward plot.
+
+    runs/<name>/recipe.yaml      resolved config (every key, defaults included)
+    runs/<name>/metrics.jsonl    one JSON object per step
+    runs/<name>/adapter/         LoRA adapter in PEFT format (written atomically)
+    runs/<name>/reward.png       reward over steps
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import to_dict
+
+
+class Run:
+    def __init__(self, cfg, recipe_path: str | None = None, run_dir: str | None = None):
+        if run_dir is None:
+            stem = Path(recipe_path).stem if recipe_path else cfg.algo
+            name = cfg.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(cfg.out_dir) / name
+            suffix = 1
+            while Path(run_dir).exists() and cfg.run_name is None:
+                run_dir, suffix = Path(cfg.out_dir) / f"{name}-{suffix}", suffix + 1
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.history: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
+        self.history.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save_atomic(self, name: str, writer) -> Path:
+        """Call ``writer(tmp_dir)`` then rename into place, so a crash never leaves half a save."""
+        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer(tmp)
+        old = self.dir / f".{name}.old"
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def plot(self, key: str = "reward", filename: str = "reward.png") -> Path | None:
+        points = [(r["step"], r[key]) for r in self.history if key in r and r[key] is not None]
+        if not points:
+            return None
+        return plot_curves({self.dir.name: points}, key, self.dir / filename)
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], ylabel: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for label, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 6) if math.isfinite(v) else None
+    return v

@@ -1,0 +1,95 @@
+"""Prompt sources. A task yields rows: dicts with a ``prompt`` (a string, or a list of chat
+messages) plus any extra columns, which reward functions receive as keyword arguments."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+from rlhf.errors import UserError
+
+ARITH_TEMPLATE = "What is {a} + {b}? Answer with just the number."
+
+
+def arith_row(a: int, b: int) -> dict:
+    return {"prompt": [{"role": "user", "content": ARITH_TEMPLATE.format(a=a, b=b)}],
+            "answer": str(a + b), "a": a, "b": b}
+
+
+class ArithTask:
+    """Two-digit addition, generated from a seed (no download). Held-out problems come from
+    another seed and never repeat a pair the training stream will show in ``train_pairs``."""
+
+    name = "arith"
+
+    def __init__(self, seed: int, train_pairs: int):
+        rng = random.Random(seed)
+        self._train = [(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(train_pairs)]
+
+    def train_rows(self) -> Iterator[dict]:
+        i = 0
+        while True:  # cycles if a run asks for more prompts than it planned
+            yield arith_row(*self._train[i % len(self._train)])
+            i += 1
+
+    def held_out(self, n: int, seed: int) -> list[dict]:
+        seen, rng, rows = set(self._train), random.Random(seed), []
+        if n > 90 * 90 - len(seen):
+            raise UserError(f"only {90 * 90 - len(seen)} fresh addition problems exist; ask for fewer")
+        while len(rows) < n:
+            pair = (rng.randint(10, 99), rng.randint(10, 99))
+            if pair not in seen:
+                seen.add(pair)
+                rows.append(arith_row(*pair))
+        return rows
+
+
+class FileTask:
+    """Rows from a local jsonl / json / csv / parquet file read with ``datasets``; it needs a
+    ``prompt`` column. Held-out rows come from ``eval_path`` (or the last 10% of the file)."""
+
+    def __init__(self, path: str, seed: int, eval_path: str | None = None):
+        rows = load_rows(path)
+        rng = random.Random(seed)
+        if eval_path:
+            self._train, self._eval = rows, load_rows(eval_path)
+        else:
+            rng.shuffle(rows)
+            cut = max(1, len(rows) // 10)
+            self._eval, self._train = rows[:cut], rows[cut:] or rows
+        self._rng = rng
+        self.name = Path(path).stem
+
+    def train_rows(self) -> Iterator[dict]:
+        while True:
+            order = list(range(len(self._train)))
+            self._rng.shuffle(order)
+            for i in order:
+                yield self._train[i]
+
+    def held_out(self, n: int, seed: int) -> list[dict]:
+        return self._eval[:n]
+
+
+def load_rows(path: str) -> list[dict]:
+    p = Path(path)
+    kinds = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not p.is_file():
+        raise UserError(f"task file {path!r} does not exist; give a .jsonl/.csv/.parquet file "
+                        "with a 'prompt' column, or task: arith")
+    if p.suffix not in kinds:
+        raise UserError(f"task file {path!r} has suffix {p.suffix!r}; use one of {sorted(kinds)}")
+    import datasets
+
+    datasets.disable_progress_bars()
+    rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
+    if not rows or "prompt" not in rows[0]:
+        raise UserError(f"task file {path!r} needs a non-empty 'prompt' column "
+                        f"(found columns {sorted(rows[0]) if rows else []})")
+    return rows
+
+
+def make_task(name: str, seed: int, train_prompts: int, eval_path: str | None = None):
+    if name == "arith":
+        return ArithTask(seed, train_prompts)
+    return FileTask(name, seed, eval_path)
