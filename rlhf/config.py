@@ -36,7 +36,7 @@ class LMConfig:
     warmup_steps: int = 0                # linear LR warm-up, then constant
     max_grad_norm: float = 1.0           # gradient clipping (0 disables)
     epochs: int = 1                      # update epochs per rollout (>1 needs the clipped ratio)
-    minibatches: int = 1                 # optimiser steps per epoch, each on a slice of the rollout
+    minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
     beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
     kl_estimator: str = "k3"             # k1 | k2 | k3
     clip_low: float = 0.2                # PPO clip epsilon below 1
@@ -155,9 +155,9 @@ def validate(cfg) -> None:
     for key in positive:
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    n = cfg.prompts_per_step * cfg.group_size
-    if n % cfg.minibatches:
-        raise UserError(f"minibatches={cfg.minibatches} must divide prompts_per_step * group_size = {n}")
+    if cfg.prompts_per_step % cfg.minibatches:
+        raise UserError(f"minibatches={cfg.minibatches} must divide prompts_per_step={cfg.prompts_per_step} "
+                        "(a minibatch holds whole groups)")
     if cfg.temperature <= 0:
         raise UserError(f"temperature must be > 0 for sampling, got {cfg.temperature}")
 

@@ -31,7 +31,7 @@ def test_unknown_key_names_closest_valid_keys():
     ("algo=sarsa", "unknown algo 'sarsa'"),
     ("group_size=1", "grpo needs group_size >= 2"),
     ("temperature=0", "temperature must be > 0"),
-    ("minibatches=3", "must divide"),
+    ("minibatches=3", "must divide prompts_per_step"),
     ("novalue", "must look like key=value"),
 ])
 def test_bad_values_get_one_clear_sentence(item, pattern):

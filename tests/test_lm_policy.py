@@ -22,7 +22,8 @@ def test_trainer_logp_matches_sampler_and_reference_at_init(tiny_model):
     rows = [arith_row(12, 34), arith_row(56, 78)]
     ids, attn = policy.encode_prompts([r["prompt"] for r in rows])
     roll = policy.generate(ids, attn, group_size=3, max_new_tokens=6)
-    assert roll.completion_ids.shape[0] == 6 and roll.rollout_logp is not None
+    assert roll.completion_ids.shape[0] == 6 and roll.prompt_ids.shape[0] == 2
+    assert roll.rollout_logp is not None
     logp = policy.logp(roll)
     # the training forward reproduces the sampler's log-probs (left padding, positions, temperature)
     torch.testing.assert_close(logp, roll.rollout_logp, atol=1e-4, rtol=0)
@@ -37,9 +38,48 @@ def test_left_padding_does_not_change_logp(tiny_model):
     ids, attn = policy.encode_prompts([short["prompt"], long["prompt"]])
     roll = policy.generate(ids, attn, 1, 5)
     alone_ids, alone_attn = policy.encode_prompts([short["prompt"]])
-    alone = roll.select(slice(0, 1))
+    alone = roll.select_groups(torch.tensor([0]))
     alone.prompt_ids, alone.prompt_mask = alone_ids, alone_attn
     torch.testing.assert_close(policy.logp(roll)[:1], policy.logp(alone), atol=1e-5, rtol=0)
+
+
+def test_shared_prompt_logp_equals_full_sequence_forward(tiny_model):
+    """The prefix-sharing forward gives the same log-probs (and gradients) as running every
+    row's prompt + completion as one plain sequence."""
+    from rlhf.core import selective_log_softmax
+
+    policy = _policy(tiny_model, temperature=0.9)
+    with torch.no_grad():  # make the adapter non-trivial so gradients are meaningful
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    rows = [arith_row(12, 34), {"prompt": [{"role": "user", "content": "a longer question " * 3}]}]
+    ids, attn = policy.encode_prompts([r["prompt"] for r in rows])
+    roll = policy.generate(ids, attn, group_size=3, max_new_tokens=7)
+    shared = policy.logp(roll)
+    full_ids = torch.cat([ids.repeat_interleave(3, 0), roll.completion_ids], 1)
+    full_attn = torch.cat([attn.repeat_interleave(3, 0), roll.mask], 1)
+    pos = (full_attn.cumsum(-1) - 1).clamp(min=0)
+    logits = policy.model(input_ids=full_ids, attention_mask=full_attn, position_ids=pos).logits
+    c = roll.completion_ids.shape[1]
+    plain = selective_log_softmax(logits[:, -c - 1:-1] / 0.9, roll.completion_ids) * roll.mask
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    params = policy.trainable_parameters()
+    g_shared = torch.autograd.grad(shared.sum(), params)
+    g_plain = torch.autograd.grad(plain.sum(), params)
+    for a, b in zip(g_shared, g_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_generation_matches_transformers_generate(tiny_model):
+    policy = _policy(tiny_model)
+    ids, attn = policy.encode_prompts([arith_row(12, 34)["prompt"], arith_row(5, 6)["prompt"]])
+    ours = policy.generate(ids, attn, 1, 6, greedy=True)
+    ref = policy.model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=6,
+                                pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.eos_ids)
+    theirs = ref[:, ids.shape[1]:]
+    c = min(theirs.shape[1], ours.completion_ids.shape[1])
+    assert torch.equal((ours.completion_ids * ours.mask.long())[:, :c], (theirs * ours.mask.long()[:, :c])[:, :c])
 
 
 def test_adapter_saves_in_peft_format(tiny_model, tmp_path):

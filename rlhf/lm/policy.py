@@ -3,9 +3,14 @@
 Shapes: P prompts, G completions each, N = P * G rows, Lp prompt length (left-padded),
 C completion length (right-padded after EOS). The reference policy is the same weights with
 the adapter disabled, so it costs no second copy of the model.
+
+Both sampling and the training forward run each prompt through the model once and repeat
+its KV cache for the G completions of its group: on the addition task the prompt is ~2/3
+of every sequence, so this cuts the work of a step by about half.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -17,25 +22,36 @@ from rlhf.errors import UserError
 
 @dataclass
 class Rollout:
-    """One batch of sampled completions (the LM's version of a gym rollout buffer)."""
+    """One batch of sampled completions (the LM's version of a gym rollout buffer).
 
-    prompt_ids: Tensor        # [N, Lp] left-padded
-    prompt_mask: Tensor       # [N, Lp]
-    completion_ids: Tensor    # [N, C] right-padded
+    Prompts are stored once per group: completion row ``i`` belongs to prompt ``i // group_size``.
+    """
+
+    prompt_ids: Tensor        # [P, Lp] left-padded
+    prompt_mask: Tensor       # [P, Lp]
+    completion_ids: Tensor    # [N, C] right-padded, N = P * group_size
     mask: Tensor              # [N, C] 1 on real completion tokens (EOS included)
     truncated: Tensor         # [N] bool: hit max_new_tokens without EOS
+    group_size: int = 1
     rollout_logp: Tensor | None = None  # [N, C] log-probs as seen while sampling
 
     def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
+        return self.completion_ids.shape[0]
 
-    def select(self, idx: Tensor | slice) -> "Rollout":
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Rollout(*(pick(getattr(self, f)) for f in self.__dataclass_fields__))
+    def select_groups(self, groups: Tensor) -> "Rollout":
+        """The sub-rollout made of whole groups (prompt indices ``groups``)."""
+        rows = self.rows_of(groups)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return Rollout(self.prompt_ids[groups], self.prompt_mask[groups], pick(self.completion_ids),
+                       pick(self.mask), pick(self.truncated), self.group_size, pick(self.rollout_logp))
+
+    def rows_of(self, groups: Tensor) -> Tensor:
+        """Completion rows of the prompts ``groups``."""
+        return (groups[:, None] * self.group_size + torch.arange(self.group_size)).reshape(-1)
 
 
 class LMPolicy:
-    """Causal LM + LoRA. ``logp(rollout)`` is the only thing the trainer needs from it."""
+    """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
@@ -86,55 +102,81 @@ class LMPolicy:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int,
-                 max_new_tokens: int, greedy: bool = False, with_logp: bool = True,
-                 adapter: bool = True) -> Rollout:
-        """Sample ``group_size`` completions per prompt (rows of one prompt are contiguous);
-        ``greedy`` decodes the argmax instead; ``adapter=False`` samples the reference."""
+                 max_new_tokens: int, greedy: bool = False, adapter: bool = True) -> Rollout:
+        """Sample ``group_size`` completions per prompt (a group's rows are contiguous);
+        ``greedy`` takes the argmax instead; ``adapter=False`` samples the reference.
+        Rows that have emitted EOS leave the batch, so later tokens cost only live rows."""
         was_training = self.model.training
         self.model.eval()
-        kwargs = dict(do_sample=not greedy, max_new_tokens=max_new_tokens,
-                      num_return_sequences=group_size, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=self.eos_ids, return_dict_in_generate=True,
-                      output_scores=with_logp and not greedy)
-        if not greedy:  # plain temperature sampling: no top-k / top-p truncation
-            kwargs.update(temperature=self.temperature, top_k=0, top_p=1.0)
-        if adapter:
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-        else:
-            with self.model.disable_adapter():
-                out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-        self.model.train(was_training)
-        completion = out.sequences[:, prompt_ids.shape[1]:]
-        mask, truncated = completion_mask(completion, self.eos_ids)
-        rollout_logp = None
-        if out.scores:
-            # scores are the temperature-scaled logits the sampler used, one [N, V] per step
-            scores = torch.stack(out.scores, dim=1)[:, : completion.shape[1]]
-            rollout_logp = selective_log_softmax(scores, completion) * mask
-        return Rollout(prompt_ids.repeat_interleave(group_size, 0),
-                       prompt_mask.repeat_interleave(group_size, 0),
-                       completion, mask, truncated, rollout_logp)
+        try:
+            with self._adapter(adapter):
+                return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy)
+        finally:
+            self.model.train(was_training)
+
+    def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy) -> Rollout:
+        n = prompt_ids.shape[0] * g
+        pad, eos = self.tokenizer.pad_token_id, torch.tensor(self.eos_ids)
+        tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long)
+        logps = torch.zeros(n, max_new_tokens)
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(g)
+        logits = out.logits[:, -1].repeat_interleave(g, 0)
+        attn = prompt_mask.repeat_interleave(g, 0)
+        live = torch.arange(n)  # rows still generating
+        steps = 0
+        for t in range(max_new_tokens):
+            logp_all = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            nxt = logp_all.argmax(-1) if greedy else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            tokens[live, t] = nxt
+            logps[live, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            steps = t + 1
+            ended = torch.isin(nxt, eos)
+            if t == max_new_tokens - 1 or bool(ended.all()):
+                break
+            if bool(ended.any()):  # drop finished rows from the batch and the cache
+                keep = (~ended).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                live, nxt, attn = live[keep], nxt[keep], attn[keep]
+            attn = torch.cat([attn, torch.ones(len(live), 1, dtype=attn.dtype)], dim=1)
+            out = self.model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=cache,
+                             position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
+            logits = out.logits[:, -1]
+        tokens, logps = tokens[:, :steps], logps[:, :steps]
+        mask, truncated = completion_mask(tokens, self.eos_ids)
+        return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated, g, logps * mask)
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:
         """Log-probs [N, C] of the completion tokens under the policy (or the reference when
-        ``adapter=False``), at the sampling temperature. The LM head runs only on the C
-        positions that predict completion tokens, never on the prompt."""
-        ids = torch.cat([batch.prompt_ids, batch.completion_ids[:, :-1]], dim=1)
-        attn = torch.cat([batch.prompt_mask, batch.mask[:, :-1]], dim=1)
-        # positions as generate() assigns them under left padding
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        c = batch.completion_ids.shape[1]
-        if adapter:
-            logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                logits_to_keep=c, use_cache=False).logits
-        else:
-            with self.model.disable_adapter():
-                logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                    logits_to_keep=c, use_cache=False).logits
-        logits = logits / self.temperature
-        return selective_log_softmax(logits, batch.completion_ids) * batch.mask
+        ``adapter=False``), at the sampling temperature.
 
+        Each prompt runs once; its KV cache (autograd graph included) is repeated for the
+        group and the completions run on top. The LM head runs only on the C positions that
+        predict completion tokens, never on the prompt.
+        """
+        g, c = batch.group_size, batch.completion_ids.shape[1]
+        with self._adapter(adapter):
+            out = self.model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                             position_ids=_positions(batch.prompt_mask), use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1:].repeat_interleave(g, 0)          # [N, 1, V]: token 0
+            if c > 1:
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(g)
+                attn = torch.cat([batch.prompt_mask.repeat_interleave(g, 0), batch.mask[:, :-1]], dim=1)
+                start = batch.prompt_mask.sum(-1).repeat_interleave(g, 0)[:, None]
+                rest = self.model(input_ids=batch.completion_ids[:, :-1], attention_mask=attn,
+                                  past_key_values=cache, position_ids=start + torch.arange(c - 1),
+                                  use_cache=True).logits                  # [N, C-1, V]
+                logits = torch.cat([logits, rest], dim=1)
+        return selective_log_softmax(logits / self.temperature, batch.completion_ids) * batch.mask
+
+    def _adapter(self, enabled: bool):
+        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+
+    # ------------------------------------------------------------------ weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -155,9 +197,13 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _positions(mask: Tensor) -> Tensor:
+    """Position ids under left padding: real tokens count from 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def completion_mask(completion: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
     """1 on tokens up to and including the first EOS, 0 after it. Returns (mask, truncated)."""
     is_eos = torch.isin(completion, torch.tensor(eos_ids))
     seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier
-    mask = (~seen_before).float()
-    return mask, ~is_eos.any(-1)
+    return (~seen_before).float(), ~is_eos.any(-1)

@@ -110,16 +110,17 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, cfg: 
         ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
         # off-policy after the first optimiser step: ratios need the rollout policy's log-probs
         old_logp = policy.logp(roll) if cfg.epochs * cfg.minibatches > 1 else None
-    n = len(roll)
-    size = n // cfg.minibatches
+    n_groups = roll.prompt_ids.shape[0]
+    size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
     skipped = 0
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n) if cfg.minibatches > 1 else torch.arange(n)
+        perm = torch.randperm(n_groups) if cfg.minibatches > 1 else torch.arange(n_groups)
         for k in range(cfg.minibatches):
-            idx = perm[k * size:(k + 1) * size]
+            groups = perm[k * size:(k + 1) * size]
+            idx = roll.rows_of(groups)
             mb_mask = mask[idx]
-            logp = policy.logp(roll.select(idx))
+            logp = policy.logp(roll.select_groups(groups))
             loss, stats = policy_loss(
                 logp, adv[idx], mb_mask, old_logp=_pick(old_logp, idx), ref_logp=_pick(ref_logp, idx),
                 objective="reinforce" if cfg.algo == "reinforce" else "clip",
