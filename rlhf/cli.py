@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev = sub.add_parser("eval", help="evaluate a run directory on held-out problems")
     ev.add_argument("run_dir")
-    ev.add_argument("--problems", type=int, help="number of held-out prompts (default: the recipe's)")
+    ev.add_argument("--problems", type=int, help="LM: number of held-out prompts (default: the recipe's)")
+    ev.add_argument("--episodes", type=int, default=20, help="gym: deterministic episodes on fresh seeds")
     ev.add_argument("--no-progress", action="store_true")
     mp = sub.add_parser("model", help="manage cached models")
     mp.add_argument("action", choices=["pull"])
@@ -48,18 +49,21 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> dict:
     from rlhf.config import load_recipe
     from rlhf.run import Run
-    from rlhf.trainers.lm import train
+    from rlhf.trainers import get_trainer
 
     cfg = load_recipe(args.recipe, args.overrides)
+    train = get_trainer(cfg)
     run = Run(cfg, args.recipe, args.run_dir)
     print(f"run directory: {run.dir}", file=sys.stderr)
     return train(cfg, run, progress=not args.no_progress)
 
 
 def _eval(args) -> dict:
-    from rlhf.evaluate import evaluate_lm
+    from rlhf.evaluate import load_run_config
+    from rlhf.trainers import get_evaluator
 
-    return evaluate_lm(args.run_dir, args.problems, progress=not args.no_progress)
+    cfg = load_run_config(args.run_dir)
+    return get_evaluator(cfg)(args.run_dir, cfg, args)
 
 
 def _model(args) -> dict:

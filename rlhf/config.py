@@ -58,21 +58,36 @@ class LMConfig:
     out_dir: str = "runs"                # where run directories are created
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
+    choices = {
+        "algo": ("grpo", "rloo", "reinforce"),
+        "kl_estimator": ("k1", "k2", "k3"),
+        "agg": ("token_mean", "seq_mean", "constant"),
+        "scale_rewards": ("group", "batch", "none"),
+        "dtype": ("float32", "bfloat16"),
+    }
 
-CHOICES = {
-    "algo": ("grpo", "rloo", "reinforce"),
-    "kl_estimator": ("k1", "k2", "k3"),
-    "agg": ("token_mean", "seq_mean", "constant"),
-    "scale_rewards": ("group", "batch", "none"),
-    "dtype": ("float32", "bfloat16"),
-}
+    def validate(self) -> None:
+        check_choices(self)
+        if self.algo in ("grpo", "rloo") and self.group_size < 2:
+            raise UserError(f"{self.algo} needs group_size >= 2 (got {self.group_size}): its baseline is "
+                            "the other completions of the same prompt; use algo: reinforce for 1")
+        check_positive(self, "steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs",
+                       "minibatches")
+        if self.prompts_per_step % self.minibatches:
+            raise UserError(f"minibatches={self.minibatches} must divide prompts_per_step="
+                            f"{self.prompts_per_step} (a minibatch holds whole groups)")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
+
+
 # names users bring from TRL / other toolkits -> ours, for "did you mean" hints
 ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
            "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
            "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
            "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
            "per_device_train_batch_size": "prompts_per_step", "gradient_accumulation_steps": "minibatches"}
-CONFIGS = {"grpo": LMConfig, "rloo": LMConfig, "reinforce": LMConfig}
+# algo name -> config class; other families (gym) register theirs here
+CONFIGS: dict[str, type] = {"grpo": LMConfig, "rloo": LMConfig, "reinforce": LMConfig}
 
 
 def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
@@ -97,7 +112,7 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
         except yaml.YAMLError:
             values[key.strip()] = raw
     algo = values.get("algo", "grpo")
-    cls = CONFIGS.get(algo)
+    cls = CONFIGS.get(algo) if isinstance(algo, str) else None
     if cls is None:
         raise UserError(f"unknown algo {algo!r}; valid: {sorted(CONFIGS)}")
     return build(cls, values)
@@ -118,7 +133,7 @@ def build(cls, values: dict):
             raise UserError(f"unknown recipe key {key!r}; {hint}")
         kwargs[key] = _coerce(key, value, hints[key])
     cfg = cls(**kwargs)
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -143,23 +158,18 @@ def _coerce(key: str, value, hint):
     raise UserError(f"recipe key {key!r} must be {want}, got {value!r}")
 
 
-def validate(cfg) -> None:
-    for key, options in CHOICES.items():
+def check_choices(cfg) -> None:
+    """Every key listed in ``cfg.choices`` holds one of its allowed values."""
+    for key, options in cfg.choices.items():
         value = getattr(cfg, key, None)
         if value is not None and value not in options:
             raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(options)}")
-    if cfg.algo in ("grpo", "rloo") and cfg.group_size < 2:
-        raise UserError(f"{cfg.algo} needs group_size >= 2 (got {cfg.group_size}): its baseline is "
-                        "the other completions of the same prompt; use algo: reinforce for 1")
-    positive = ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches")
-    for key in positive:
+
+
+def check_positive(cfg, *keys: str) -> None:
+    for key in keys:
         if getattr(cfg, key) < 1:
             raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-    if cfg.prompts_per_step % cfg.minibatches:
-        raise UserError(f"minibatches={cfg.minibatches} must divide prompts_per_step={cfg.prompts_per_step} "
-                        "(a minibatch holds whole groups)")
-    if cfg.temperature <= 0:
-        raise UserError(f"temperature must be > 0 for sampling, got {cfg.temperature}")
 
 
 def to_dict(cfg) -> dict:

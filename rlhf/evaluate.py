@@ -20,12 +20,19 @@ def load_run_config(run_dir: str):
     if not path.is_file():
         raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
                         "printed by `rlhf train`")
-    values = yaml.safe_load(path.read_text())
-    return build(CONFIGS[values.get("algo", "grpo")], values)
+    values = yaml.safe_load(path.read_text()) or {}
+    cls = CONFIGS.get(values.get("algo", "grpo"))
+    if cls is None:
+        raise UserError(f"{path} names unknown algo {values.get('algo')!r}")
+    return build(cls, values)
 
 
-def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True) -> dict:
-    cfg = load_run_config(run_dir)
+def evaluate_lm_cli(run_dir: str, cfg, args) -> dict:
+    return evaluate_lm(run_dir, args.problems, progress=not args.no_progress, cfg=cfg)
+
+
+def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True, cfg=None) -> dict:
+    cfg = cfg or load_run_config(run_dir)
     adapter = Path(run_dir) / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")

@@ -1,0 +1,26 @@
+"""Which trainer and evaluator serve a config: one branch per family (LM, gym)."""
+from __future__ import annotations
+
+from typing import Callable
+
+
+def get_trainer(cfg) -> Callable:
+    """``train(cfg, run, progress=True) -> dict`` for this config's family."""
+    from rlhf.config import LMConfig
+
+    if isinstance(cfg, LMConfig):
+        from rlhf.trainers.lm import train
+
+        return train
+    raise TypeError(f"no trainer for {type(cfg).__name__}")
+
+
+def get_evaluator(cfg) -> Callable:
+    """``evaluate(run_dir, cfg, args) -> dict`` for this config's family."""
+    from rlhf.config import LMConfig
+
+    if isinstance(cfg, LMConfig):
+        from rlhf.evaluate import evaluate_lm_cli
+
+        return evaluate_lm_cli
+    raise TypeError(f"no evaluator for {type(cfg).__name__}")
