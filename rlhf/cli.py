@@ -11,13 +11,15 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RL fine-tuning of language models and gym agents.")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train from a YAML recipe")
-    tr.add_argument("recipe", help="path to a recipe, e.g. recipes/grpo_arith.yaml")
+    tr.add_argument("recipe", nargs="?", help="path to a recipe, e.g. recipes/grpo_arith.yaml")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key (repeatable)")
     tr.add_argument("--run-dir", help="write the run here instead of out_dir/<recipe>-<time>")
@@ -48,14 +50,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> dict:
     from rlhf.config import load_recipe
+    from rlhf.errors import UserError
     from rlhf.run import Run
     from rlhf.trainers import get_trainer
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    if args.resume:
+        if args.recipe or args.run_dir:
+            raise UserError("--resume RUN_DIR takes the recipe and run directory from RUN_DIR; "
+                            "drop the recipe argument and --run-dir")
+        recipe = Path(args.resume) / "recipe.yaml"
+        if not recipe.is_file():
+            raise UserError(f"{args.resume!r} is not a run directory (no recipe.yaml) to resume")
+        cfg = load_recipe(str(recipe), args.overrides)
+        run_dir = args.resume
+    elif args.recipe:
+        cfg, run_dir = load_recipe(args.recipe, args.overrides), args.run_dir
+    else:
+        raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
     train = get_trainer(cfg)
-    run = Run(cfg, args.recipe, args.run_dir)
+    run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
     print(f"run directory: {run.dir}", file=sys.stderr)
-    return train(cfg, run, progress=not args.no_progress)
+    return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
 
 
 def _eval(args) -> dict:

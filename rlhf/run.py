@@ -16,10 +16,12 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import to_dict
+from rlhf.errors import UserError
 
 
 class Run:
-    def __init__(self, cfg, recipe_path: str | None = None, run_dir: str | None = None):
+    def __init__(self, cfg, recipe_path: str | None = None, run_dir: str | None = None,
+                 resume: bool = False):
         if run_dir is None:
             stem = Path(recipe_path).stem if recipe_path else cfg.algo
             name = cfg.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -28,10 +30,23 @@ class Run:
             while Path(run_dir).exists() and cfg.run_name is None:
                 run_dir, suffix = Path(cfg.out_dir) / f"{name}-{suffix}", suffix + 1
         self.dir = Path(run_dir)
+        if not resume and (self.dir / "metrics.jsonl").is_file():
+            raise UserError(f"run directory {str(self.dir)!r} already holds a run; continue it with "
+                            f"`rlhf train --resume {self.dir}` or choose another --run-dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.metrics_path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+
+    def truncate_history(self, step: int) -> None:
+        """On resume: keep the logged rows up to ``step`` (later ones are redone)."""
+        rows = []
+        if self.metrics_path.is_file():
+            rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        self.history = [r for r in rows if r.get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.metrics_path)
 
     def log(self, row: dict) -> None:
         row = {k: _plain(v) for k, v in row.items()}

@@ -6,6 +6,7 @@ completion tokens; ``logp, old_logp, ref_logp, mask : [N, C]``, ``rewards, adv :
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -13,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint
 from rlhf.config import LMConfig
 from rlhf.core import group_normalize, leave_one_out, policy_loss
 from rlhf.errors import UserError
@@ -23,18 +25,25 @@ from rlhf.run import Run
 from rlhf.tasks import make_task
 
 
-def train(cfg: LMConfig, run: Run, progress: bool = True) -> dict:
+def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
     seed_everything(cfg.seed, cfg.threads)
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     reward_fns = load_rewards(cfg.rewards)
+    ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets,
-                      dtype=cfg.dtype, temperature=cfg.temperature)
+                      lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
+                      temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"))
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    rows_iter, baseline, bad_steps = task.train_rows(), Baseline(), 0
+    counters = {"step": 0, "baseline": None, "bad_steps": 0}
+    if state is not None:
+        counters = restore(state, opt, sched)
+        run.truncate_history(counters["step"])  # steps logged after the checkpoint are redone
+    baseline = Baseline(value=counters["baseline"])
+    rows_iter = itertools.islice(task.train_rows(), counters["step"] * cfg.prompts_per_step, None)
     t_start = time.time()
-    bar = tqdm(range(cfg.steps), desc=f"{cfg.algo}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(counters["step"], cfg.steps), desc=cfg.algo, disable=not progress,
+               dynamic_ncols=True, initial=counters["step"], total=cfg.steps)
     try:
         for step in bar:
             t0 = time.time()
@@ -45,7 +54,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True) -> dict:
             adv = advantages(rewards, cfg, baseline)                                 # advantages
             t2 = time.time()
             stats = update(policy, opt, sched, roll, adv, cfg)                       # update
-            bad_steps = bad_steps + 1 if stats.get("skipped") else 0
+            counters = {"step": step + 1, "baseline": baseline.value,
+                        "bad_steps": counters["bad_steps"] + 1 if stats["skipped"] else 0}
             row = {"step": step + 1, "reward": rewards.mean(), "reward_std": rewards.std(),
                    **{f"rewards/{k}": v for k, v in reward_means.items()},
                    "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
@@ -55,16 +65,17 @@ def train(cfg: LMConfig, run: Run, progress: bool = True) -> dict:
             run.log(row)                                                             # log
             bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
-            if bad_steps >= cfg.max_nonfinite_steps:
-                save(run, policy)
-                raise UserError(f"the loss was not finite for {bad_steps} steps in a row (up to step "
-                                f"{step + 1}); lower lr or max_grad_norm; the last good adapter is in {run.dir}/adapter")
+            if counters["bad_steps"] >= cfg.max_nonfinite_steps:
+                save(run, policy, opt, sched, counters)
+                raise UserError(f"the loss was not finite for {counters['bad_steps']} steps in a row (up to "
+                                f"step {step + 1}); lower lr or max_grad_norm; the last good adapter is in "
+                                f"{run.dir}/adapter")
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save(run, policy)
+                save(run, policy, opt, sched, counters)
     except KeyboardInterrupt:
-        save(run, policy)
+        save(run, policy, opt, sched, counters)
         raise
-    save(run, policy)
+    save(run, policy, opt, sched, counters)
     run.plot("reward")
     return summary(run, policy, time.time() - t_start)
 
@@ -83,15 +94,17 @@ def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig):
 
 
 class Baseline:
-    """Exponential moving average of the mean reward: REINFORCE's baseline."""
+    """Exponential moving average of the mean reward: REINFORCE's baseline. The first batch
+    is its own baseline; after that ``b <- decay * b + (1 - decay) * mean(rewards)``."""
 
-    def __init__(self, decay: float = 0.9):
-        self.decay, self.value = decay, None
+    def __init__(self, decay: float = 0.9, value: float | None = None):
+        self.decay, self.value = decay, value
 
     def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
-        b = rewards.mean() if self.value is None else self.value
-        self.value = rewards.mean() if self.value is None else self.decay * b + (1 - self.decay) * rewards.mean()
-        return b
+        mean = float(rewards.mean())
+        b = mean if self.value is None else self.value
+        self.value = mean if self.value is None else self.decay * b + (1 - self.decay) * mean
+        return torch.tensor(b)
 
 
 def advantages(rewards: torch.Tensor, cfg: LMConfig, baseline: Baseline) -> torch.Tensor:
@@ -106,10 +119,12 @@ def advantages(rewards: torch.Tensor, cfg: LMConfig, baseline: Baseline) -> torc
 def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, cfg: LMConfig) -> dict:
     """``epochs`` passes over the rollout in ``minibatches`` optimiser steps each."""
     mask = roll.mask * (~roll.truncated)[:, None] if cfg.mask_truncated else roll.mask
+    t_ref = time.time()
     with torch.no_grad():
         ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
         # off-policy after the first optimiser step: ratios need the rollout policy's log-probs
         old_logp = policy.logp(roll) if cfg.epochs * cfg.minibatches > 1 else None
+    t_ref = time.time() - t_ref
     n_groups = roll.prompt_ids.shape[0]
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
@@ -146,6 +161,9 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, cfg: 
     steps = cfg.epochs * cfg.minibatches
     out = {key: v / steps for key, v in sums.items() if key != "nonfinite"}
     out["skipped"] = skipped
+    out["time/ref_s"] = t_ref  # reference (and old-policy) log-prob passes
+    # tokens one policy forward runs: each prompt once, completions on top of its cache
+    out["tokens/train"] = roll.prompt_ids.numel() + roll.completion_ids.numel()
     return out
 
 
@@ -167,8 +185,10 @@ def _frac_equal_groups(rewards: torch.Tensor, g: int) -> float:
     return float((groups.max(1).values == groups.min(1).values).float().mean())
 
 
-def save(run: Run, policy: LMPolicy) -> None:
+def save(run: Run, policy: LMPolicy, opt, sched, counters: dict) -> None:
+    """The adapter for users (``adapter/``) and a resumable checkpoint (``checkpoint/``)."""
     run.save_atomic("adapter", policy.save_adapter)
+    save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter"), opt, sched, counters)
 
 
 def summary(run: Run, policy: LMPolicy, seconds: float) -> dict:

@@ -1,0 +1,245 @@
+"""GRPO step time: TRL's GRPOTrainer vs ours on identical work, side by side in one invocation.
+
+    .venv/bin/python benchmarks/grpo_vs_trl.py --steps 10 [--seeds 0 1] [--dtype float32|bfloat16]
+
+Work (both sides): SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, 4 prompts x
+8 completions per step, at most 24 new tokens, temperature 1.0, beta 0.04 (k3 KL to the
+reference), lr 2e-4 constant, token-mean loss over the step, the addition task with the same
+prompts in the same order, the same reward function. Each side runs in its own subprocess (one
+after the other, never concurrently) so peak memory and threads are its own.
+
+Prints per side: time per phase (generation, reference/old log-probs, scoring, update), median
+seconds per step, completion tokens per second, peak RSS, mean reward; the update phase's
+achieved FLOP/s against this machine's measured matmul throughput; and last, one JSON line with
+``trl_median_step_s``, ``ours_median_step_s`` and ``speedup``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORK = dict(prompts=4, group=8, max_new_tokens=24, temperature=1.0, beta=0.04, lr=2e-4,
+            lora_r=16, lora_alpha=32)
+
+
+# ---------------------------------------------------------------------------- ours
+def run_ours(steps: int, seed: int, dtype: str) -> dict:
+    from rlhf.config import load_recipe
+    from rlhf.run import Run
+    from rlhf.trainers.lm import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_recipe(None, [
+            "algo=grpo", f"steps={steps}", f"seed={seed}", f"dtype={dtype}", "save_every=0",
+            f"prompts_per_step={WORK['prompts']}", f"group_size={WORK['group']}",
+            f"max_new_tokens={WORK['max_new_tokens']}", f"temperature={WORK['temperature']}",
+            f"beta={WORK['beta']}", f"lr={WORK['lr']}", f"lora_r={WORK['lora_r']}",
+            f"lora_alpha={WORK['lora_alpha']}", "rewards=[arith_correct]", f"out_dir={tmp}"])
+        run = Run(cfg, run_dir=f"{tmp}/run")
+        train(cfg, run, progress=False)
+        rows = run.history
+    return {
+        "step_s": [r["time/step_s"] for r in rows],
+        "generate_s": [r["time/generate_s"] for r in rows],
+        "ref_s": [r["time/ref_s"] for r in rows],
+        "score_s": [r["time/score_s"] for r in rows],
+        "update_s": [r["time/update_s"] - r["time/ref_s"] for r in rows],
+        "reward": [r["reward"] for r in rows],
+        "completion_tokens": [r["completion_len"] * WORK["prompts"] * WORK["group"] for r in rows],
+        "train_tokens": [r["tokens/train"] for r in rows],
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+# ---------------------------------------------------------------------------- TRL
+class PhaseTimer:
+    """Wraps a bound method and adds its wall time to a bucket chosen per call."""
+
+    def __init__(self):
+        self.current: dict[str, float] = {}
+
+    def wrap(self, obj, name, bucket):
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                key = bucket() if callable(bucket) else bucket
+                self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+
+
+def run_trl(steps: int, seed: int, dtype: str) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards import arith_correct
+    from rlhf.lm.models import resolve_model
+    from rlhf.tasks import ArithTask
+
+    torch.manual_seed(seed)
+    task = ArithTask(seed, steps * WORK["prompts"])
+    it = task.train_rows()
+    rows = [next(it) for _ in range(steps * WORK["prompts"])]
+    data = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    timer, per_step = PhaseTimer(), []
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            timer.current = {"t0": time.perf_counter()}
+
+        def on_step_end(self, *a, **k):
+            timer.current["step_s"] = time.perf_counter() - timer.current.pop("t0")
+            per_step.append(dict(timer.current))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=WORK["prompts"] * WORK["group"],
+            num_generations=WORK["group"], max_completion_length=WORK["max_new_tokens"],
+            temperature=WORK["temperature"], beta=WORK["beta"], learning_rate=WORK["lr"],
+            lr_scheduler_type="constant", loss_type="dapo", logging_steps=1, use_cpu=True,
+            bf16=dtype == "bfloat16", report_to="none", save_strategy="no", seed=seed,
+            shuffle_dataset=False, disable_tqdm=True)
+        trainer = GRPOTrainer(
+            model=resolve_model("SmolLM2-135M-Instruct"), reward_funcs=arith_correct, args=args,
+            train_dataset=data, callbacks=[StepClock()],
+            peft_config=LoraConfig(r=WORK["lora_r"], lora_alpha=WORK["lora_alpha"],
+                                   target_modules="all-linear", task_type="CAUSAL_LM"))
+        timer.wrap(trainer, "_generate", "generate_s")
+        timer.wrap(trainer, "_calculate_rewards", "score_s")
+        timer.wrap(trainer, "_get_per_token_logps_and_entropies",
+                   lambda: "update_fwd_s" if torch.is_grad_enabled() else "ref_s")
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "reward" in h]
+    return {
+        "step_s": [s["step_s"] for s in per_step],
+        "generate_s": [s.get("generate_s", 0.0) for s in per_step],
+        "ref_s": [s.get("ref_s", 0.0) for s in per_step],
+        "score_s": [s.get("score_s", 0.0) for s in per_step],
+        "update_s": [s["step_s"] - s.get("generate_s", 0) - s.get("ref_s", 0) - s.get("score_s", 0)
+                     for s in per_step],
+        "reward": [h["reward"] for h in logs],
+        "completion_tokens": [h["completions/mean_length"] * WORK["prompts"] * WORK["group"] for h in logs],
+        # TRL runs every row's prompt + completion: tokens = N * (prompt + completion) per pass
+        "train_tokens": [None for _ in logs],
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+# ---------------------------------------------------------------------------- driver
+def matmul_gflops(dtype: str, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a = torch.randn(n, n, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, dtype=getattr(torch, dtype))
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def update_gflop(result: dict, side: str) -> float:
+    """Approximate FLOPs of one update phase (policy forward + backward to the activations; the
+    frozen base gets no weight gradients): 4 * non-embedding params * tokens + LM head."""
+    params_ne, head = 106.2e6, 576 * 49152
+    steps = len(result["step_s"])
+    flops = []
+    for i in range(steps):
+        comp = result["completion_tokens"][i]
+        tokens = result["train_tokens"][i] if side == "ours" else comp + 32 * 46
+        flops.append(4 * params_ne * tokens + 4 * head * comp)
+    return statistics.median(flops) / 1e9
+
+
+def worker(side: str, steps: int, seed: int, dtype: str) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    out = (run_ours if side == "ours" else run_trl)(steps, seed, dtype)
+    print("RESULT " + json.dumps(out))
+
+
+def spawn(side: str, steps: int, seed: int, dtype: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--steps", str(steps), "--seeds", str(seed),
+           "--dtype", dtype]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    line = next((x for x in done.stdout.splitlines()[::-1] if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
+        raise SystemExit(f"{side} worker failed (exit {done.returncode})")
+    return json.loads(line[len("RESULT "):])
+
+
+def summarise(side: str, runs: list[dict], peak_gflops: float) -> dict:
+    med = lambda key: statistics.median(x for r in runs for x in r[key])  # noqa: E731
+    step = med("step_s")
+    total_tokens = sum(sum(r["completion_tokens"]) for r in runs)
+    total_time = sum(sum(r["step_s"]) for r in runs)
+    upd_gflop = statistics.median(update_gflop(r, side) for r in runs)
+    return {
+        "median_step_s": round(step, 3),
+        "phases_median_s": {k: round(med(k), 3) for k in ("generate_s", "ref_s", "score_s", "update_s")},
+        "completion_tokens_per_s": round(total_tokens / total_time, 1),
+        "peak_rss_gb": round(max(r["peak_rss_gb"] for r in runs), 2),
+        "mean_reward": round(statistics.mean(statistics.mean(r["reward"]) for r in runs), 4),
+        "mean_reward_per_seed": [round(statistics.mean(r["reward"]), 4) for r in runs],
+        "update_gflop_per_s": round(upd_gflop / med("update_s"), 1),
+        "update_frac_of_matmul_peak": round(upd_gflop / med("update_s") / peak_gflops, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--sides", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
+    ap.add_argument("--worker", choices=["trl", "ours"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.steps, args.seeds[0], args.dtype)
+    import torch
+
+    peak = {d: round(matmul_gflops(d), 1) for d in ("float32", "bfloat16")}
+    print(f"matmul 2048x2048: {peak['float32']} GFLOP/s fp32, {peak['bfloat16']} GFLOP/s bf16, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    results = {}
+    for side in args.sides:
+        runs = []
+        for seed in args.seeds:
+            t = time.time()
+            runs.append(spawn(side, args.steps, seed, args.dtype))
+            print(f"{side} seed {seed}: {args.steps} steps in {time.time() - t:.0f} s wall "
+                  f"(incl. start-up), mean reward {statistics.mean(runs[-1]['reward']):.3f}", flush=True)
+        results[side] = summarise(side, runs, peak[args.dtype])
+        print(f"{side:>5}: " + json.dumps(results[side]), flush=True)
+    final = {"steps": args.steps, "seeds": args.seeds, "dtype": args.dtype, "matmul_gflops": peak}
+    for side, r in results.items():
+        final[f"{side}_median_step_s"] = r["median_step_s"]
+        final[f"{side}_mean_reward"] = r["mean_reward"]
+    if "trl" in results and "ours" in results:
+        final["speedup"] = round(results["trl"]["median_step_s"] / results["ours"]["median_step_s"], 2)
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()
