@@ -20,7 +20,7 @@ from rlhf.errors import UserError
 class LMConfig:
     """Token-level RL on a causal LM with a LoRA adapter (GRPO; REINFORCE/RLOO by settings)."""
 
-    algo: str = "grpo"                   # grpo | rloo | reinforce
+    algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
     task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
     eval_task: str | None = None         # held-out file for a file task (default: 10% split)
@@ -39,6 +39,13 @@ class LMConfig:
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
     beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
     kl_estimator: str = "k3"             # k1 | k2 | k3
+    kl_placement: str = "loss"           # loss: beta * KL term in the loss (GRPO); reward: -beta * KL
+                                         # folded into the reward (InstructGPT; per token for ppo)
+    vf_coef: float = 0.1                 # ppo: weight of the value loss
+    value_clip: float | None = 0.2       # ppo: clip value updates to +-this around the rollout's values
+    gamma: float = 1.0                   # ppo: discount over tokens
+    lam: float = 0.95                    # ppo: GAE lambda
+    whiten_advantages: bool = True       # ppo: normalise token advantages over the batch
     clip_low: float = 0.2                # PPO clip epsilon below 1
     clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
@@ -59,8 +66,9 @@ class LMConfig:
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
     choices = {
-        "algo": ("grpo", "rloo", "reinforce"),
+        "algo": ("grpo", "rloo", "reinforce", "ppo"),
         "kl_estimator": ("k1", "k2", "k3"),
+        "kl_placement": ("loss", "reward"),
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("float32", "bfloat16"),
@@ -87,7 +95,7 @@ ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "b
            "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
            "per_device_train_batch_size": "prompts_per_step", "gradient_accumulation_steps": "minibatches"}
 # algo name -> config class; other families (gym) register theirs here
-CONFIGS: dict[str, type] = {"grpo": LMConfig, "rloo": LMConfig, "reinforce": LMConfig}
+CONFIGS: dict[str, type] = {a: LMConfig for a in LMConfig.choices["algo"]}
 
 
 def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
@@ -111,11 +119,21 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
             values[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
             values[key.strip()] = raw
+    return build(config_class(values), values)
+
+
+def config_class(values: dict) -> type:
+    """The config family of a recipe: the one whose ``algo`` choices hold its algo. A name in
+    two families (``ppo`` for LMs and for gym agents) is settled by which family's fields the
+    recipe's keys belong to (``env:`` is gym, ``model:`` / ``task:`` are LM)."""
     algo = values.get("algo", "grpo")
-    cls = CONFIGS.get(algo) if isinstance(algo, str) else None
-    if cls is None:
-        raise UserError(f"unknown algo {algo!r}; valid: {sorted(CONFIGS)}")
-    return build(cls, values)
+    families = list(dict.fromkeys(CONFIGS.values()))
+    classes = [c for c in families if isinstance(algo, str) and algo in c.choices["algo"]]
+    if not classes:
+        valid = sorted({a for c in families for a in c.choices["algo"]})
+        raise UserError(f"unknown algo {algo!r}; valid: {', '.join(valid)}")
+    # most keys in common wins (ties: the first family), so a typo still finds its family
+    return max(classes, key=lambda c: len(set(values) & {f.name for f in dataclasses.fields(c)}))
 
 
 def build(cls, values: dict):

@@ -7,7 +7,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from rlhf.config import CONFIGS, build
+from rlhf.config import build, config_class
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
@@ -21,10 +21,7 @@ def load_run_config(run_dir: str):
         raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
                         "printed by `rlhf train`")
     values = yaml.safe_load(path.read_text()) or {}
-    cls = CONFIGS.get(values.get("algo", "grpo"))
-    if cls is None:
-        raise UserError(f"{path} names unknown algo {values.get('algo')!r}")
-    return build(cls, values)
+    return build(config_class(values), values)
 
 
 def evaluate_lm_cli(run_dir: str, cfg, args) -> dict:

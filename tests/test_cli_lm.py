@@ -35,7 +35,14 @@ def test_recipe_smoke(recipe, tiny_model, tmp_path, capsys):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert {"reward", "kl", "clip_frac", "logp_gap_rollout_trainer", "completion_len"} <= set(rows[0])
+    expected = {"reward", "reward_std", "kl", "entropy", "logp_gap_rollout_trainer", "completion_len",
+                "frac_groups_all_equal", "grad_norm"}
+    if "reinforce" not in recipe:
+        expected |= {"clip_frac", "approx_kl"}
+    if "ppo" in recipe:
+        expected |= {"explained_variance", "vf_loss"}
+        assert (run / "adapter" / "value_head.safetensors").is_file()
+    assert expected <= set(rows[0]), expected - set(rows[0])
     assert result["adapter_norm"] > 0  # the adapter actually moved
     code, ev, err = run_cli(capsys, "eval", str(run), "--no-progress")
     assert code == 0, err

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rlhf.core import selective_log_softmax
+from rlhf.core import entropy_from_logits, selective_log_softmax
 from rlhf.errors import UserError
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
@@ -55,7 +60,8 @@ class LMPolicy:
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
-                 dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None):
+                 dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
+                 value_head: bool = False):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -79,6 +85,15 @@ class LMPolicy:
             cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              target_modules=lora_targets, task_type="CAUSAL_LM")
             self.model = get_peft_model(base, cfg)
+        # PPO's critic: a scalar head on the final hidden state, sharing the LoRA-adapted trunk
+        self.value_head = None
+        if value_head:
+            self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
+            saved = adapter_path and Path(adapter_path) / VALUE_HEAD_FILE
+            if saved and saved.is_file():
+                self.value_head.load_state_dict(load_file(saved))
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
@@ -150,18 +165,27 @@ class LMPolicy:
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:
-        """Log-probs [N, C] of the completion tokens under the policy (or the reference when
-        ``adapter=False``), at the sampling temperature.
+        """Log-probs [N, C] of the completion tokens (``adapter=False``: the reference)."""
+        return self.forward(batch, adapter)["logp"]
+
+    def forward(self, batch: Rollout, adapter: bool = True, values: bool = False,
+                entropy: bool = False) -> dict[str, Tensor]:
+        """``logp`` [N, C] of the completion tokens at the sampling temperature; with
+        ``values`` the value head's V(s_t) [N, C] for the state before each token; with
+        ``entropy`` the policy entropy per position [N, C] (detached).
 
         Each prompt runs once; its KV cache (autograd graph included) is repeated for the
         group and the completions run on top. The LM head runs only on the C positions that
         predict completion tokens, never on the prompt.
         """
         g, c = batch.group_size, batch.completion_ids.shape[1]
+        want_hidden = values and self.value_head is not None
         with self._adapter(adapter):
             out = self.model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                             position_ids=_positions(batch.prompt_mask), use_cache=True, logits_to_keep=1)
+                             position_ids=_positions(batch.prompt_mask), use_cache=True,
+                             logits_to_keep=1, output_hidden_states=want_hidden)
             logits = out.logits[:, -1:].repeat_interleave(g, 0)          # [N, 1, V]: token 0
+            hidden = [out.hidden_states[-1][:, -1:].repeat_interleave(g, 0)] if want_hidden else []
             if c > 1:
                 cache = out.past_key_values
                 cache.batch_repeat_interleave(g)
@@ -169,16 +193,27 @@ class LMPolicy:
                 start = batch.prompt_mask.sum(-1).repeat_interleave(g, 0)[:, None]
                 rest = self.model(input_ids=batch.completion_ids[:, :-1], attention_mask=attn,
                                   past_key_values=cache, position_ids=start + torch.arange(c - 1),
-                                  use_cache=True).logits                  # [N, C-1, V]
-                logits = torch.cat([logits, rest], dim=1)
-        return selective_log_softmax(logits / self.temperature, batch.completion_ids) * batch.mask
+                                  use_cache=True, output_hidden_states=want_hidden)
+                logits = torch.cat([logits, rest.logits], dim=1)        # [N, C, V]
+                if want_hidden:
+                    hidden.append(rest.hidden_states[-1])
+        logits = logits / self.temperature
+        result = {"logp": selective_log_softmax(logits, batch.completion_ids) * batch.mask}
+        if want_hidden:
+            h = torch.cat(hidden, dim=1).float()                         # [N, C, H]
+            result["values"] = self.value_head(h).squeeze(-1) * batch.mask
+        if entropy:
+            with torch.no_grad():
+                result["entropy"] = entropy_from_logits(logits.detach()) * batch.mask
+        return result
 
     def _adapter(self, enabled: bool):
         return contextlib.nullcontext() if enabled else self.model.disable_adapter()
 
     # ------------------------------------------------------------------ weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return params + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def adapter_norm(self) -> float:
         """L2 norm of the LoRA B matrices: 0 at init, so 0 after training means nothing moved."""
@@ -187,7 +222,10 @@ class LMPolicy:
         return sq ** 0.5
 
     def save_adapter(self, path) -> None:
+        """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head)."""
         self.model.save_pretrained(str(path), safe_serialization=True)
+        if self.value_head is not None:
+            save_file(self.value_head.state_dict(), str(Path(path) / VALUE_HEAD_FILE))
 
 
 def _eos_ids(tokenizer, model) -> list[int]:

@@ -16,7 +16,16 @@ from tqdm.auto import tqdm
 
 from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint
 from rlhf.config import LMConfig
-from rlhf.core import group_normalize, leave_one_out, policy_loss
+from rlhf.core import (
+    aggregate,
+    gae,
+    group_normalize,
+    kl_estimate,
+    leave_one_out,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout
@@ -32,7 +41,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
-                      temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"))
+                      temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
+                      value_head=cfg.algo == "ppo")
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     counters = {"step": 0, "baseline": None, "bad_steps": 0}
@@ -51,9 +61,11 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             roll, prompts, completions, columns = collect(policy, rows, cfg)        # collect
             t1 = time.time()
             rewards, reward_means = score(reward_fns, prompts, completions, columns)  # score
-            adv = advantages(rewards, cfg, baseline)                                 # advantages
             t2 = time.time()
-            stats = update(policy, opt, sched, roll, adv, cfg)                       # update
+            ctx = rollout_pass(policy, roll, cfg)                    # ref / old log-probs, values
+            adv, ret = advantages(rewards, roll, ctx, cfg, baseline)                 # advantages
+            stats = {**update(policy, opt, sched, roll, adv, ret, ctx, cfg),         # update
+                     "time/ref_s": ctx.pop("time_s")}
             counters = {"step": step + 1, "baseline": baseline.value,
                         "bad_steps": counters["bad_steps"] + 1 if stats["skipped"] else 0}
             row = {"step": step + 1, "reward": rewards.mean(), "reward_std": rewards.std(),
@@ -61,7 +73,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                    "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
                    "completion_len": roll.mask.sum(1).mean(), "truncated": roll.truncated.float().mean(),
                    **stats, "lr": sched.get_last_lr()[0], "time/generate_s": t1 - t0,
-                   "time/score_s": t2 - t1, "time/update_s": time.time() - t2, "time/step_s": time.time() - t0}
+                   "time/score_s": t2 - t1, "time/update_s": time.time() - t2, "time/step_s": time.time() - t0,
+                   **ctx.get("stats", {})}
             run.log(row)                                                             # log
             bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
@@ -107,24 +120,60 @@ class Baseline:
         return torch.tensor(b)
 
 
-def advantages(rewards: torch.Tensor, cfg: LMConfig, baseline: Baseline) -> torch.Tensor:
-    """One advantage per completion, [N]."""
+@torch.no_grad()
+def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> dict:
+    """No-grad passes over the rollout: the reference's log-probs (when beta > 0), and the
+    rollout policy's log-probs and values when the update needs them (several optimiser steps
+    per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
+    t = time.time()
+    ctx: dict = {"ref_logp": policy.logp(roll, adapter=False) if cfg.beta else None,
+                 "old_logp": None, "old_values": None}
+    if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
+        out = policy.forward(roll, values=cfg.algo == "ppo")
+        ctx["old_logp"], ctx["old_values"] = out["logp"], out.get("values")
+    ctx["time_s"] = time.time() - t
+    return ctx
+
+
+def advantages(rewards: torch.Tensor, roll: Rollout, ctx: dict, cfg: LMConfig, baseline: Baseline
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages: one per completion [N] (grpo, rloo, reinforce) or per token [N, C] (ppo,
+    with the value targets ``ret``). KL placed in the reward is subtracted here."""
+    kl = None
+    if cfg.kl_placement == "reward" and ctx["ref_logp"] is not None:
+        logp = ctx["old_logp"] if ctx["old_logp"] is not None else roll.rollout_logp
+        kl = kl_estimate(logp, ctx["ref_logp"], cfg.kl_estimator) * roll.mask     # [N, C]
+    if cfg.algo == "ppo":
+        last = (roll.mask.sum(1).long() - 1).clamp(min=0)
+        token_rewards = torch.zeros_like(roll.mask)
+        token_rewards[torch.arange(len(roll)), last] = rewards  # the sequence reward on its last token
+        if kl is not None:
+            token_rewards = token_rewards - cfg.beta * kl
+        adv, ret = gae(token_rewards, ctx["old_values"], cfg.gamma, cfg.lam, mask=roll.mask)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, roll.mask)
+        ctx["stats"] = {"explained_variance": explained_variance(ctx["old_values"], ret, roll.mask)}
+        return adv, ret
+    if kl is not None:
+        rewards = rewards - cfg.beta * kl.sum(1)
     if cfg.algo == "grpo":
-        return group_normalize(rewards, cfg.group_size, cfg.scale_rewards)
+        return group_normalize(rewards, cfg.group_size, cfg.scale_rewards), None
     if cfg.algo == "rloo":
-        return leave_one_out(rewards, cfg.group_size)
-    return rewards - baseline(rewards)  # reinforce
+        return leave_one_out(rewards, cfg.group_size), None
+    return rewards - baseline(rewards), None  # reinforce
 
 
-def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, cfg: LMConfig) -> dict:
+def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(ret - V) / Var(ret) over masked tokens: 1 is a perfect critic, <= 0 a useless one."""
+    m = mask.bool()
+    var = ret[m].var()
+    return float(1 - (ret[m] - values[m]).var() / var) if var > 0 else float("nan")
+
+
+def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: torch.Tensor | None,
+           ctx: dict, cfg: LMConfig) -> dict:
     """``epochs`` passes over the rollout in ``minibatches`` optimiser steps each."""
     mask = roll.mask * (~roll.truncated)[:, None] if cfg.mask_truncated else roll.mask
-    t_ref = time.time()
-    with torch.no_grad():
-        ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
-        # off-policy after the first optimiser step: ratios need the rollout policy's log-probs
-        old_logp = policy.logp(roll) if cfg.epochs * cfg.minibatches > 1 else None
-    t_ref = time.time() - t_ref
     n_groups = roll.prompt_ids.shape[0]
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
@@ -134,37 +183,58 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, cfg: 
         for k in range(cfg.minibatches):
             groups = perm[k * size:(k + 1) * size]
             idx = roll.rows_of(groups)
-            mb_mask = mask[idx]
-            logp = policy.logp(roll.select_groups(groups))
+            mb_mask, first = mask[idx], epoch == 0 and k == 0
+            out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
             loss, stats = policy_loss(
-                logp, adv[idx], mb_mask, old_logp=_pick(old_logp, idx), ref_logp=_pick(ref_logp, idx),
+                out["logp"], adv[idx], mb_mask, old_logp=_pick(ctx["old_logp"], idx),
+                ref_logp=_pick(ctx["ref_logp"], idx),
                 objective="reinforce" if cfg.algo == "reinforce" else "clip",
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.beta,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
                 kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=_denom(mb_mask, cfg))
-            if epoch == 0 and k == 0 and roll.rollout_logp is not None:
-                gap = (logp.detach() - roll.rollout_logp[idx]).abs() * roll.mask[idx]
-                stats["logp_gap_rollout_trainer"] = gap.sum() / roll.mask[idx].sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            grad_norm = float("nan")
-            if "nonfinite" not in stats:
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    policy.trainable_parameters(), cfg.max_grad_norm or float("inf")))
-            if math.isfinite(grad_norm):
-                opt.step()
-                sched.step()
-            else:  # a non-finite loss or gradient: skip this optimiser step, keep the weights
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
+            if ret is not None:  # ppo: the critic's loss on the same tokens and normaliser
+                vf = value_loss(out["values"], ret[idx], ctx["old_values"][idx], cfg.value_clip)
+                stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, _denom(mb_mask, cfg))
+                loss = loss + cfg.vf_coef * stats["vf_loss"]
+                stats["vf_loss"] = stats["vf_loss"].detach()
+            if first:
+                stats.update(_first_minibatch_stats(out, roll, idx))
+            grad_norm = _step(policy, opt, sched, loss, stats, cfg)
+            skipped += not math.isfinite(grad_norm)
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
     steps = cfg.epochs * cfg.minibatches
     out = {key: v / steps for key, v in sums.items() if key != "nonfinite"}
     out["skipped"] = skipped
-    out["time/ref_s"] = t_ref  # reference (and old-policy) log-prob passes
     # tokens one policy forward runs: each prompt once, completions on top of its cache
     out["tokens/train"] = roll.prompt_ids.numel() + roll.completion_ids.numel()
     return out
+
+
+def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig) -> float:
+    """One optimiser step; a non-finite loss or gradient skips it and keeps the weights."""
+    opt.zero_grad(set_to_none=True)
+    grad_norm = float("nan")
+    if "nonfinite" not in stats and math.isfinite(float(loss)):
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            policy.trainable_parameters(), cfg.max_grad_norm or float("inf")))
+    if math.isfinite(grad_norm):
+        opt.step()
+        sched.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor) -> dict:
+    """Entropy, and the log-prob gap between sampler and trainer (a silent-bug detector)."""
+    m = roll.mask[idx]
+    n = m.sum().clamp(min=1)
+    stats = {"entropy": (out["entropy"] * m).sum() / n}
+    if roll.rollout_logp is not None:
+        stats["logp_gap_rollout_trainer"] = ((out["logp"].detach() - roll.rollout_logp[idx]).abs() * m).sum() / n
+    return stats
 
 
 def _denom(mask: torch.Tensor, cfg: LMConfig) -> float:
