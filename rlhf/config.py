@@ -21,6 +21,7 @@ class LMConfig:
     """Token-level RL on a causal LM with a LoRA adapter (GRPO; REINFORCE/RLOO by settings)."""
 
     algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
+                                         # | reward_model (Bradley-Terry on preference pairs)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
     task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
     eval_task: str | None = None         # held-out file for a file task (default: 10% split)
@@ -66,7 +67,7 @@ class LMConfig:
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
     choices = {
-        "algo": ("grpo", "rloo", "reinforce", "ppo"),
+        "algo": ("grpo", "rloo", "reinforce", "ppo", "reward_model"),
         "kl_estimator": ("k1", "k2", "k3"),
         "kl_placement": ("loss", "reward"),
         "agg": ("token_mean", "seq_mean", "constant"),

@@ -4,9 +4,9 @@ A recipe names rewards as a list whose items are a name or a one-key mapping nam
 
     rewards: [arith_correct, {arith_format: 0.5}, my_pkg.rewards:fn, ./my_rewards.py:fn]
 
-A name is a short name from the ``rewards`` package, ``module:function`` (imported), or
+A name is a short name from the ``rewards`` package, ``module:function`` (imported),
 ``path/to/file.py:function`` (the user's own file, executed as a module because they pointed
-at it). The total reward is the weighted sum; ``None`` from a function means "not
+at it), or ``rm:DIR`` (a reward model trained by ``algo: reward_model``). The total reward is the weighted sum; ``None`` from a function means "not
 applicable" and contributes nothing.
 """
 from __future__ import annotations
@@ -60,6 +60,10 @@ def load_reward(name: str) -> Callable:
 
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith("rm:"):  # a trained reward model directory
+        from rlhf.reward_model import RewardModelFn
+
+        return RewardModelFn(name[3:])
     if ":" not in name:
         close = difflib.get_close_matches(name, REGISTRY, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""

@@ -8,6 +8,10 @@ def get_trainer(cfg) -> Callable:
     """``train(cfg, run, progress=True) -> dict`` for this config's family."""
     from rlhf.config import LMConfig
 
+    if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
+        from rlhf.reward_model import train_reward_model
+
+        return train_reward_model
     if isinstance(cfg, LMConfig):
         from rlhf.trainers.lm import train
 
@@ -19,6 +23,10 @@ def get_evaluator(cfg) -> Callable:
     """``evaluate(run_dir, cfg, args) -> dict`` for this config's family."""
     from rlhf.config import LMConfig
 
+    if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
+        from rlhf.reward_model import evaluate_rm_cli
+
+        return evaluate_rm_cli
     if isinstance(cfg, LMConfig):
         from rlhf.evaluate import evaluate_lm_cli
 
