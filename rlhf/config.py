@@ -193,3 +193,11 @@ def check_positive(cfg, *keys: str) -> None:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# the gym family registers its algorithms (reinforce, a2c, ppo, trpo, dqn, sac, q_learning); imported
+# here, at the bottom, because rlhf.gym.config uses check_choices / check_positive from above
+from rlhf.gym.config import GymConfig  # noqa: E402
+
+# names both families use (ppo, reinforce) keep their LM entry; config_class settles them by keys
+CONFIGS.update({a: GymConfig for a in GymConfig.choices["algo"] if a not in CONFIGS})

@@ -239,3 +239,34 @@ def test_token_path_and_flat_gym_path_are_the_same_function():
 def test_policy_loss_reports_nonfinite():
     loss, stats = policy_loss(T([[float("nan")]]), T([1.0]), None)
     assert "nonfinite" in stats
+
+
+# ---------------------------------------------------------------- KL-penalty surrogate (gym PPO)
+def test_kl_penalty_surrogate_by_hand():
+    from rlhf.core import kl_penalty_surrogate
+
+    # log rho = 0.5: rho = e^0.5 = 1.648721; A = 2; k3 KL(old||new) = rho - 1 - 0.5 = 0.148721
+    # loss = -1.648721 * 2 + 0.5 * 0.148721 = -3.223082
+    loss, kl = kl_penalty_surrogate(T([0.5]), T([0.0]), T([2.0]), 0.5)
+    close(kl, [math.exp(0.5) - 1.5])
+    close(loss, [-2 * math.exp(0.5) + 0.5 * (math.exp(0.5) - 1.5)])
+
+
+def test_policy_loss_kl_penalty_objective_by_hand():
+    # two gym actions [N, 1]: log rho = [0, ln 2], A = [1, -1], beta = 1
+    # per element: -1 + 0 = -1 ; -(2 * -1) + (2 - 1 - ln 2) = 2 + 0.306853 ; mean = 0.653426
+    logp, old = T([[0.0], [math.log(2)]]), T([[0.0], [0.0]])
+    loss, stats = policy_loss(logp, T([[1.0], [-1.0]]), None, old_logp=old, objective="kl_penalty",
+                              kl_penalty_coef=1.0)
+    close(loss, (-1 + 2 + 1 - math.log(2)) / 2)
+    close(stats["approx_kl"], (1 - math.log(2)) / 2)
+    with pytest.raises(ValueError, match="old_logp"):
+        policy_loss(logp, T([[1.0], [-1.0]]), objective="kl_penalty")
+
+
+def test_adaptive_kl_coef_doubles_and_halves():
+    from rlhf.core import adaptive_kl_coef
+
+    assert adaptive_kl_coef(1.0, 0.001, 0.01) == 0.5   # kl < target / 1.5
+    assert adaptive_kl_coef(1.0, 0.02, 0.01) == 2.0    # kl > target * 1.5
+    assert adaptive_kl_coef(1.0, 0.01, 0.01) == 1.0

@@ -10,10 +10,12 @@ from rlhf.core.advantages import (
 from rlhf.core.objectives import (
     AGG_MODES,
     KL_ESTIMATORS,
+    adaptive_kl_coef,
     aggregate,
     clipped_surrogate,
     entropy_from_logits,
     kl_estimate,
+    kl_penalty_surrogate,
     policy_loss,
     reinforce,
     value_loss,
@@ -23,6 +25,6 @@ from rlhf.core.logprobs import selective_log_softmax
 __all__ = [
     "discounted_cumsum", "discounted_returns", "gae", "group_normalize", "leave_one_out",
     "whiten", "AGG_MODES", "KL_ESTIMATORS", "aggregate", "clipped_surrogate",
-    "entropy_from_logits", "kl_estimate", "policy_loss", "reinforce", "value_loss",
+    "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "policy_loss", "reinforce", "value_loss",
     "selective_log_softmax",
 ]

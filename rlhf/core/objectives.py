@@ -19,6 +19,8 @@ __all__ = [
     "kl_estimate",
     "aggregate",
     "policy_loss",
+    "kl_penalty_surrogate",
+    "adaptive_kl_coef",
     "AGG_MODES",
     "KL_ESTIMATORS",
 ]
@@ -49,6 +51,26 @@ def clipped_surrogate(
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(logp.dtype)
+
+
+def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: float) -> tuple[Tensor, Tensor]:
+    """PPO's KL-penalised surrogate (Schulman et al. 2017, sec. 4):
+    ``-rho * A + beta * KL(pi_old || pi)``, ``rho = exp(logp - old_logp)``, with the per-sample
+    KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho`` (>= 0, unbiased).
+    Returns ``(loss, kl)``; beta = 0 gives TRPO's plain importance-sampled surrogate.
+    """
+    kl = kl_estimate(old_logp, logp, "k3")
+    return -torch.exp(logp - old_logp) * adv + coef * kl, kl
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float) -> float:
+    """The PPO paper's beta controller: halve beta when ``kl < target / 1.5``, double it when
+    ``kl > target * 1.5``, else keep it. Call once per update with the measured mean KL."""
+    if kl < target / 1.5:
+        return coef / 2
+    if kl > target * 1.5:
+        return coef * 2
+    return coef
 
 
 def value_loss(
@@ -128,6 +150,7 @@ def policy_loss(
     kl_estimator: str = "k3",
     agg: str = "token_mean",
     denom: float | None = None,
+    kl_penalty_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one policy loss of the library, for tokens and gym actions alike.
 
@@ -135,8 +158,9 @@ def policy_loss(
 
     logp, old_logp, ref_logp, mask: [B, T] (gym: [N, 1] or [N]); adv: same shape, or [B]
     (one advantage per sequence, broadcast over its tokens). objective: "clip" (PPO / GRPO
-    surrogate; ``old_logp`` defaults to ``logp.detach()``, i.e. one on-policy epoch) or
-    "reinforce". Returns ``(loss, stats)``; stats are detached scalars.
+    surrogate; ``old_logp`` defaults to ``logp.detach()``, i.e. one on-policy epoch),
+    "reinforce", or "kl_penalty" (PPO's KL-penalised surrogate with ``kl_penalty_coef`` as
+    beta; needs ``old_logp``). Returns ``(loss, stats)``; stats are detached scalars.
     """
     if logp.dim() == 1:
         logp = logp[:, None]
@@ -154,8 +178,13 @@ def policy_loss(
         stats["approx_kl"] = ((kl_estimate(old, logp.detach(), "k3") * mask).sum() / n)
     elif objective == "reinforce":
         per_elem = reinforce(logp, adv)
+    elif objective == "kl_penalty":
+        if old_logp is None:
+            raise ValueError("objective 'kl_penalty' needs old_logp")
+        per_elem, kl_old = kl_penalty_surrogate(logp, old_logp.reshape(logp.shape), adv, kl_penalty_coef)
+        stats["approx_kl"] = ((kl_old.detach() * mask).sum() / mask.sum().clamp(min=1))
     else:
-        raise ValueError(f"objective must be 'clip' or 'reinforce', got {objective!r}")
+        raise ValueError(f"objective must be 'clip', 'reinforce' or 'kl_penalty', got {objective!r}")
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator)

@@ -7,6 +7,7 @@ from typing import Callable
 def get_trainer(cfg) -> Callable:
     """``train(cfg, run, progress=True) -> dict`` for this config's family."""
     from rlhf.config import LMConfig
+    from rlhf.gym.config import GymConfig
 
     if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
         from rlhf.reward_model import train_reward_model
@@ -16,12 +17,17 @@ def get_trainer(cfg) -> Callable:
         from rlhf.trainers.lm import train
 
         return train
+    if isinstance(cfg, GymConfig):
+        from rlhf.gym.train import train
+
+        return train
     raise TypeError(f"no trainer for {type(cfg).__name__}")
 
 
 def get_evaluator(cfg) -> Callable:
     """``evaluate(run_dir, cfg, args) -> dict`` for this config's family."""
     from rlhf.config import LMConfig
+    from rlhf.gym.config import GymConfig
 
     if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
         from rlhf.reward_model import evaluate_rm_cli
@@ -31,4 +37,8 @@ def get_evaluator(cfg) -> Callable:
         from rlhf.evaluate import evaluate_lm_cli
 
         return evaluate_lm_cli
+    if isinstance(cfg, GymConfig):
+        from rlhf.gym.evaluate import evaluate_cli
+
+        return evaluate_cli
     raise TypeError(f"no evaluator for {type(cfg).__name__}")

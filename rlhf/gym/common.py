@@ -1,0 +1,153 @@
+"""What every gym trainer shares: checks of the env against the algorithm, seeding, the
+network each algorithm saves, saving/loading it as safetensors, logging and progress."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhf.errors import UserError
+from rlhf.gym.config import OFF_POLICY, ON_POLICY, GymConfig
+from rlhf.gym.envs import make_env, space_kind
+
+POLICY_DIR = "policy"
+POLICY_FILE = "model.safetensors"
+
+
+def seed_everything(cfg: GymConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+
+def env_spec(cfg: GymConfig) -> dict:
+    """Create one env, check it suits ``cfg.algo`` and return its dimensions."""
+    env = make_env(cfg.env)
+    obs_kind, act_kind = space_kind(env.observation_space), space_kind(env.action_space)
+    spec = {"obs_kind": obs_kind, "act_kind": act_kind}
+    env.close()
+    if cfg.algo == "q_learning":
+        if obs_kind != "discrete" or act_kind != "discrete":
+            raise UserError(f"q_learning needs discrete observations and actions; {cfg.env} has {obs_kind} "
+                            f"observations and {act_kind} actions (try FrozenLake-v1 or Taxi-v3)")
+        spec.update(n_states=int(env.observation_space.n), n_actions=int(env.action_space.n))
+        return spec
+    if obs_kind != "box" or len(env.observation_space.shape) != 1:
+        raise UserError(f"{cfg.algo} needs a flat Box observation space; {cfg.env} has "
+                        f"{env.observation_space} (tabular envs: use algo q_learning)")
+    spec["obs_dim"] = int(env.observation_space.shape[0])
+    if act_kind == "discrete":
+        spec["act_dim"] = int(env.action_space.n)
+    elif act_kind == "box":
+        spec.update(act_dim=int(env.action_space.shape[0]), low=env.action_space.low.tolist(),
+                    high=env.action_space.high.tolist())
+    else:
+        raise UserError(f"{cfg.env} has {act_kind} actions; supported: Discrete or Box")
+    if cfg.algo == "dqn" and act_kind != "discrete":
+        raise UserError(f"dqn needs discrete actions but {cfg.env} has continuous (Box) actions; "
+                        "use algo sac or ppo for it")
+    if cfg.algo == "sac" and act_kind != "box":
+        raise UserError(f"sac needs continuous (Box) actions but {cfg.env} has discrete ones; "
+                        "use algo dqn or ppo for it")
+    return spec
+
+
+def build_agent(cfg: GymConfig, spec: dict) -> nn.Module:
+    """The network an algorithm acts with (and saves): its ``act_deterministic`` drives eval."""
+    from rlhf.gym import policies as P
+
+    if cfg.algo in ON_POLICY:
+        return P.ActorCritic(spec["obs_dim"], spec["act_dim"], spec["act_kind"] == "discrete", cfg.hidden,
+                             cfg.layers, cfg.activation, cfg.ortho_init, cfg.norm_obs, cfg.clip_obs,
+                             cfg.log_std_init)
+    if cfg.algo == "dqn":
+        return P.QNetwork(spec["obs_dim"], spec["act_dim"], cfg.hidden, cfg.layers, cfg.activation,
+                          cfg.dueling, cfg.norm_obs, cfg.clip_obs)
+    if cfg.algo == "sac":
+        return P.SquashedGaussianActor(spec["obs_dim"], spec["act_dim"], spec["low"], spec["high"],
+                                       cfg.hidden, cfg.layers, cfg.norm_obs, cfg.clip_obs)
+    assert cfg.algo not in OFF_POLICY
+    return QTable(spec["n_states"], spec["n_actions"])
+
+
+class QTable(nn.Module):
+    """Tabular Q-values [S, A] as a buffer, so it saves like any network."""
+
+    def __init__(self, n_states: int, n_actions: int):
+        super().__init__()
+        self.register_buffer("q", torch.zeros(n_states, n_actions, dtype=torch.float64))
+
+    @torch.no_grad()
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q[obs.long().reshape(-1)].argmax(-1)
+
+
+def save_agent(run, agent: nn.Module) -> Path:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().clone() for k, v in agent.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / POLICY_FILE))
+
+    return run.save_atomic(POLICY_DIR, write)
+
+
+def load_agent(run_dir: str, cfg: GymConfig) -> nn.Module:
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / POLICY_DIR / POLICY_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir!r} has no saved policy ({POLICY_DIR}/{POLICY_FILE}); train it first")
+    agent = build_agent(cfg, env_spec(cfg))
+    agent.load_state_dict(load_file(str(path)))
+    agent.eval()
+    return agent
+
+
+class Progress:
+    """tqdm bar over env steps (stderr) plus a metric row every ``log_every`` steps."""
+
+    def __init__(self, cfg: GymConfig, run, enabled: bool):
+        from tqdm import tqdm
+
+        self.cfg, self.run = cfg, run
+        self.bar = tqdm(total=cfg.total_steps, desc=f"{cfg.algo} {cfg.env}", disable=not enabled,
+                        unit="step", dynamic_ncols=True, mininterval=0.5)
+        self.start = time.perf_counter()
+        self.steps, self.next_log = 0, cfg.log_every
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.last_return: float | None = None
+
+    def advance(self, steps: int, episodes: list[tuple[float, int]], stats_fn=None) -> None:
+        self.steps += steps
+        self.bar.update(steps)
+        for ret, length in episodes:
+            self.returns.append(ret)
+            self.lengths.append(length)
+        if self.steps >= self.next_log:
+            self.next_log += self.cfg.log_every
+            self.log(stats_fn() if stats_fn else {})
+
+    def log(self, stats: dict) -> None:
+        row = {"step": self.steps, "time_s": round(time.perf_counter() - self.start, 2)}
+        if self.returns:
+            window = self.returns[-100:]
+            self.last_return = float(np.mean(window))
+            row.update(**{"return": self.last_return, "episodes": len(self.returns),
+                          "ep_length": float(np.mean(self.lengths[-100:]))})
+        row.update({k: float(v) for k, v in stats.items()})
+        self.run.log(row)
+        if self.last_return is not None:
+            self.bar.set_postfix({"return": f"{self.last_return:.1f}"}, refresh=False)
+
+    def close(self) -> float:
+        self.bar.close()
+        return time.perf_counter() - self.start

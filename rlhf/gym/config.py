@@ -1,0 +1,114 @@
+"""Typed recipe defaults for gym agents. A recipe is YAML that only overrides these.
+
+    rlhf train recipes/ppo_cartpole.yaml --set seed=1
+
+``reinforce`` and ``ppo`` are algorithm names of both families; ``rlhf.config.config_class``
+settles them by the recipe's keys (``env:`` and the fields below are gym). a2c, trpo, dqn, sac
+and q_learning exist only here. Gym ``reinforce`` is REINFORCE with a learned value baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf.errors import UserError
+
+ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
+OFF_POLICY = ("dqn", "sac")
+TABULAR = ("q_learning",)
+
+
+@dataclass
+class GymConfig:
+    """A classic control agent on a gymnasium env, trained with the shared loss core."""
+
+    algo: str = "ppo"                    # reinforce | a2c | ppo | trpo | dqn | sac | q_learning
+    env: str = "CartPole-v1"             # gymnasium env id
+    seed: int = 0                        # seeds envs, network init and sampling
+    total_steps: int = 100_000           # environment steps (summed over parallel envs)
+    n_envs: int = 8                      # parallel environments (stepped in one process)
+    threads: int = 1                     # torch intra-op threads
+    gamma: float = 0.99                  # discount
+    lr: float = 3e-4                     # learning rate (actor and critic)
+    lr_schedule: str = "constant"        # constant | linear (decay to 0 over total_steps)
+    optimizer: str = "adam"              # adam | rmsprop (A2C's classic choice)
+    hidden: int = 64                     # width of each hidden layer
+    layers: int = 2                      # hidden layers per network
+    activation: str = "tanh"             # tanh | relu
+    ortho_init: bool = True              # orthogonal init with small policy-head gain (SB3/CleanRL)
+    max_grad_norm: float = 0.5           # gradient clipping (0 disables)
+    norm_obs: bool = False               # running mean/std observation normalisation (saved with the policy)
+    norm_reward: bool = False            # scale rewards by a running std of the discounted return
+    clip_obs: float = 10.0               # clip normalised observations to +-clip_obs
+    # --- on-policy (reinforce, a2c, ppo, trpo)
+    n_steps: int = 128                   # rollout length per env between updates
+    gae_lambda: float = 0.95             # GAE lambda (reinforce uses Monte-Carlo returns)
+    epochs: int = 4                      # update epochs per rollout (ppo)
+    minibatch_size: int = 256            # samples per optimiser step (ppo, trpo critic)
+    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl
+    clip_range: float = 0.2              # ppo clip epsilon
+    clip_schedule: str = "constant"      # constant | linear (clip epsilon decays with lr)
+    clip_vloss: float | None = None      # value clipping epsilon (None: no value clipping)
+    kl_coef: float = 1.0                 # initial beta of the KL-penalty surrogates
+    target_kl: float = 0.01              # adaptive-KL target (ppo), KL radius (trpo)
+    ent_coef: float = 0.0                # entropy bonus
+    vf_coef: float = 0.5                 # value-loss weight
+    norm_adv: bool = True                # whiten advantages per minibatch
+    log_std_init: float = 0.0            # Gaussian policies: initial state-independent log-std
+    cg_iters: int = 10                   # trpo: conjugate-gradient iterations
+    cg_damping: float = 0.1              # trpo: Fisher damping
+    line_search_steps: int = 10          # trpo: backtracking halvings
+    critic_updates: int = 10             # trpo: critic epochs per rollout
+    # --- off-policy (dqn, sac)
+    buffer_size: int = 100_000           # replay capacity (transitions)
+    batch_size: int = 64                 # replay minibatch
+    learning_starts: int = 1000          # env steps before the first update
+    train_freq: int = 4                  # env steps (per env) between update phases
+    gradient_steps: int = 1              # optimiser steps per update phase (-1: as many as env steps)
+    target_update: int = 500             # dqn: env steps between hard target copies
+    tau: float = 0.005                   # sac: Polyak rate of the target critics
+    double: bool = False                 # dqn: Double-DQN target (online argmax, target value)
+    dueling: bool = False                # dqn: dueling head V(s) + A(s,a) - mean A
+    eps_start: float = 1.0               # dqn: initial exploration epsilon
+    eps_end: float = 0.05                # dqn: final epsilon
+    eps_fraction: float = 0.1            # dqn: fraction of total_steps over which epsilon decays
+    loss: str = "huber"                  # dqn TD loss: huber | mse
+    alpha: float | None = None           # sac: fixed entropy temperature (None: automatic tuning)
+    target_entropy: float | None = None  # sac: target entropy (None: -action_dim)
+    # --- tabular (q_learning)
+    alpha_q: float = 0.1                 # q_learning step size
+    eps_decay_episodes: int = 5000       # q_learning: episodes over which epsilon decays
+    # --- logging and evaluation
+    log_every: int = 10_000              # env steps between metric rows / progress updates
+    eval_episodes: int = 20              # deterministic episodes in the final evaluation
+    eval_seed: int = 1_000_000           # first seed of evaluation episodes (never used in training)
+    out_dir: str = "runs"                # where run directories are created
+    run_name: str | None = None          # run directory name (default: recipe name + time)
+
+    choices = {
+        "algo": ON_POLICY + OFF_POLICY + TABULAR,
+        "lr_schedule": ("constant", "linear"),
+        "clip_schedule": ("constant", "linear"),
+        "optimizer": ("adam", "rmsprop"),
+        "activation": ("tanh", "relu"),
+        "objective": ("clip", "kl_penalty", "adaptive_kl"),
+        "loss": ("huber", "mse"),
+    }
+
+    def validate(self) -> None:
+        # imported here: rlhf.config imports this module at its bottom to register GymConfig
+        from rlhf.config import check_choices, check_positive
+
+        check_choices(self)
+        check_positive(self, "total_steps", "n_envs", "hidden", "layers", "n_steps", "epochs",
+                       "minibatch_size", "buffer_size", "batch_size", "train_freq", "eval_episodes",
+                       "target_update", "cg_iters", "critic_updates", "log_every")
+        if self.threads < 1:
+            raise UserError(f"threads must be at least 1, got {self.threads}")
+        for key in ("gamma", "gae_lambda", "tau", "eps_start", "eps_end", "eps_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise UserError(f"{key} must be in [0, 1], got {value}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.gradient_steps == 0 or self.gradient_steps < -1:
+            raise UserError(f"gradient_steps must be >= 1 or -1 (as many as env steps), got {self.gradient_steps}")

@@ -1,0 +1,76 @@
+"""DQN (Mnih et al. 2015) with optional Double-DQN targets and a Dueling head, combinable.
+
+Loop: act epsilon-greedily -> store -> every ``train_freq`` steps, ``gradient_steps`` TD
+updates on replayed minibatches -> hard target copy every ``target_update`` env steps.
+The targets are the pure functions of ``rlhf.core.value_learning``.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlhf.core.value_learning import double_q_target, linear_schedule, td_target
+from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.config import GymConfig
+from rlhf.gym.envs import VecEnv
+from rlhf.gym.replay import ReplayBuffer
+
+
+def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
+    obs, actions, rewards, next_obs, terminated = batch
+    with torch.no_grad():
+        next_q_target = target(next_obs)
+        if cfg.double:
+            y = double_q_target(rewards, qnet(next_obs), next_q_target, terminated, cfg.gamma)
+        else:
+            y = td_target(rewards, next_q_target, terminated, cfg.gamma)
+    q = qnet(obs).gather(-1, actions[:, None]).squeeze(-1)
+    loss = F.smooth_l1_loss(q, y) if cfg.loss == "huber" else 0.5 * F.mse_loss(q, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(qnet.parameters(), cfg.max_grad_norm)
+    opt.step()
+    return loss.detach()
+
+
+def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool):
+    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
+    qnet = build_agent(cfg, spec)
+    target = copy.deepcopy(qnet).requires_grad_(False)
+    opt = torch.optim.Adam(qnet.parameters(), lr=cfg.lr)
+    buffer = ReplayBuffer(cfg.buffer_size, spec["obs_dim"], (), torch.long)
+    rng = np.random.default_rng(cfg.seed)
+    bar = Progress(cfg, run, progress)
+    n, calls, since_target = cfg.n_envs, 0, 0
+    stats = {"losses/td": torch.tensor(float("nan"))}
+    while bar.steps < cfg.total_steps:
+        progress_frac = bar.steps / cfg.total_steps
+        eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, progress_frac)
+        obs = env.obs
+        qnet.obs_norm.update(torch.from_numpy(obs))
+        if rng.random() < eps and n == 1:
+            actions = np.array([env.action_space.sample()])
+        else:
+            actions = qnet.act_deterministic(torch.from_numpy(obs)).numpy()
+            if n > 1:
+                explore = rng.random(n) < eps
+                actions[explore] = rng.integers(0, spec["act_dim"], explore.sum())
+        _, rewards, terminated, _, next_obs = env.step(actions)
+        buffer.add(obs, actions, rewards, next_obs, terminated)
+        calls, since_target = calls + 1, since_target + n
+        if bar.steps + n > cfg.learning_starts and calls % cfg.train_freq == 0:
+            k = cfg.gradient_steps if cfg.gradient_steps > 0 else cfg.train_freq * n
+            for _ in range(k):
+                stats["losses/td"] = dqn_update(cfg, qnet, target, opt, buffer.sample(cfg.batch_size))
+        if since_target >= cfg.target_update:
+            target.load_state_dict(qnet.state_dict())
+            since_target = 0
+        stats["charts/epsilon"] = eps
+        bar.advance(n, env.drain_episodes(), lambda: stats)
+    wall = bar.close()
+    env.close()
+    return qnet, {"steps": bar.steps, "train_return": bar.last_return, "wall_s": round(wall, 2)}

@@ -1,0 +1,222 @@
+"""On-policy actor-critic family: REINFORCE with a baseline (reinforce), A2C, PPO, TRPO.
+
+One loop: ``collect -> advantages -> update -> log``. The algorithms differ only in the
+advantage estimator (Monte-Carlo returns for reinforce, GAE otherwise) and in ``update``; every
+policy loss goes through ``rlhf.core.policy_loss`` with the gym layout ``[N, 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlhf.core import adaptive_kl_coef, discounted_returns, gae, policy_loss, value_loss, whiten
+from rlhf.core.natural_gradient import backtracking_line_search, conjugate_gradient, max_step_scale
+from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.config import GymConfig
+from rlhf.gym.envs import RewardScaler, VecEnv
+from rlhf.gym.policies import ActorCritic
+
+
+@dataclass
+class Batch:
+    """A flattened rollout, ``b_`` prefixed as in CleanRL: N = n_steps * n_envs rows."""
+
+    obs: Tensor       # [N, D] raw observations
+    actions: Tensor   # [N] or [N, A]
+    logp: Tensor      # [N] log pi_old(a|s) at collection
+    values: Tensor    # [N] V_old(s)
+    adv: Tensor       # [N]
+    ret: Tensor       # [N] value targets
+
+
+def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScaler) -> Batch:
+    """Roll ``n_steps`` per env; bootstrap V(final obs) on truncation, cut on termination."""
+    T, N = cfg.n_steps, env.n
+    obs = torch.zeros(T, N, env.obs.shape[1])
+    actions, logp, values = [], torch.zeros(T, N), torch.zeros(T, N)
+    rewards, terminated, dones = torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N)
+    truncations: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env rows, final obs)
+    for t in range(T):
+        o = torch.from_numpy(env.obs)
+        policy.obs_norm.update(o)
+        a, logp[t], values[t] = policy.act(o)
+        obs[t] = o
+        actions.append(a)
+        _, r, term, trunc, next_obs = env.step(a.numpy())
+        done = np.maximum(term, trunc)
+        rewards[t] = torch.from_numpy(scaler(r, done))
+        terminated[t], dones[t] = torch.from_numpy(term), torch.from_numpy(done)
+        if trunc.any():
+            rows = np.flatnonzero(trunc)
+            truncations.append((t, rows, next_obs[rows].copy()))
+    with torch.no_grad():
+        last_value = policy.value(torch.from_numpy(env.obs))
+        next_values = torch.cat([values[1:], last_value[None]])  # V(s_{t+1}) along each env's row
+        for t, rows, final_obs in truncations:  # the successor of a truncated step is its final obs
+            next_values[t, rows] = policy.value(torch.from_numpy(final_obs))
+    # time-last layout [N, T] for the core estimators
+    rewards, values_nt, next_values = rewards.T, values.T, next_values.T
+    terminated, dones = terminated.T, dones.T
+    if cfg.algo == "reinforce":  # Monte-Carlo return G_t; a truncation adds gamma * V(final obs) as its tail
+        truncated = dones - terminated
+        boot = rewards + cfg.gamma * truncated * next_values
+        ret = discounted_returns(boot, cfg.gamma, dones=dones, last_value=last_value)
+        adv = ret - values_nt
+    else:
+        adv, ret = gae(rewards, values_nt, cfg.gamma, cfg.gae_lambda, next_values=next_values,
+                       terminated=terminated, dones=dones)
+    flat = lambda x: x.T.reshape(-1)  # noqa: E731  back to time-major rows, matching obs
+    return Batch(obs.reshape(T * N, -1), torch.stack(actions).reshape(T * N, *actions[0].shape[1:]),
+                 logp.reshape(-1), values.reshape(-1), flat(adv), flat(ret))
+
+
+def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: float, beta: float,
+                      objective: str) -> tuple[Tensor, dict]:
+    """policy_loss (shared core) + vf_coef * value loss - ent_coef * entropy on rows ``idx``."""
+    x = policy.obs_norm(b.obs[idx])
+    params, v = policy.actor(x), policy.critic(x).squeeze(-1)
+    logp, ent = policy.logp_entropy(params, b.actions[idx])
+    adv = whiten(b.adv[idx]) if cfg.norm_adv and len(b.adv[idx]) > 1 else b.adv[idx]
+    pg, stats = policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[idx][:, None],
+                            objective=objective, clip_low=clip, kl_penalty_coef=beta)
+    vl = value_loss(v, b.ret[idx], b.values[idx], cfg.clip_vloss).mean()
+    entropy = ent.mean()
+    stats.update(value_loss=vl.detach(), entropy=entropy.detach())
+    return pg + cfg.vf_coef * vl - cfg.ent_coef * entropy, stats
+
+
+def step(opt, loss: Tensor, params, max_grad_norm: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+
+
+class Updater:
+    """Holds the optimiser(s) and per-algorithm state (PPO's adaptive beta)."""
+
+    def __init__(self, cfg: GymConfig, policy: ActorCritic):
+        self.cfg, self.policy = cfg, policy
+        self.params = list(policy.parameters())
+        if cfg.algo == "trpo":  # the actor moves by natural steps; only the critic has an optimiser
+            self.actor_params = list(policy.actor.parameters()) + ([policy.log_std] if not policy.discrete else [])
+            self.params = list(policy.critic.parameters())
+        if cfg.optimizer == "rmsprop":
+            self.opt = torch.optim.RMSprop(self.params, lr=cfg.lr, alpha=0.99, eps=1e-5)
+        else:
+            self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=1e-5)
+        self.beta = cfg.kl_coef
+
+    def __call__(self, b: Batch, progress: float) -> dict:
+        frac = 1.0 - progress if self.cfg.lr_schedule == "linear" else 1.0
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * frac
+        clip = self.cfg.clip_range * (1.0 - progress if self.cfg.clip_schedule == "linear" else 1.0)
+        return getattr(self, self.cfg.algo)(b, clip)
+
+    def reinforce(self, b: Batch, clip: float) -> dict:
+        """One gradient step of REINFORCE (objective 'reinforce') + value regression."""
+        loss, stats = actor_critic_loss(self.cfg, self.policy, b, slice(None), clip, 0.0, "reinforce")
+        step(self.opt, loss, self.params, self.cfg.max_grad_norm)
+        return stats
+
+    a2c = reinforce  # same update; A2C differs in the advantage (GAE, short rollouts) and recipe
+
+    def ppo(self, b: Batch, clip: float) -> dict:
+        cfg, n = self.cfg, len(b.logp)
+        objective = "clip" if cfg.objective == "clip" else "kl_penalty"
+        mb = min(cfg.minibatch_size, n)
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(n)
+            kls = []
+            for start in range(0, n - mb + 1, mb):
+                loss, stats = actor_critic_loss(cfg, self.policy, b, perm[start:start + mb], clip, self.beta, objective)
+                step(self.opt, loss, self.params, cfg.max_grad_norm)
+                kls.append(stats["approx_kl"])
+        stats["approx_kl"] = torch.stack(kls).mean()
+        if cfg.objective == "adaptive_kl":
+            self.beta = adaptive_kl_coef(self.beta, float(stats["approx_kl"]), cfg.target_kl)
+        stats["kl_beta"] = torch.tensor(self.beta)
+        return stats
+
+    def trpo(self, b: Batch, clip: float) -> dict:
+        """Natural-gradient step on the importance-sampled surrogate under mean KL <= target_kl,
+        then ``critic_updates`` epochs of value regression."""
+        cfg, policy, params = self.cfg, self.policy, self.actor_params
+        adv = whiten(b.adv) if cfg.norm_adv else b.adv
+        with torch.no_grad():
+            old_params = policy.dist_params(b.obs)
+            old_log_std = policy.log_std.detach().clone() if not policy.discrete else None
+
+        def surrogate() -> tuple[Tensor, dict]:
+            logp, _ = policy.logp_entropy(policy.dist_params(b.obs), b.actions)
+            return policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[:, None],
+                               objective="kl_penalty", kl_penalty_coef=0.0)
+
+        def mean_kl() -> Tensor:
+            return policy.kl_from(old_params, policy.dist_params(b.obs), old_log_std).mean()
+
+        loss, stats = surrogate()
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        kl_grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(mean_kl(), params, create_graph=True)])
+
+        def fvp(v: Tensor) -> Tensor:  # Fisher-vector product = Hessian of the mean KL times v
+            hv = torch.autograd.grad(kl_grad @ v, params, retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv]) + cfg.cg_damping * v
+
+        direction = conjugate_gradient(fvp, -grad, cfg.cg_iters)
+        full_step = max_step_scale(direction, fvp(direction), cfg.target_kl) * direction
+        flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+
+        def assign(flat: Tensor) -> None:
+            i = 0
+            for p in params:
+                p.data.copy_(flat[i:i + p.numel()].view_as(p))
+                i += p.numel()
+
+        @torch.no_grad()
+        def evaluate(delta: Tensor) -> tuple[float, float]:
+            assign(flat0 + delta)
+            new_loss, _ = surrogate()
+            return float(loss - new_loss), float(mean_kl())
+
+        accepted, k = backtracking_line_search(evaluate, full_step, float(-(grad @ full_step)), cfg.target_kl,
+                                               cfg.line_search_steps)
+        assign(flat0 + accepted if accepted is not None else flat0)
+        n, mb = len(b.ret), min(cfg.minibatch_size, len(b.ret))
+        for _ in range(cfg.critic_updates):
+            perm = torch.randperm(n)
+            for start in range(0, n - mb + 1, mb):
+                idx = perm[start:start + mb]
+                vl = value_loss(policy.value(b.obs[idx]), b.ret[idx]).mean()
+                step(self.opt, vl, self.params, cfg.max_grad_norm)
+        stats.update(value_loss=vl.detach(), line_search_k=torch.tensor(float(k)),
+                     approx_kl=torch.tensor(float(mean_kl())) if accepted is not None else torch.tensor(0.0))
+        return stats
+
+
+def explained_variance(values: Tensor, ret: Tensor) -> float:
+    var = ret.var()
+    return float("nan") if var == 0 else float(1 - (ret - values).var() / var)
+
+
+def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
+    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
+    policy = build_agent(cfg, spec)
+    scaler = RewardScaler(cfg.n_envs, cfg.gamma, cfg.norm_reward)
+    update = Updater(cfg, policy)
+    bar = Progress(cfg, run, progress)
+    per_rollout = cfg.n_steps * cfg.n_envs
+    stats: dict = {}
+    while bar.steps < cfg.total_steps:
+        b = collect(cfg, env, policy, scaler)
+        stats = update(b, bar.steps / cfg.total_steps)
+        stats["explained_variance"] = explained_variance(b.values, b.ret)
+        bar.advance(per_rollout, env.drain_episodes(), lambda: stats)
+    wall = bar.close()
+    env.close()
+    return policy, {"steps": bar.steps, "train_return": bar.last_return, "wall_s": round(wall, 2)}

@@ -1,0 +1,42 @@
+"""Tabular Q-learning (Watkins 1989) for small discrete envs such as FrozenLake.
+
+Epsilon-greedy episodes; each transition applies ``rlhf.core.value_learning.q_learning_update``;
+a time-limit truncation is not terminal, so it still bootstraps from the next state.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rlhf.core.value_learning import linear_schedule, q_learning_update
+from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.config import GymConfig
+from rlhf.gym.envs import make_env
+
+
+def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):
+    env = make_env(cfg.env)
+    table = build_agent(cfg, spec)
+    q = np.zeros((spec["n_states"], spec["n_actions"]))
+    rng = np.random.default_rng(cfg.seed)
+    env.action_space.seed(cfg.seed)
+    bar = Progress(cfg, run, progress)
+    episode = 0
+    while bar.steps < cfg.total_steps:
+        eps = linear_schedule(cfg.eps_start, cfg.eps_end, 1.0, episode / cfg.eps_decay_episodes)
+        s, _ = env.reset(seed=cfg.seed + episode)
+        done, total, length = False, 0.0, 0
+        while not done:
+            # ties broken at random so an all-zero row does not always pick action 0
+            best = np.flatnonzero(q[s] == q[s].max())
+            a = int(rng.integers(spec["n_actions"])) if rng.random() < eps else int(rng.choice(best))
+            s2, r, terminated, truncated, _ = env.step(a)
+            q[s, a] = q_learning_update(q[s, a], float(r), q[s2].max(), terminated, cfg.gamma, cfg.alpha_q)
+            s, total, length, done = s2, total + float(r), length + 1, terminated or truncated
+        episode += 1
+        bar.advance(length, [(total, length)], lambda: {"charts/epsilon": eps})
+    wall = bar.close()
+    env.close()
+    table.q.copy_(torch.from_numpy(q))
+    return table, {"steps": bar.steps, "train_return": bar.last_return, "episodes": episode,
+                   "wall_s": round(wall, 2)}
