@@ -270,3 +270,14 @@ def test_adaptive_kl_coef_doubles_and_halves():
     assert adaptive_kl_coef(1.0, 0.001, 0.01) == 0.5   # kl < target / 1.5
     assert adaptive_kl_coef(1.0, 0.02, 0.01) == 2.0    # kl > target * 1.5
     assert adaptive_kl_coef(1.0, 0.01, 0.01) == 1.0
+
+
+def test_sample_categorical_matches_the_distribution():
+    from rlhf.core import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    probs = T([0.5, 0.0, 0.2, 0.3]).repeat(100_000, 1) * 3.0  # unnormalised rows are fine
+    draws = sample_categorical(probs, g)
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    close(freq, [0.5, 0.0, 0.2, 0.3], tol=6e-3)  # ~4 standard errors at n = 1e5
+    assert (draws != 1).all()  # a zero-probability token is never drawn

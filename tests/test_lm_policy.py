@@ -97,3 +97,4 @@ def test_adapter_saves_in_peft_format(tiny_model, tmp_path):
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter")
     x = torch.tensor([[1, 5, 7, 9]])
     torch.testing.assert_close(loaded(x).logits, policy.model(x).logits, atol=1e-5, rtol=0)
+

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from rlhf.core import entropy_from_logits, selective_log_softmax
+from rlhf.core import entropy_from_logits, sample_categorical, selective_log_softmax
 from rlhf.errors import UserError
 
 
@@ -144,7 +144,7 @@ class LMPolicy:
         steps = 0
         for t in range(max_new_tokens):
             logp_all = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            nxt = logp_all.argmax(-1) if greedy else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            nxt = logp_all.argmax(-1) if greedy else sample_categorical(logp_all.exp())
             tokens[live, t] = nxt
             logps[live, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
             steps = t + 1
