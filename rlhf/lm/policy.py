@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from transformers import DynamicCache
 
 from rlhf.core import entropy_from_logits, sample_categorical, selective_log_softmax
 from rlhf.errors import UserError
@@ -172,40 +174,53 @@ class LMPolicy:
                 entropy: bool = False) -> dict[str, Tensor]:
         """``logp`` [N, C] of the completion tokens at the sampling temperature; with
         ``values`` the value head's V(s_t) [N, C] for the state before each token; with
-        ``entropy`` the policy entropy per position [N, C] (detached).
+        ``entropy`` the policy entropy per position [N, C] (detached). Zero past each row's end.
 
-        Each prompt runs once; its KV cache (autograd graph included) is repeated for the
-        group and the completions run on top. The LM head runs only on the C positions that
-        predict completion tokens, never on the prompt.
+        Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
+        of its group, and the completions run on top, in up to two buckets of similar length
+        so short answers do not pay for the longest one's padding. The LM head runs only on
+        the positions that predict completion tokens, never on the prompt.
         """
-        g, c = batch.group_size, batch.completion_ids.shape[1]
         want_hidden = values and self.value_head is not None
+        n, c = batch.completion_ids.shape
+        parts, order = [], []
         with self._adapter(adapter):
-            out = self.model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                             position_ids=_positions(batch.prompt_mask), use_cache=True,
-                             logits_to_keep=1, output_hidden_states=want_hidden)
-            logits = out.logits[:, -1:].repeat_interleave(g, 0)          # [N, 1, V]: token 0
-            hidden = [out.hidden_states[-1][:, -1:].repeat_interleave(g, 0)] if want_hidden else []
-            if c > 1:
-                cache = out.past_key_values
-                cache.batch_repeat_interleave(g)
-                attn = torch.cat([batch.prompt_mask.repeat_interleave(g, 0), batch.mask[:, :-1]], dim=1)
-                start = batch.prompt_mask.sum(-1).repeat_interleave(g, 0)[:, None]
-                rest = self.model(input_ids=batch.completion_ids[:, :-1], attention_mask=attn,
-                                  past_key_values=cache, position_ids=start + torch.arange(c - 1),
-                                  use_cache=True, output_hidden_states=want_hidden)
-                logits = torch.cat([logits, rest.logits], dim=1)        # [N, C, V]
+            prompt = self.model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
+                                position_ids=_positions(batch.prompt_mask), use_cache=True,
+                                logits_to_keep=1, output_hidden_states=want_hidden)
+            for rows, width in length_buckets(batch.mask):
+                logits, hidden = self._completions(batch, prompt, rows, width, want_hidden)
+                logits = logits / self.temperature
+                ids, mask = batch.completion_ids[rows, :width], batch.mask[rows, :width]
+                part = {"logp": selective_log_softmax(logits, ids) * mask}
                 if want_hidden:
-                    hidden.append(rest.hidden_states[-1])
-        logits = logits / self.temperature
-        result = {"logp": selective_log_softmax(logits, batch.completion_ids) * batch.mask}
-        if want_hidden:
-            h = torch.cat(hidden, dim=1).float()                         # [N, C, H]
-            result["values"] = self.value_head(h).squeeze(-1) * batch.mask
-        if entropy:
-            with torch.no_grad():
-                result["entropy"] = entropy_from_logits(logits.detach()) * batch.mask
-        return result
+                    part["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
+                if entropy:
+                    with torch.no_grad():
+                        part["entropy"] = entropy_from_logits(logits.detach()) * mask
+                parts.append({k: F.pad(v, (0, c - width)) for k, v in part.items()})
+                order.append(rows)
+        inverse = torch.argsort(torch.cat(order))  # back to the rollout's row order
+        return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+
+    def _completions(self, batch: Rollout, prompt, rows: Tensor, width: int, want_hidden: bool):
+        """Logits [n, width, V] (and final hidden states) for completion ``rows``, run on top of
+        their prompts' cached keys and values."""
+        owner = torch.div(rows, batch.group_size, rounding_mode="floor")   # prompt of each row
+        logits = prompt.logits[owner, -1:]                                 # predicts token 0
+        hidden = prompt.hidden_states[-1][owner, -1:] if want_hidden else None
+        if width > 1:
+            cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
+                                 config=self.model.config)
+            p_mask = batch.prompt_mask[owner]
+            attn = torch.cat([p_mask, batch.mask[rows, :width - 1]], dim=1)
+            rest = self.model(input_ids=batch.completion_ids[rows, :width - 1], attention_mask=attn,
+                              past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
+                              position_ids=p_mask.sum(-1, keepdim=True) + torch.arange(width - 1))
+            logits = torch.cat([logits, rest.logits], dim=1)
+            if want_hidden:
+                hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
+        return logits, hidden
 
     def _adapter(self, enabled: bool):
         return contextlib.nullcontext() if enabled else self.model.disable_adapter()
@@ -233,6 +248,20 @@ def _eos_ids(tokenizer, model) -> list[int]:
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
     return sorted(i for i in ids if i is not None)
+
+
+def length_buckets(mask: Tensor, min_saving: float = 0.2) -> list[tuple[Tensor, int]]:
+    """Split rows into at most two buckets by completion length, as ``(rows, width)``, when
+    that saves at least ``min_saving`` of the padded positions; else one bucket."""
+    lengths = mask.sum(1).long().clamp(min=1)
+    order = torch.argsort(lengths)
+    sorted_len = lengths[order]
+    n, longest = len(lengths), int(sorted_len[-1])
+    costs = [(s * int(sorted_len[s - 1]) + (n - s) * longest, s) for s in range(1, n)]
+    best, split = min(costs, default=(n * longest, n))
+    if best > (1 - min_saving) * n * longest:
+        return [(torch.arange(n), longest)]
+    return [(order[:split], int(sorted_len[split - 1])), (order[split:], longest)]
 
 
 def _positions(mask: Tensor) -> Tensor:
