@@ -1,44 +1,33 @@
-"""Which trainer and evaluator serve a config: one branch per family (LM, gym)."""
+"""Which trainer and evaluator serve a config: one row per family, first match wins.
+
+Trainers: ``train(cfg, run, progress=True, resume=False) -> dict``.
+Evaluators: ``evaluate(run_dir, cfg, args) -> dict`` (what ``rlhf eval`` prints).
+Both are imported lazily, so ``rlhf train`` on a gym recipe never imports transformers.
+"""
 from __future__ import annotations
 
+import importlib
 from typing import Callable
+
+# (config class name, algo or None for any, trainer, evaluator)
+FAMILIES = [
+    ("LMConfig", "reward_model", "rlhf.reward_model:train_reward_model", "rlhf.reward_model:evaluate_rm_cli"),
+    ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.evaluate:evaluate_lm_cli"),
+    ("GymConfig", None, "rlhf.gym.train:train", "rlhf.gym.evaluate:evaluate_cli"),
+]
 
 
 def get_trainer(cfg) -> Callable:
-    """``train(cfg, run, progress=True) -> dict`` for this config's family."""
-    from rlhf.config import LMConfig
-    from rlhf.gym.config import GymConfig
-
-    if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
-        from rlhf.reward_model import train_reward_model
-
-        return train_reward_model
-    if isinstance(cfg, LMConfig):
-        from rlhf.trainers.lm import train
-
-        return train
-    if isinstance(cfg, GymConfig):
-        from rlhf.gym.train import train
-
-        return train
-    raise TypeError(f"no trainer for {type(cfg).__name__}")
+    return _lookup(cfg, 2)
 
 
 def get_evaluator(cfg) -> Callable:
-    """``evaluate(run_dir, cfg, args) -> dict`` for this config's family."""
-    from rlhf.config import LMConfig
-    from rlhf.gym.config import GymConfig
+    return _lookup(cfg, 3)
 
-    if isinstance(cfg, LMConfig) and cfg.algo == "reward_model":
-        from rlhf.reward_model import evaluate_rm_cli
 
-        return evaluate_rm_cli
-    if isinstance(cfg, LMConfig):
-        from rlhf.evaluate import evaluate_lm_cli
-
-        return evaluate_lm_cli
-    if isinstance(cfg, GymConfig):
-        from rlhf.gym.evaluate import evaluate_cli
-
-        return evaluate_cli
-    raise TypeError(f"no evaluator for {type(cfg).__name__}")
+def _lookup(cfg, column: int) -> Callable:
+    for row in FAMILIES:
+        if type(cfg).__name__ == row[0] and row[1] in (None, getattr(cfg, "algo", None)):
+            module, _, name = row[column].partition(":")
+            return getattr(importlib.import_module(module), name)
+    raise TypeError(f"no trainer or evaluator for {type(cfg).__name__}")
