@@ -28,7 +28,7 @@ from rlhf.core import (
 )
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
-from rlhf.lm.policy import LMPolicy, Rollout
+from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
 from rlhf.tasks import make_task
@@ -206,8 +206,8 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     steps = cfg.epochs * cfg.minibatches
     out = {key: v / steps for key, v in sums.items() if key != "nonfinite"}
     out["skipped"] = skipped
-    # tokens one policy forward runs: each prompt once, completions on top of its cache
-    out["tokens/train"] = roll.prompt_ids.numel() + roll.completion_ids.numel()
+    # tokens one policy forward runs: each prompt once, each length bucket of completions
+    out["tokens/train"] = roll.prompt_ids.numel() + sum(len(r) * w for r, w in length_buckets(roll.mask))
     return out
 
 
