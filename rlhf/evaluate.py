@@ -51,16 +51,14 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
 
 @torch.no_grad()
 def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, progress: bool) -> float:
-    total, n = 0.0, 0
+    """Mean total reward of greedy completions (accuracy when the reward is 0/1 correctness)."""
+    from rlhf.trainers.lm import collect
+
+    total = 0.0
     batches = range(0, len(rows), cfg.eval_batch)
     for i in tqdm(batches, desc="eval " + ("trained" if adapter else "base"), disable=not progress):
         chunk = rows[i:i + cfg.eval_batch]
-        prompts = [r["prompt"] for r in chunk]
-        ids, attn = policy.encode_prompts(prompts)
-        roll = policy.generate(ids, attn, 1, cfg.max_new_tokens, greedy=True, adapter=adapter)
-        texts = policy.decode(roll.completion_ids, roll.mask)
-        completions = texts if isinstance(prompts[0], str) else [[{"role": "assistant", "content": t}] for t in texts]
-        columns = {k: [r[k] for r in chunk] for k in chunk[0] if k != "prompt"}
+        _, prompts, completions, columns = collect(policy, chunk, cfg, greedy=True, adapter=adapter)
         rewards, _ = score(fns, prompts, completions, columns)
-        total, n = total + float(rewards.sum()), n + len(chunk)
-    return total / max(n, 1)
+        total += float(rewards.sum())
+    return total / max(len(rows), 1)

@@ -68,13 +68,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                      "time/ref_s": ctx.pop("time_s")}
             counters = {"step": step + 1, "baseline": baseline.value,
                         "bad_steps": counters["bad_steps"] + 1 if stats["skipped"] else 0}
-            row = {"step": step + 1, "reward": rewards.mean(), "reward_std": rewards.std(),
-                   **{f"rewards/{k}": v for k, v in reward_means.items()},
-                   "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
-                   "completion_len": roll.mask.sum(1).mean(), "truncated": roll.truncated.float().mean(),
-                   **stats, "lr": sched.get_last_lr()[0], "time/generate_s": t1 - t0,
-                   "time/score_s": t2 - t1, "time/update_s": time.time() - t2, "time/step_s": time.time() - t0,
-                   **ctx.get("stats", {})}
+            row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **ctx.get("stats", {})},
+                              cfg, lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()))
             run.log(row)                                                             # log
             bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
@@ -85,25 +80,38 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                                 f"{run.dir}/adapter")
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save(run, policy, opt, sched, counters)
-    except KeyboardInterrupt:
-        save(run, policy, opt, sched, counters)
+    except KeyboardInterrupt:  # mid-step: keep the adapter; the last checkpoint stays consistent
+        run.save_atomic("adapter", policy.save_adapter)
         raise
     save(run, policy, opt, sched, counters)
     run.plot("reward")
     return summary(run, policy, time.time() - t_start)
 
 
-def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig):
-    """Sample group_size completions per prompt; repeat the dataset columns to match."""
+def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = False, adapter: bool = True):
+    """Sample group_size completions per prompt (greedy: one argmax completion); return the
+    rollout and what reward functions take: prompts, completions and dataset columns, one per row."""
+    g = 1 if greedy else cfg.group_size
     prompts = [r["prompt"] for r in rows]
     ids, attn = policy.encode_prompts(prompts)
-    roll = policy.generate(ids, attn, cfg.group_size, cfg.max_new_tokens)
+    roll = policy.generate(ids, attn, g, cfg.max_new_tokens, greedy=greedy, adapter=adapter)
     texts = policy.decode(roll.completion_ids, roll.mask)
-    g = cfg.group_size
     conversational = not isinstance(prompts[0], str)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
     return roll, [p for p in prompts for _ in range(g)], completions, columns
+
+
+def metrics_row(step: int, rewards, reward_means: dict, roll: Rollout, stats: dict, cfg: LMConfig,
+                lr: float, times: tuple[float, float, float, float]) -> dict:
+    """One line of metrics.jsonl. ``times``: start, after sampling, after scoring, end."""
+    t0, t1, t2, t3 = times
+    return {"step": step, "reward": rewards.mean(), "reward_std": rewards.std(),
+            **{f"rewards/{k}": v for k, v in reward_means.items()},
+            "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
+            "completion_len": roll.mask.sum(1).mean(), "truncated": roll.truncated.float().mean(),
+            **stats, "lr": lr, "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
+            "time/update_s": t3 - t2, "time/step_s": t3 - t0}
 
 
 class Baseline:
