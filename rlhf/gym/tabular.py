@@ -35,8 +35,7 @@ def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):
             s, total, length, done = s2, total + float(r), length + 1, terminated or truncated
         episode += 1
         bar.advance(length, [(total, length)], lambda: {"charts/epsilon": eps})
-    wall = bar.close()
+    bar.close()
     env.close()
     table.q.copy_(torch.from_numpy(q))
-    return table, {"steps": bar.steps, "train_return": bar.last_return, "episodes": episode,
-                   "wall_s": round(wall, 2)}
+    return table, {**bar.summary(), "episodes": episode}
