@@ -20,12 +20,10 @@ from rlhf.core import (
     whiten,
 )
 
+from numeric import close  # noqa: E402
+
 T = torch.tensor
 
-
-def close(a, b, tol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32),
-                               torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol)
 
 
 # ---------------------------------------------------------------- advantages

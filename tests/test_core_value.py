@@ -15,12 +15,10 @@ from rlhf.core.value_learning import (
     temperature_loss,
 )
 
+from numeric import close  # noqa: E402
+
 T = torch.tensor
 
-
-def close(a, b, tol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32),
-                               torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol)
 
 
 def test_td_target_by_hand():
