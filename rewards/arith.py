@@ -23,6 +23,8 @@ def arith_correct(prompts, completions, answer, **_) -> list[float]:
 def arith_format(prompts, completions, **_) -> list[float]:
     """Shaping: 1.0 when the completion is just a number (what the prompt asks for), else 0.0.
 
-    It pushes the policy towards short answers, which also makes every later step cheaper.
+    Use with care: added to ``arith_correct`` at weight 0.5 on SmolLM2-135M, the policy learned
+    to print a bare, wrong number (format 1.0, correctness 0.0 by step 18), so the main recipe
+    does not use it.
     """
     return [float(re.fullmatch(r"\s*-?\d+\.?\s*", completion_text(c)) is not None) for c in completions]
