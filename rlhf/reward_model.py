@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from rewards._text import completion_text
 from rlhf.errors import UserError
 
 RM_DIR = "reward_model"
@@ -78,7 +79,7 @@ class RewardModel:
     def texts(self, prompts: list, completions: list) -> list[str]:
         out = []
         for p, c in zip(prompts, completions):
-            c_text = c if isinstance(c, str) else "".join(m.get("content", "") for m in c)
+            c_text = completion_text(c)
             if isinstance(p, str):
                 out.append(p + c_text)
             else:
@@ -116,12 +117,11 @@ def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) ->
     """Bradley-Terry training of a reward model on preference pairs."""
     from rlhf.lm.models import resolve_model
     from rlhf.tasks import load_rows
+    from rlhf.trainers.lm import seed_everything
 
     if resume:
         raise UserError("reward-model runs are short and do not checkpoint; start a new run instead of --resume")
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.threads)
     if cfg.task == "arith":
         train_rows = arith_pairs(cfg.steps * cfg.prompts_per_step, cfg.seed)
         seen = {(r["a"], r["b"]) for r in train_rows}  # held-out pairs are fresh problems

@@ -2,7 +2,6 @@
 GRPO run rewarded by that model."""
 import json
 import math
-from pathlib import Path
 
 import torch
 
