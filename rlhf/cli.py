@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the adapter written so far is kept in the run directory", file=sys.stderr)
         return 130
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
+        print(json.dumps(result))
     return 0
 
 
@@ -68,9 +69,43 @@ def _train(args) -> dict:
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
     train = get_trainer(cfg)
-    run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
-    print(f"run directory: {run.dir}", file=sys.stderr)
+    if _world() == 1:
+        run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
+    else:
+        run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
+    if run.main:
+        print(f"run directory: {run.dir}", file=sys.stderr)
     return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+
+
+def _world() -> int:
+    """Number of processes of this run (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _multi_process_run(cfg, recipe, run_dir, resume: bool):
+    """The main process creates the run directory; the others learn its name from it."""
+    from accelerate.utils import broadcast_object_list
+
+    from rlhf.distributed import partial_state
+    from rlhf.errors import UserError
+    from rlhf.run import Run
+
+    if getattr(cfg, "algo", None) not in ("grpo", "rloo", "reinforce", "ppo"):
+        raise UserError(f"algo {cfg.algo!r} runs in one process; launch it without accelerate (the LM "
+                        "RL algorithms grpo, rloo, reinforce and ppo run on several)")
+    state = partial_state()
+    box: list = [None]
+    if state.is_main_process:
+        try:
+            run = Run(cfg, recipe, run_dir, resume=resume)
+            box = [str(run.dir)]
+        except UserError as exc:
+            box = [exc]
+    broadcast_object_list(box)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return run if state.is_main_process else Run(cfg, recipe, box[0], resume=resume, main=False)
 
 
 def _eval(args) -> dict:

@@ -61,6 +61,8 @@ class LMConfig:
     eval_problems: int = 200             # held-out prompts scored by `rlhf eval`
     eval_seed: int = 12345               # seed of the held-out prompts
     eval_batch: int = 50                 # prompts per greedy generation batch in eval
+    debug_tensors: bool = False          # write each step's rewards, advantages and loss per process
+                                         # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
     out_dir: str = "runs"                # where run directories are created

@@ -20,8 +20,12 @@ from rlhf.errors import UserError
 
 
 class Run:
+    """``main=False`` (the other processes of a multi-process run): the same directory and
+    in-memory history, but nothing is written; the main process writes the files."""
+
     def __init__(self, cfg, recipe_path: str | None = None, run_dir: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, main: bool = True):
+        self.main = main
         if run_dir is None:
             stem = Path(recipe_path).stem if recipe_path else cfg.algo
             name = cfg.run_name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -30,13 +34,15 @@ class Run:
             while Path(run_dir).exists() and cfg.run_name is None:
                 run_dir, suffix = Path(cfg.out_dir) / f"{name}-{suffix}", suffix + 1
         self.dir = Path(run_dir)
-        if not resume and (self.dir / "metrics.jsonl").is_file():
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        if not main:
+            return
+        if not resume and self.metrics_path.is_file():
             raise UserError(f"run directory {str(self.dir)!r} already holds a run; continue it with "
                             f"`rlhf train --resume {self.dir}` or choose another --run-dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.history: list[dict] = []
 
     def truncate_history(self, step: int) -> None:
         """On resume: keep the logged rows up to ``step`` (later ones are redone)."""
@@ -44,6 +50,8 @@ class Run:
         if self.metrics_path.is_file():
             rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
         self.history = [r for r in rows if r.get("step", 0) <= step]
+        if not self.main:
+            return
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         tmp.replace(self.metrics_path)
@@ -51,12 +59,16 @@ class Run:
     def log(self, row: dict) -> None:
         row = {k: _plain(v) for k, v in row.items()}
         self.history.append(row)
+        if not self.main:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
     def save_atomic(self, name: str, writer) -> Path:
         """Call ``writer(tmp_dir)`` then rename into place, so a crash never leaves half a save."""
         final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+        if not self.main:
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
         writer(tmp)
         old = self.dir / f".{name}.old"
@@ -69,7 +81,7 @@ class Run:
 
     def plot(self, key: str = "reward", filename: str = "reward.png") -> Path | None:
         points = [(r["step"], r[key]) for r in self.history if key in r and r[key] is not None]
-        if not points:
+        if not points or not self.main:
             return None
         return plot_curves({self.dir.name: points}, key, self.dir / filename)
 

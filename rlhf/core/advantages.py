@@ -122,12 +122,16 @@ def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
     return (groups - baseline).reshape(-1)
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over masked entries."""
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
+           reduce=None) -> Tensor:
+    """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over masked entries.
+    ``reduce`` sums a tensor over processes, so mean and variance are those of every
+    process's entries together (default: this process's only)."""
+    reduce = reduce or (lambda t: t)
     mask = torch.ones_like(x) if mask is None else mask.to(x.dtype)
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
+    n = reduce(mask.sum())
+    mean = reduce((x * mask).sum()) / n
+    var = reduce((((x - mean) * mask) ** 2).sum()) / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

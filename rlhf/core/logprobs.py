@@ -16,13 +16,18 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None,
+                       uniform: Tensor | None = None) -> Tensor:
     """One draw per row from categorical ``probs`` [B, V] (rows need not be normalised).
 
     Inverse-CDF sampling: a float64 cumulative sum and a binary search. Same distribution as
     ``torch.multinomial(probs, 1)``, which draws an exponential variate for every entry of
-    the vocabulary and costs ~10x more at V = 49k.
+    the vocabulary and costs ~10x more at V = 49k. ``uniform`` [B] in [0, 1) supplies the
+    random numbers (so a row's draw does not depend on which other rows share its batch);
+    by default they come from ``generator``.
     """
     cdf = probs.double().cumsum(-1)
-    u = 1.0 - torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator)  # (0, 1]
+    if uniform is None:
+        uniform = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator, device=probs.device)
+    u = 1.0 - uniform.to(torch.float64)[:, None]  # (0, 1]
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=probs.shape[-1] - 1)

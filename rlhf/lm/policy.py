@@ -54,7 +54,7 @@ class Rollout:
 
     def rows_of(self, groups: Tensor) -> Tensor:
         """Completion rows of the prompts ``groups``."""
-        return (groups[:, None] * self.group_size + torch.arange(self.group_size)).reshape(-1)
+        return (groups[:, None] * self.group_size + torch.arange(self.group_size, device=groups.device)).reshape(-1)
 
 
 class LMPolicy:
@@ -96,13 +96,25 @@ class LMPolicy:
             saved = adapter_path and Path(adapter_path) / VALUE_HEAD_FILE
             if saved and saved.is_file():
                 self.value_head.load_state_dict(load_file(saved))
+        # what gets gradients, as one module: one forward call per optimiser step, so DDP can
+        # wrap it (``distribute``) even though a forward runs the LM several times
+        self.net = PolicyNet(self.model, self.value_head, temperature)
+        self.train_net: torch.nn.Module = self.net
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def distribute(self, wrap) -> None:
+        """Place the trainable module with ``wrap`` (accelerate: device, DDP); see rlhf.distributed."""
+        self.train_net = wrap(self.net)
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
         """Chat-template conversational prompts (lists of messages), tokenize, left-pad."""
         texts = [self.apply_template(p) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc.input_ids, enc.attention_mask
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
 
     def apply_template(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -119,34 +131,40 @@ class LMPolicy:
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int,
-                 max_new_tokens: int, greedy: bool = False, adapter: bool = True) -> Rollout:
+                 max_new_tokens: int, greedy: bool = False, adapter: bool = True,
+                 uniforms: Tensor | None = None) -> Rollout:
         """Sample ``group_size`` completions per prompt (a group's rows are contiguous);
         ``greedy`` takes the argmax instead; ``adapter=False`` samples the reference.
-        Rows that have emitted EOS leave the batch, so later tokens cost only live rows."""
+        ``uniforms`` [N, max_new_tokens] in [0, 1) are the random numbers of each row's draws
+        (default: torch's global generator). Rows that have emitted EOS leave the batch, so
+        later tokens cost only live rows."""
         was_training = self.model.training
         self.model.eval()
         try:
             with self._adapter(adapter):
-                return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy)
+                return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
         finally:
             self.model.train(was_training)
 
-    def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy) -> Rollout:
-        n = prompt_ids.shape[0] * g
-        pad, eos = self.tokenizer.pad_token_id, torch.tensor(self.eos_ids)
-        tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long)
-        logps = torch.zeros(n, max_new_tokens)
+    def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy, uniforms) -> Rollout:
+        n, dev = prompt_ids.shape[0] * g, prompt_ids.device
+        pad, eos = self.tokenizer.pad_token_id, torch.tensor(self.eos_ids, device=dev)
+        tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=dev)
+        logps = torch.zeros(n, max_new_tokens, device=dev)
+        if uniforms is not None:
+            uniforms = uniforms.to(dev)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(g)
         logits = out.logits[:, -1].repeat_interleave(g, 0)
         attn = prompt_mask.repeat_interleave(g, 0)
-        live = torch.arange(n)  # rows still generating
+        live = torch.arange(n, device=dev)  # rows still generating
         steps = 0
         for t in range(max_new_tokens):
             logp_all = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            nxt = logp_all.argmax(-1) if greedy else sample_categorical(logp_all.exp())
+            nxt = logp_all.argmax(-1) if greedy else sample_categorical(
+                logp_all.exp(), uniform=None if uniforms is None else uniforms[live, t])
             tokens[live, t] = nxt
             logps[live, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
             steps = t + 1
@@ -157,7 +175,7 @@ class LMPolicy:
                 keep = (~ended).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 live, nxt, attn = live[keep], nxt[keep], attn[keep]
-            attn = torch.cat([attn, torch.ones(len(live), 1, dtype=attn.dtype)], dim=1)
+            attn = torch.cat([attn, torch.ones(len(live), 1, dtype=attn.dtype, device=dev)], dim=1)
             out = self.model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=cache,
                              position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
             logits = out.logits[:, -1]
@@ -175,52 +193,9 @@ class LMPolicy:
         """``logp`` [N, C] of the completion tokens at the sampling temperature; with
         ``values`` the value head's V(s_t) [N, C] for the state before each token; with
         ``entropy`` the policy entropy per position [N, C] (detached). Zero past each row's end.
-
-        Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
-        of its group, and the completions run on top, in up to two buckets of similar length
-        so short answers do not pay for the longest one's padding. The LM head runs only on
-        the positions that predict completion tokens, never on the prompt.
-        """
-        want_hidden = values and self.value_head is not None
-        n, c = batch.completion_ids.shape
-        parts, order = [], []
-        with self._adapter(adapter):
-            prompt = self.model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask,
-                                position_ids=_positions(batch.prompt_mask), use_cache=True,
-                                logits_to_keep=1, output_hidden_states=want_hidden)
-            for rows, width in length_buckets(batch.mask):
-                logits, hidden = self._completions(batch, prompt, rows, width, want_hidden)
-                logits = logits / self.temperature
-                ids, mask = batch.completion_ids[rows, :width], batch.mask[rows, :width]
-                part = {"logp": selective_log_softmax(logits, ids) * mask}
-                if want_hidden:
-                    part["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
-                if entropy:
-                    with torch.no_grad():
-                        part["entropy"] = entropy_from_logits(logits.detach()) * mask
-                parts.append({k: F.pad(v, (0, c - width)) for k, v in part.items()})
-                order.append(rows)
-        inverse = torch.argsort(torch.cat(order))  # back to the rollout's row order
-        return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
-
-    def _completions(self, batch: Rollout, prompt, rows: Tensor, width: int, want_hidden: bool):
-        """Logits [n, width, V] (and final hidden states) for completion ``rows``, run on top of
-        their prompts' cached keys and values."""
-        owner = torch.div(rows, batch.group_size, rounding_mode="floor")   # prompt of each row
-        logits = prompt.logits[owner, -1:]                                 # predicts token 0
-        hidden = prompt.hidden_states[-1][owner, -1:] if want_hidden else None
-        if width > 1:
-            cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
-                                 config=self.model.config)
-            p_mask = batch.prompt_mask[owner]
-            attn = torch.cat([p_mask, batch.mask[rows, :width - 1]], dim=1)
-            rest = self.model(input_ids=batch.completion_ids[rows, :width - 1], attention_mask=attn,
-                              past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
-                              position_ids=p_mask.sum(-1, keepdim=True) + torch.arange(width - 1))
-            logits = torch.cat([logits, rest.logits], dim=1)
-            if want_hidden:
-                hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
-        return logits, hidden
+        See ``PolicyNet.forward``."""
+        return self.train_net(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask,
+                              group_size=batch.group_size, adapter=adapter, values=values, entropy=entropy)
 
     def _adapter(self, enabled: bool):
         return contextlib.nullcontext() if enabled else self.model.disable_adapter()
@@ -243,6 +218,66 @@ class LMPolicy:
             save_file(self.value_head.state_dict(), str(Path(path) / VALUE_HEAD_FILE))
 
 
+class PolicyNet(torch.nn.Module):
+    """The modules that get gradients (LoRA-adapted LM, optional value head) and the training
+    forward over a rollout, as one ``nn.Module`` call."""
+
+    def __init__(self, model, value_head, temperature: float):
+        super().__init__()
+        self.model, self.value_head, self.temperature = model, value_head, temperature
+
+    def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
+                group_size: int = 1, adapter: bool = True, values: bool = False,
+                entropy: bool = False) -> dict[str, Tensor]:
+        """Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
+        of its group, and the completions run on top, in up to two buckets of similar length
+        so short answers do not pay for the longest one's padding. The LM head runs only on
+        the positions that predict completion tokens, never on the prompt.
+        """
+        want_hidden = values and self.value_head is not None
+        c = completion_ids.shape[1]
+        parts, order = [], []
+        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
+            prompt = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                position_ids=_positions(prompt_mask), use_cache=True,
+                                logits_to_keep=1, output_hidden_states=want_hidden)
+            for rows, width in length_buckets(mask):
+                logits, hidden = self._completions(prompt, prompt_mask, completion_ids, mask, group_size,
+                                                   rows, width, want_hidden)
+                logits = logits / self.temperature
+                ids, m = completion_ids[rows, :width], mask[rows, :width]
+                part = {"logp": selective_log_softmax(logits, ids) * m}
+                if want_hidden:
+                    part["values"] = self.value_head(hidden.float()).squeeze(-1) * m
+                if entropy:
+                    with torch.no_grad():
+                        part["entropy"] = entropy_from_logits(logits.detach()) * m
+                parts.append({k: F.pad(v, (0, c - width)) for k, v in part.items()})
+                order.append(rows)
+        inverse = torch.argsort(torch.cat(order))  # back to the rollout's row order
+        return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+
+    def _completions(self, prompt, prompt_mask, completion_ids, mask, group_size, rows, width, want_hidden):
+        """Logits [n, width, V] (and final hidden states) for completion ``rows``, run on top of
+        their prompts' cached keys and values."""
+        owner = torch.div(rows, group_size, rounding_mode="floor")          # prompt of each row
+        logits = prompt.logits[owner, -1:]                                 # predicts token 0
+        hidden = prompt.hidden_states[-1][owner, -1:] if want_hidden else None
+        if width > 1:
+            cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
+                                 config=self.model.config)
+            p_mask = prompt_mask[owner]
+            attn = torch.cat([p_mask, mask[rows, :width - 1]], dim=1)
+            rest = self.model(input_ids=completion_ids[rows, :width - 1], attention_mask=attn,
+                              past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
+                              position_ids=p_mask.sum(-1, keepdim=True)
+                              + torch.arange(width - 1, device=p_mask.device))
+            logits = torch.cat([logits, rest.logits], dim=1)
+            if want_hidden:
+                hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
+        return logits, hidden
+
+
 def _eos_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -253,14 +288,15 @@ def _eos_ids(tokenizer, model) -> list[int]:
 def length_buckets(mask: Tensor, min_saving: float = 0.2) -> list[tuple[Tensor, int]]:
     """Split rows into at most two buckets by completion length, as ``(rows, width)``, when
     that saves at least ``min_saving`` of the padded positions; else one bucket."""
-    lengths = mask.sum(1).long().clamp(min=1)
+    lengths = mask.sum(1).long().clamp(min=1).cpu()
     order = torch.argsort(lengths)
     sorted_len = lengths[order]
     n, longest = len(lengths), int(sorted_len[-1])
     costs = [(s * int(sorted_len[s - 1]) + (n - s) * longest, s) for s in range(1, n)]
     best, split = min(costs, default=(n * longest, n))
     if best > (1 - min_saving) * n * longest:
-        return [(torch.arange(n), longest)]
+        return [(torch.arange(n, device=mask.device), longest)]
+    order = order.to(mask.device)
     return [(order[:split], int(sorted_len[split - 1])), (order[split:], longest)]
 
 
@@ -271,6 +307,6 @@ def _positions(mask: Tensor) -> Tensor:
 
 def completion_mask(completion: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
     """1 on tokens up to and including the first EOS, 0 after it. Returns (mask, truncated)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_ids))
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
     seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier
     return (~seen_before).float(), ~is_eos.any(-1)

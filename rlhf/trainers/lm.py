@@ -6,6 +6,7 @@ completion tokens; ``logp, old_logp, ref_logp, mask : [N, C]``, ``rewards, adv :
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import random
@@ -26,6 +27,7 @@ from rlhf.core import (
     value_loss,
     whiten,
 )
+from rlhf.distributed import Dist
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
@@ -35,6 +37,11 @@ from rlhf.tasks import make_task
 
 
 def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
+    dist = Dist()
+    if (cfg.prompts_per_step // dist.world) % cfg.minibatches or cfg.prompts_per_step % dist.world:
+        raise UserError(f"prompts_per_step={cfg.prompts_per_step} must split into {dist.world} processes x "
+                        f"{cfg.minibatches} minibatches of whole groups; make it a multiple of "
+                        f"{dist.world * cfg.minibatches}")
     seed_everything(cfg.seed, cfg.threads)
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     reward_fns = load_rewards(cfg.rewards)
@@ -43,6 +50,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo")
+    policy.distribute(dist.wrap)  # device placement; DDP when there are several processes
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     counters = {"step": 0, "baseline": None, "bad_steps": 0}
@@ -52,49 +60,79 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     baseline = Baseline(value=counters["baseline"])
     rows_iter = itertools.islice(task.train_rows(), counters["step"] * cfg.prompts_per_step, None)
     t_start = time.time()
-    bar = tqdm(range(counters["step"], cfg.steps), desc=cfg.algo, disable=not progress,
+    bar = tqdm(range(counters["step"], cfg.steps), desc=cfg.algo, disable=not progress or not dist.is_main,
                dynamic_ncols=True, initial=counters["step"], total=cfg.steps)
+    per_rank = cfg.prompts_per_step // dist.world
     try:
         for step in bar:
             t0 = time.time()
-            rows = [next(rows_iter) for _ in range(cfg.prompts_per_step)]
-            roll, prompts, completions, columns = collect(policy, rows, cfg)        # collect
+            rows = [next(rows_iter) for _ in range(cfg.prompts_per_step)]  # the global batch
+            first = step * cfg.prompts_per_step + dist.rank * per_rank     # this rank's share
+            uniforms = sampling_uniforms(cfg.seed, range(first, first + per_rank), cfg.group_size,
+                                         cfg.max_new_tokens)
+            with dist.autocast():
+                roll, prompts, completions, columns = collect(policy, dist.shard(rows), cfg,  # collect
+                                                              uniforms=uniforms)
             t1 = time.time()
-            rewards, reward_means = score(reward_fns, prompts, completions, columns)  # score
+            local_rewards, reward_means = score(reward_fns, prompts, completions, columns)  # score
+            rewards = dist.gather(local_rewards.to(policy.device))  # every rank's, in rank order
             t2 = time.time()
-            ctx = rollout_pass(policy, roll, cfg)                    # ref / old log-probs, values
-            adv, ret = advantages(rewards, roll, ctx, cfg, baseline)                 # advantages
-            stats = {**update(policy, opt, sched, roll, adv, ret, ctx, cfg),         # update
+            with dist.autocast():
+                ctx = rollout_pass(policy, roll, cfg)                # ref / old log-probs, values
+            adv, ret = advantages(rewards, roll, ctx, cfg, baseline, dist)           # advantages
+            stats = {**update(policy, opt, sched, roll, adv, ret, ctx, cfg, dist),   # update
                      "time/ref_s": ctx.pop("time_s")}
             counters = {"step": step + 1, "baseline": baseline.value,
                         "bad_steps": counters["bad_steps"] + 1 if stats["skipped"] else 0}
+            loss_part = stats.pop("loss_part")
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **ctx.get("stats", {})},
-                              cfg, lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()))
+                              cfg, lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
+            if dist.world > 1:  # DDP keeps the ranks' weights equal; show that it did
+                row["dist/param_max_diff"] = dist.param_max_diff(policy.trainable_parameters())
+            if cfg.debug_tensors:
+                dump_tensors(run, step + 1, dist, rewards=rewards, adv=adv, local_rewards=local_rewards,
+                             loss_part=torch.tensor(loss_part))
             run.log(row)                                                             # log
-            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{stats.get('kl', 0.0):.3f}",
+            bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
             if counters["bad_steps"] >= cfg.max_nonfinite_steps:
-                save(run, policy, opt, sched, counters)
+                save(run, policy, opt, sched, counters, dist)
                 raise UserError(f"the loss was not finite for {counters['bad_steps']} steps in a row (up to "
                                 f"step {step + 1}); lower lr or max_grad_norm; the last good adapter is in "
                                 f"{run.dir}/adapter")
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save(run, policy, opt, sched, counters)
+                save(run, policy, opt, sched, counters, dist)
     except KeyboardInterrupt:  # mid-step: keep the adapter; the last checkpoint stays consistent
-        run.save_atomic("adapter", policy.save_adapter)
+        if dist.is_main:
+            run.save_atomic("adapter", policy.save_adapter)
         raise
-    save(run, policy, opt, sched, counters)
-    run.plot("reward")
+    save(run, policy, opt, sched, counters, dist)
+    if dist.is_main:
+        run.plot("reward")
     return summary(run, policy, time.time() - t_start)
 
 
-def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = False, adapter: bool = True):
+def sampling_uniforms(seed: int, prompt_ids, group_size: int, max_new_tokens: int) -> torch.Tensor:
+    """The random numbers of every draw, [len(prompt_ids) * group_size, max_new_tokens], from a
+    generator per prompt keyed by (seed, the prompt's position in the run). A completion thus
+    does not depend on which process sampled it or on what else shared its batch: one process
+    and several give the same samples (up to float rounding of the logits)."""
+    parts = []
+    for j in prompt_ids:
+        key = hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        parts.append(torch.rand(group_size, max_new_tokens, dtype=torch.float64, generator=gen))
+    return torch.cat(parts)
+
+
+def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = False, adapter: bool = True,
+            uniforms: torch.Tensor | None = None):
     """Sample group_size completions per prompt (greedy: one argmax completion); return the
     rollout and what reward functions take: prompts, completions and dataset columns, one per row."""
     g = 1 if greedy else cfg.group_size
     prompts = [r["prompt"] for r in rows]
     ids, attn = policy.encode_prompts(prompts)
-    roll = policy.generate(ids, attn, g, cfg.max_new_tokens, greedy=greedy, adapter=adapter)
+    roll = policy.generate(ids, attn, g, cfg.max_new_tokens, greedy=greedy, adapter=adapter, uniforms=uniforms)
     texts = policy.decode(roll.completion_ids, roll.mask)
     conversational = not isinstance(prompts[0], str)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
@@ -103,13 +141,16 @@ def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = Fa
 
 
 def metrics_row(step: int, rewards, reward_means: dict, roll: Rollout, stats: dict, cfg: LMConfig,
-                lr: float, times: tuple[float, float, float, float]) -> dict:
-    """One line of metrics.jsonl. ``times``: start, after sampling, after scoring, end."""
+                lr: float, times: tuple[float, float, float, float], dist: Dist) -> dict:
+    """One line of metrics.jsonl, over all ranks. ``rewards``: every rank's; ``roll``, ``stats``
+    and ``reward_means``: this rank's (reduced here). ``times``: start, after sampling, after
+    scoring, end."""
     t0, t1, t2, t3 = times
     return {"step": step, "reward": rewards.mean(), "reward_std": rewards.std(),
-            **{f"rewards/{k}": v for k, v in reward_means.items()},
+            **{f"rewards/{k}": dist.mean(v) for k, v in reward_means.items()},
             "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
-            "completion_len": roll.mask.sum(1).mean(), "truncated": roll.truncated.float().mean(),
+            "completion_len": dist.mean(float(roll.mask.sum(1).mean())),
+            "truncated": dist.mean(float(roll.truncated.float().mean())),
             **stats, "lr": lr, "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
             "time/update_s": t3 - t2, "time/step_s": t3 - t0}
 
@@ -143,10 +184,13 @@ def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> dict:
     return ctx
 
 
-def advantages(rewards: torch.Tensor, roll: Rollout, ctx: dict, cfg: LMConfig, baseline: Baseline
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Advantages: one per completion [N] (grpo, rloo, reinforce) or per token [N, C] (ppo,
-    with the value targets ``ret``). KL placed in the reward is subtracted here."""
+def advantages(rewards: torch.Tensor, roll: Rollout, ctx: dict, cfg: LMConfig, baseline: Baseline,
+               dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advantages of this rank's rows: one per completion [N] (grpo, rloo, reinforce) or per
+    token [N, C] (ppo, with the value targets ``ret``). ``rewards`` holds every rank's rows
+    (rank order), so batch statistics are the whole batch's. KL placed in the reward is
+    subtracted here."""
+    dist = dist or _ONE
     kl = None
     if cfg.kl_placement == "reward" and ctx["ref_logp"] is not None:
         logp = ctx["old_logp"] if ctx["old_logp"] is not None else roll.rollout_logp
@@ -154,33 +198,53 @@ def advantages(rewards: torch.Tensor, roll: Rollout, ctx: dict, cfg: LMConfig, b
     if cfg.algo == "ppo":
         last = (roll.mask.sum(1).long() - 1).clamp(min=0)
         token_rewards = torch.zeros_like(roll.mask)
-        token_rewards[torch.arange(len(roll)), last] = rewards  # the sequence reward on its last token
+        token_rewards[torch.arange(len(roll)), last] = dist.local(rewards)  # sequence reward on its last token
         if kl is not None:
             token_rewards = token_rewards - cfg.beta * kl
         adv, ret = gae(token_rewards, ctx["old_values"], cfg.gamma, cfg.lam, mask=roll.mask)
         if cfg.whiten_advantages:
-            adv = whiten(adv, roll.mask)
-        ctx["stats"] = {"explained_variance": explained_variance(ctx["old_values"], ret, roll.mask)}
+            adv = whiten(adv, roll.mask, reduce=dist.sum)
+        ctx["stats"] = {"explained_variance": explained_variance(ctx["old_values"], ret, roll.mask, dist.sum)}
         return adv, ret
     if kl is not None:
-        rewards = rewards - cfg.beta * kl.sum(1)
+        rewards = rewards - cfg.beta * dist.gather(kl.sum(1))
     if cfg.algo == "grpo":
-        return group_normalize(rewards, cfg.group_size, cfg.scale_rewards), None
-    if cfg.algo == "rloo":
-        return leave_one_out(rewards, cfg.group_size), None
-    return rewards - baseline(rewards), None  # reinforce
+        adv = group_normalize(rewards, cfg.group_size, cfg.scale_rewards)
+    elif cfg.algo == "rloo":
+        adv = leave_one_out(rewards, cfg.group_size)
+    else:
+        adv = rewards - baseline(rewards)  # reinforce
+    return dist.local(adv), None
 
 
-def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(ret - V) / Var(ret) over masked tokens: 1 is a perfect critic, <= 0 a useless one."""
-    m = mask.bool()
-    var = ret[m].var()
-    return float(1 - (ret[m] - values[m]).var() / var) if var > 0 else float("nan")
+def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tensor, reduce=None) -> float:
+    """1 - Var(ret - V) / Var(ret) over masked tokens: 1 is a perfect critic, <= 0 a useless one.
+    ``reduce`` sums over processes (population variances, from sums of x and x^2)."""
+    reduce = reduce or (lambda x: x)
+    m = mask.to(torch.float64)
+    n = reduce(m.sum())
+
+    def var(x):
+        x = x.to(torch.float64)
+        mean = reduce((x * m).sum()) / n
+        return reduce((x * x * m).sum()) / n - mean ** 2
+
+    v = var(ret)
+    return float(1 - var(ret - values) / v) if n > 1 and v > 0 else float("nan")
+
+
+# statistics aggregated with the step's global normaliser: their sum over ranks is the whole
+# batch's value; the others are per-rank means, averaged over ranks
+SUMMED_STATS = ("loss", "pg_loss", "kl", "vf_loss")
 
 
 def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: torch.Tensor | None,
-           ctx: dict, cfg: LMConfig) -> dict:
-    """``epochs`` passes over the rollout in ``minibatches`` optimiser steps each."""
+           ctx: dict, cfg: LMConfig, dist: Dist | None = None) -> dict:
+    """``epochs`` passes over the rollout in ``minibatches`` optimiser steps each. With several
+    processes each rank's minibatch is its share of the global one; the loss is normalised by
+    the global minibatch's tokens (or sequences) and scaled by the number of processes, so
+    DDP's gradient average equals the one-process gradient of the global minibatch."""
+    dist = dist or _ONE
     mask = roll.mask * (~roll.truncated)[:, None] if cfg.mask_truncated else roll.mask
     n_groups = roll.prompt_ids.shape[0]
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
@@ -192,39 +256,50 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
             groups = perm[k * size:(k + 1) * size]
             idx = roll.rows_of(groups)
             mb_mask, first = mask[idx], epoch == 0 and k == 0
-            out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
+            denom = dist.sum(_denom(mb_mask, cfg))
+            with dist.autocast():
+                out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
             loss, stats = policy_loss(
                 out["logp"], adv[idx], mb_mask, old_logp=_pick(ctx["old_logp"], idx),
                 ref_logp=_pick(ctx["ref_logp"], idx),
                 objective="reinforce" if cfg.algo == "reinforce" else "clip",
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
-                kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=_denom(mb_mask, cfg))
+                kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)
             if ret is not None:  # ppo: the critic's loss on the same tokens and normaliser
                 vf = value_loss(out["values"], ret[idx], ctx["old_values"][idx], cfg.value_clip)
-                stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, _denom(mb_mask, cfg))
+                stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
                 loss = loss + cfg.vf_coef * stats["vf_loss"]
                 stats["vf_loss"] = stats["vf_loss"].detach()
             if first:
                 stats.update(_first_minibatch_stats(out, roll, idx))
-            grad_norm = _step(policy, opt, sched, loss, stats, cfg)
+            grad_norm = _step(policy, opt, sched, loss, stats, cfg, dist)
             skipped += not math.isfinite(grad_norm)
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
+            if first:
+                sums["loss_part"] = float(loss.detach())  # this rank's share of the first loss
     steps = cfg.epochs * cfg.minibatches
-    out = {key: v / steps for key, v in sums.items() if key != "nonfinite"}
+    out = {key: v / steps if key != "loss_part" else v for key, v in sums.items() if key != "nonfinite"}
+    out = {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
+                 v if key in ("grad_norm", "loss_part") else dist.mean(v)) for key, v in out.items()}
     out["skipped"] = skipped
     # tokens one policy forward runs: each prompt once, each length bucket of completions
-    out["tokens/train"] = roll.prompt_ids.numel() + sum(len(r) * w for r, w in length_buckets(roll.mask))
+    out["tokens/train"] = dist.sum(float(roll.prompt_ids.numel()
+                                         + sum(len(r) * w for r, w in length_buckets(roll.mask))))
     return out
 
 
-def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig) -> float:
-    """One optimiser step; a non-finite loss or gradient skips it and keeps the weights."""
+def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig,
+          dist: Dist | None = None) -> float:
+    """One optimiser step; a non-finite loss or gradient (on any rank) skips it on every rank
+    and keeps the weights. ``loss`` is this rank's share of the global loss."""
+    dist = dist or _ONE
     opt.zero_grad(set_to_none=True)
     grad_norm = float("nan")
-    if "nonfinite" not in stats and math.isfinite(float(loss)):
-        loss.backward()
+    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss))))
+    if not bad:
+        (loss * dist.world).backward()  # DDP averages gradients over ranks; undo its 1/world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             policy.trainable_parameters(), cfg.max_grad_norm or float("inf")))
     if math.isfinite(grad_norm):
@@ -263,10 +338,37 @@ def _frac_equal_groups(rewards: torch.Tensor, g: int) -> float:
     return float((groups.max(1).values == groups.min(1).values).float().mean())
 
 
-def save(run: Run, policy: LMPolicy, opt, sched, counters: dict) -> None:
-    """The adapter for users (``adapter/``) and a resumable checkpoint (``checkpoint/``)."""
-    run.save_atomic("adapter", policy.save_adapter)
-    save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter"), opt, sched, counters)
+def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> None:
+    """The adapter for users (``adapter/``) and a resumable checkpoint (``checkpoint/``),
+    written by the main process (every rank holds the same weights and optimiser state)."""
+    if dist.is_main:
+        run.save_atomic("adapter", policy.save_adapter)
+        save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter"), opt, sched, counters)
+    dist.barrier()
+
+
+def dump_tensors(run: Run, step: int, dist: Dist, **tensors) -> None:
+    """``debug_tensors``: this rank's tensors of one step, as RUN_DIR/debug/step{N}_rank{R}.safetensors."""
+    from safetensors.torch import save_file
+
+    out = run.dir / "debug"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()},
+              str(out / f"step{step:04d}_rank{dist.rank}.safetensors"))
+
+
+class _OneProcess:
+    """``Dist`` for code called outside a run (tests, evaluation): one process, no collectives."""
+
+    world, rank, is_main = 1, 0, True
+
+    def sum(self, x):
+        return x
+
+    mean = max = gather = local = sum
+
+
+_ONE = _OneProcess()
 
 
 def summary(run: Run, policy: LMPolicy, seconds: float) -> dict:

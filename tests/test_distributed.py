@@ -1,0 +1,117 @@
+"""Two CPU processes (gloo) under ``accelerate launch`` give the same updates as one process
+on the same global batch: same samples, rewards and advantages, the same loss, weights equal
+across ranks after every step and equal to the one-process weights at the end."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.cli import main as cli_main
+
+REWARD = '''
+def length_reward(prompts, completions, **kw):
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [len(t) / 10.0 for t in texts]
+'''
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(tiny_model: str, reward: Path, extra: list[str]) -> list[str]:
+    sets = [f"model={tiny_model}", f"rewards=[{reward}:length_reward]", f"steps={STEPS}",
+            "prompts_per_step=4", "group_size=4", "max_new_tokens=8", "threads=1", "debug_tensors=true",
+            "save_every=0", *extra]
+    return [x for s in sets for x in ("--set", s)]
+
+
+def _tensors(run_dir: Path, step: int, world: int) -> list[dict]:
+    return [load_file(str(run_dir / "debug" / f"step{step:04d}_rank{r}.safetensors")) for r in range(world)]
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``rlhf train ARGS`` on two CPU processes (torchrun + gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(_free_port()), "-m", "rlhf.cli", "train", *args, "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"run_dir"') == 1  # one result line, from the main process
+    return proc
+
+
+@pytest.mark.parametrize("algo,extra,resume", [
+    ("grpo", ["epochs=2", "beta=0.04"], True),                          # clipped ratio, k3 KL in the loss
+    ("ppo", ["beta=0.04", "kl_placement=reward", "epochs=2"], False),   # value head, GAE, whitening over ranks
+])
+def test_two_processes_match_one(tiny_model, tmp_path, algo, extra, resume):
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD)
+    sets = _overrides(tiny_model, reward, [f"algo={algo}", *extra])
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli_main(["train", "recipes/grpo_arith.yaml", *sets, "--run-dir", str(one), "--no-progress"]) == 0
+    if resume:  # two processes stop after step 2 (checkpoint), and two more resume to step 3
+        _launch_two(["recipes/grpo_arith.yaml", *sets, "--set", f"steps={STEPS - 1}", "--run-dir", str(two)])
+        proc = _launch_two(["--resume", str(two), "--set", f"steps={STEPS}"])
+    else:
+        proc = _launch_two(["recipes/grpo_arith.yaml", *sets, "--run-dir", str(two)])
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(two)
+
+    rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["dist/param_max_diff"] == 0.0 for r in rows)  # ranks identical after every step
+    single = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    for step in range(1, STEPS + 1):
+        (s,), (r0, r1) = _tensors(one, step, 1), _tensors(two, step, 2)
+        # the same samples: every rank sees the whole batch's rewards, and its own are its share
+        torch.testing.assert_close(r0["rewards"], s["rewards"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(r1["rewards"], s["rewards"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.cat([r0["local_rewards"], r1["local_rewards"]]), s["local_rewards"])
+        # advantages over whole groups (ppo: whitened with both ranks' tokens)
+        torch.testing.assert_close(torch.cat([r0["adv"], r1["adv"]]), s["adv"], rtol=1e-4, atol=1e-5)
+        # the loss: each rank's part, normalised by the global token count, sums to the one-process loss
+        torch.testing.assert_close(r0["loss_part"] + r1["loss_part"], s["loss_part"], rtol=1e-4, atol=1e-6)
+        for key in ("reward", "kl", "completion_len", "grad_norm"):
+            assert rows[step - 1][key] == pytest.approx(single[step - 1][key], rel=1e-3, abs=1e-5), key
+    a1, a2 = _adapter(one), _adapter(two)
+    assert a1.keys() == a2.keys()
+    moved = max(float(v.abs().max()) for k, v in a1.items() if "lora_B" in k)
+    assert moved > 0  # the adapter was trained
+    # Adam divides by sqrt(v): where a gradient entry is ~0, summation-order rounding can move
+    # that entry's update by a fraction of lr (2e-4), so weights are compared to a quarter step
+    lr_quarter = 5e-5
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=lr_quarter)
+    if algo == "ppo":
+        torch.testing.assert_close(load_file(str(two / "adapter" / "value_head.safetensors"))["weight"],
+                                   load_file(str(one / "adapter" / "value_head.safetensors"))["weight"],
+                                   rtol=1e-4, atol=lr_quarter)
+
+
+def test_prompts_must_split_over_processes():
+    from rlhf.distributed import Dist
+    from rlhf.errors import UserError
+
+    d = Dist()
+    d.world, d.rank = 2, 1  # what rank 1 of 2 sees
+    assert d.shard([0, 1, 2, 3]) == [2, 3]
+    with pytest.raises(UserError, match="multiple of the number of processes"):
+        d.shard([0, 1, 2])
