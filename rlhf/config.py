@@ -57,6 +57,7 @@ class LMConfig:
     lora_dropout: float = 0.0            # LoRA dropout
     lora_targets: str | list = "all-linear"  # peft target_modules
     dtype: str = "float32"               # model weights: float32 | bfloat16
+    gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
     eval_problems: int = 200             # held-out prompts scored by `rlhf eval`
     eval_seed: int = 12345               # seed of the held-out prompts

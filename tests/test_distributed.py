@@ -46,11 +46,11 @@ def _adapter(run_dir: Path) -> dict:
 
 
 def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch`` of ``rlhf train ARGS`` on two CPU processes (torchrun + gloo)."""
+    """``accelerate launch`` of ``rlhf train ARGS`` with the shipped 2-process config: on a
+    machine without GPUs, two CPU processes (torchrun + gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp_2proc.yaml",
          "--main_process_port", str(_free_port()), "-m", "rlhf.cli", "train", *args, "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,3 +115,22 @@ def test_prompts_must_split_over_processes():
     assert d.shard([0, 1, 2, 3]) == [2, 3]
     with pytest.raises(UserError, match="multiple of the number of processes"):
         d.shard([0, 1, 2])
+
+
+@pytest.mark.parametrize("path", sorted(Path("recipes/accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_accelerate_configs_load_and_fit_the_trainer(path):
+    """Every example config parses with accelerate's own loader and asks for a setup the LM
+    trainer runs: a data-parallel type, processes spread evenly over machines, a known
+    precision, and a launch command in its header that names the file."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from rlhf.distributed import SUPPORTED
+
+    cfg = load_config_from_file(str(path))
+    assert str(cfg.distributed_type).split(".")[-1] in SUPPORTED
+    assert cfg.num_processes >= 2 and cfg.num_processes % cfg.num_machines == 0
+    assert 0 <= cfg.machine_rank < cfg.num_machines
+    assert cfg.mixed_precision in ("no", "bf16", "fp16")
+    if cfg.num_machines > 1:
+        assert cfg.main_process_ip and cfg.main_process_port
+    assert f"--config_file {path.as_posix()}" in path.read_text()

@@ -142,3 +142,30 @@ def test_bucketed_forward_equals_full_sequence_forward(tiny_model):
     g_plain = torch.autograd.grad((plain.sum() + plain_v.sum()), params)
     for a, b in zip(g_ours, g_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_logp_values_and_gradients(tiny_model):
+    """With gradient checkpointing the training forward runs whole sequences (checkpointed
+    layers keep no KV cache); it must agree with the prompt-sharing forward."""
+    policy = _policy(tiny_model, value_head=True)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        policy.value_head.weight.normal_(0, 0.1)
+    ids, attn = policy.encode_prompts([arith_row(12, 34)["prompt"], arith_row(56, 7)["prompt"]])
+    roll = policy.generate(ids, attn, group_size=2, max_new_tokens=6)
+    params = policy.trainable_parameters()
+    policy.model.train()
+
+    def run():
+        out = policy.forward(roll, values=True, entropy=True)
+        return out, torch.autograd.grad(out["logp"].sum() + out["values"].sum(), params)
+
+    shared, g_shared = run()
+    policy.enable_gradient_checkpointing()
+    full, g_full = run()
+    for key in ("logp", "values", "entropy"):
+        torch.testing.assert_close(full[key], shared[key], atol=1e-5, rtol=0)
+    for a, b in zip(g_full, g_shared):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
