@@ -47,6 +47,11 @@ class LMConfig:
     gamma: float = 1.0                   # ppo: discount over tokens
     lam: float = 0.95                    # ppo: GAE lambda
     whiten_advantages: bool = True       # ppo: normalise token advantages over the batch
+    objective: str = "clip"              # surrogate (PPO paper): clip | kl_penalty (fixed penalty_coef)
+                                         # | adaptive_kl (penalty_coef halves/doubles around target_kl)
+                                         # | none (unclipped ratio); algo reinforce uses plain REINFORCE
+    penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: beta on KL(pi_old || pi)
+    target_kl: float = 0.01              # adaptive_kl: the KL per token the controller steers to
     clip_low: float = 0.2                # PPO clip epsilon below 1
     clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
@@ -73,6 +78,7 @@ class LMConfig:
         "algo": ("grpo", "rloo", "reinforce", "ppo", "reward_model"),
         "kl_estimator": ("k1", "k2", "k3"),
         "kl_placement": ("loss", "reward"),
+        "objective": ("clip", "kl_penalty", "adaptive_kl", "none"),
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("float32", "bfloat16"),
@@ -88,6 +94,9 @@ class LMConfig:
         if self.prompts_per_step % self.minibatches:
             raise UserError(f"minibatches={self.minibatches} must divide prompts_per_step="
                             f"{self.prompts_per_step} (a minibatch holds whole groups)")
+        if self.algo == "reinforce" and self.objective != "clip":
+            raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
+                            "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 

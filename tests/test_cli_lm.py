@@ -107,3 +107,35 @@ def test_nonfinite_loss_skips_steps_then_stops(tiny_model, tmp_path, capsys, mon
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [1, 1]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("objective", ["kl_penalty", "adaptive_kl", "none"])
+def test_ppo_paper_surrogates_on_tokens(objective, tiny_model, tmp_path, capsys):
+    """The PPO paper's surrogates run on LM policies through the same core function; the
+    adaptive coefficient follows the halve/double rule around target_kl, step by step."""
+    from rlhf.core import adaptive_kl_coef
+
+    code, result, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress",
+                                "--run-dir", str(tmp_path / "r"),
+                                *sets(f"model={tiny_model}", *TINY, "steps=4", "epochs=2", "lr=0.05",
+                                      f"objective={objective}", "penalty_coef=0.5", "target_kl=0.001"))
+    assert code == 0, err
+    assert result["adapter_norm"] > 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["approx_kl"] is not None and "clip_frac" not in r for r in rows)
+    if objective == "adaptive_kl":
+        coefs = [r["penalty_coef"] for r in rows]
+        assert coefs[0] == 0.5
+        for prev, nxt in zip(rows, coefs[1:]):
+            assert nxt == pytest.approx(adaptive_kl_coef(prev["penalty_coef"], prev["approx_kl"], 0.001), rel=1e-3)
+
+
+def test_the_objective_of_each_setting():
+    from rlhf.config import LMConfig
+    from rlhf.trainers.lm import _objective
+
+    assert _objective(LMConfig(), None) == ("clip", 0.0)
+    assert _objective(LMConfig(objective="none"), None) == ("kl_penalty", 0.0)
+    assert _objective(LMConfig(objective="kl_penalty", penalty_coef=0.3), None) == ("kl_penalty", 0.3)
+    assert _objective(LMConfig(objective="adaptive_kl"), 2.0) == ("kl_penalty", 2.0)
+    assert _objective(LMConfig(algo="reinforce", group_size=1), None) == ("reinforce", 0.0)

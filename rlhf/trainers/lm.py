@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint
 from rlhf.config import LMConfig
 from rlhf.core import (
+    adaptive_kl_coef,
     aggregate,
     gae,
     group_normalize,
@@ -53,9 +54,9 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     policy.distribute(dist.wrap)  # device placement; DDP when there are several processes
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    counters = {"step": 0, "baseline": None, "bad_steps": 0}
+    counters = {"step": 0, "baseline": None, "bad_steps": 0, "penalty_coef": cfg.penalty_coef}
     if state is not None:
-        counters = restore(state, opt, sched)
+        counters = {**counters, **restore(state, opt, sched)}
         run.truncate_history(counters["step"])  # steps logged after the checkpoint are redone
     baseline = Baseline(value=counters["baseline"])
     rows_iter = itertools.islice(task.train_rows(), counters["step"] * cfg.prompts_per_step, None)
@@ -80,9 +81,13 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             with dist.autocast():
                 ctx = rollout_pass(policy, roll, cfg)                # ref / old log-probs, values
             adv, ret = advantages(rewards, roll, ctx, cfg, baseline, dist)           # advantages
-            stats = {**update(policy, opt, sched, roll, adv, ret, ctx, cfg, dist),   # update
+            beta = counters["penalty_coef"]
+            stats = {**update(policy, opt, sched, roll, adv, ret, ctx, cfg, dist, beta),  # update
                      "time/ref_s": ctx.pop("time_s")}
-            counters = {"step": step + 1, "baseline": baseline.value,
+            if cfg.objective == "adaptive_kl":  # the PPO paper's controller, once per rollout
+                stats["penalty_coef"] = beta
+                beta = adaptive_kl_coef(beta, stats["approx_kl"], cfg.target_kl)
+            counters = {"step": step + 1, "baseline": baseline.value, "penalty_coef": beta,
                         "bad_steps": counters["bad_steps"] + 1 if stats["skipped"] else 0}
             loss_part = stats.pop("loss_part")
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **ctx.get("stats", {})},
@@ -239,7 +244,7 @@ SUMMED_STATS = ("loss", "pg_loss", "kl", "vf_loss")
 
 
 def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: torch.Tensor | None,
-           ctx: dict, cfg: LMConfig, dist: Dist | None = None) -> dict:
+           ctx: dict, cfg: LMConfig, dist: Dist | None = None, penalty_coef: float | None = None) -> dict:
     """``epochs`` passes over the rollout in ``minibatches`` optimiser steps each. With several
     processes each rank's minibatch is its share of the global one; the loss is normalised by
     the global minibatch's tokens (or sequences) and scaled by the number of processes, so
@@ -259,10 +264,13 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
             denom = dist.sum(_denom(mb_mask, cfg))
             with dist.autocast():
                 out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
+            objective, coef = _objective(cfg, penalty_coef)
+            old_logp = _pick(ctx["old_logp"], idx)
+            if objective == "kl_penalty" and old_logp is None:  # one on-policy step: ratio 1
+                old_logp = out["logp"].detach()
             loss, stats = policy_loss(
-                out["logp"], adv[idx], mb_mask, old_logp=_pick(ctx["old_logp"], idx),
-                ref_logp=_pick(ctx["ref_logp"], idx),
-                objective="reinforce" if cfg.algo == "reinforce" else "clip",
+                out["logp"], adv[idx], mb_mask, old_logp=old_logp,
+                ref_logp=_pick(ctx["ref_logp"], idx), objective=objective, kl_penalty_coef=coef,
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
                 kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)
@@ -318,6 +326,17 @@ def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor) -> dict:
     if roll.rollout_logp is not None:
         stats["logp_gap_rollout_trainer"] = ((out["logp"].detach() - roll.rollout_logp[idx]).abs() * m).sum() / n
     return stats
+
+
+def _objective(cfg: LMConfig, penalty_coef: float | None) -> tuple[str, float]:
+    """The core objective and its KL-penalty coefficient for the recipe's settings."""
+    if cfg.algo == "reinforce":
+        return "reinforce", 0.0
+    if cfg.objective == "clip":
+        return "clip", 0.0
+    if cfg.objective == "none":  # the importance-sampled surrogate without clip or penalty
+        return "kl_penalty", 0.0
+    return "kl_penalty", cfg.penalty_coef if penalty_coef is None else penalty_coef
 
 
 def _denom(mask: torch.Tensor, cfg: LMConfig) -> float:
