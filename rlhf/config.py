@@ -42,6 +42,8 @@ class LMConfig:
     kl_estimator: str = "k3"             # k1 | k2 | k3
     kl_placement: str = "loss"           # loss: beta * KL term in the loss (GRPO); reward: -beta * KL
                                          # folded into the reward (InstructGPT; per token for ppo)
+    critic: str = "shared"               # ppo: shared (value head on the policy's LoRA trunk) | separate
+                                         # (its own LoRA adapter on a second copy of the base model)
     vf_coef: float = 0.1                 # ppo: weight of the value loss
     value_clip: float | None = 0.2       # ppo: clip value updates to +-this around the rollout's values
     gamma: float = 1.0                   # ppo: discount over tokens
@@ -79,6 +81,7 @@ class LMConfig:
         "kl_estimator": ("k1", "k2", "k3"),
         "kl_placement": ("loss", "reward"),
         "objective": ("clip", "kl_penalty", "adaptive_kl", "none"),
+        "critic": ("shared", "separate"),
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("float32", "bfloat16"),

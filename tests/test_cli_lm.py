@@ -139,3 +139,17 @@ def test_the_objective_of_each_setting():
     assert _objective(LMConfig(objective="kl_penalty", penalty_coef=0.3), None) == ("kl_penalty", 0.3)
     assert _objective(LMConfig(objective="adaptive_kl"), 2.0) == ("kl_penalty", 2.0)
     assert _objective(LMConfig(algo="reinforce", group_size=1), None) == ("reinforce", 0.0)
+
+
+def test_ppo_with_a_separate_critic_trains_saves_and_resumes(tiny_model, tmp_path, capsys):
+    run = tmp_path / "r"
+    code, result, err = run_cli(capsys, "train", "recipes/ppo_arith.yaml", "--no-progress", "--run-dir", str(run),
+                                *sets(f"model={tiny_model}", *TINY, "critic=separate", "save_every=1"))
+    assert code == 0, err
+    assert (run / "adapter" / "critic" / "adapter_model.safetensors").is_file()
+    assert (run / "checkpoint" / "adapter" / "critic" / "adapter_config.json").is_file()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("explained_variance" in r and r["vf_loss"] is not None for r in rows)
+    code, result, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress", *sets("steps=3"))
+    assert code == 0, err
+    assert result["steps"] == 3

@@ -25,6 +25,7 @@ from rlhf.errors import UserError
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+CRITIC_DIR = "critic"  # the separate critic's adapter, inside the policy's adapter directory
 
 
 @dataclass
@@ -63,7 +64,7 @@ class LMPolicy:
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
-                 value_head: bool = False, gradient_checkpointing: bool = False):
+                 value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -76,30 +77,46 @@ class LMPolicy:
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32 or bfloat16")
-        base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-        if getattr(base.config, "quantization_config", None) is not None:
-            raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
-                            "quantization_config (rlhf model pull does this) to train it")
-        self.eos_ids = _eos_ids(self.tokenizer, base)
-        if adapter_path is not None:
-            self.model = PeftModel.from_pretrained(base, adapter_path, is_trainable=True)
-        else:
-            cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                             target_modules=lora_targets, task_type="CAUSAL_LM")
-            self.model = get_peft_model(base, cfg)
-        # PPO's critic: a scalar head on the final hidden state, sharing the LoRA-adapted trunk
-        self.value_head = None
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=lora_targets, task_type="CAUSAL_LM")
+
+        def adapted(saved: Path | None):
+            """The base model with a LoRA adapter: the saved one at ``saved``, or a fresh one."""
+            base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+            if getattr(base.config, "quantization_config", None) is not None:
+                raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
+                                "quantization_config (rlhf model pull does this) to train it")
+            if saved is None:
+                return get_peft_model(base, lora)
+            if not (saved / "adapter_config.json").is_file():
+                raise UserError(f"no LoRA adapter in {str(saved)!r} (adapter_config.json is missing); "
+                                "point at a run's adapter/ directory")
+            return PeftModel.from_pretrained(base, str(saved), is_trainable=True)
+
+        if critic not in ("shared", "separate"):
+            raise UserError(f"critic must be 'shared' (value head on the policy's trunk) or 'separate' "
+                            f"(its own LoRA adapter on a second copy of the base), got {critic!r}")
+        self.model = adapted(adapter_path and Path(adapter_path))
+        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        # PPO's critic: a scalar head on the final hidden state of the policy's LoRA-adapted
+        # trunk (shared), or of a second LoRA-adapted copy of the base (separate)
+        self.value_head, self.critic_model = None, None
         if value_head:
-            self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
             saved = adapter_path and Path(adapter_path) / VALUE_HEAD_FILE
             if saved and saved.is_file():
                 self.value_head.load_state_dict(load_file(saved))
+            if critic == "separate":
+                self.critic_model = adapted(Path(adapter_path) / CRITIC_DIR if adapter_path else None)
         # what gets gradients, as one module: one forward call per optimiser step, so DDP can
         # wrap it (``distribute``) even though a forward runs the LM several times
-        self.net = PolicyNet(self.model, self.value_head, temperature)
+        shared = self.critic_model is None
+        self.net = PolicyNet(self.model, self.value_head if shared else None, temperature)
+        self.critic_net = None if shared else PolicyNet(self.critic_model, self.value_head, temperature)
         self.train_net: torch.nn.Module = self.net
+        self.train_critic: torch.nn.Module | None = self.critic_net
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -107,8 +124,9 @@ class LMPolicy:
         """Recompute each layer's activations in the backward pass instead of keeping them:
         less memory, ~30% more compute. Checkpointed layers cannot return a KV cache, so the
         training forward then runs each row's prompt + completion as one sequence."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.net.full_sequence = True
+        for net in filter(None, (self.net, self.critic_net)):
+            net.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            net.full_sequence = True
 
     @property
     def device(self) -> torch.device:
@@ -117,6 +135,8 @@ class LMPolicy:
     def distribute(self, wrap) -> None:
         """Place the trainable module with ``wrap`` (accelerate: device, DDP); see rlhf.distributed."""
         self.train_net = wrap(self.net)
+        if self.critic_net is not None:
+            self.train_critic = wrap(self.critic_net)
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
@@ -203,8 +223,11 @@ class LMPolicy:
         ``values`` the value head's V(s_t) [N, C] for the state before each token; with
         ``entropy`` the policy entropy per position [N, C] (detached). Zero past each row's end.
         See ``PolicyNet.forward``."""
-        return self.train_net(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask,
-                              group_size=batch.group_size, adapter=adapter, values=values, entropy=entropy)
+        args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask)
+        out = self.train_net(*args, group_size=batch.group_size, adapter=adapter, values=values, entropy=entropy)
+        if values and self.train_critic is not None:  # the separate critic's own pass
+            out["values"] = self.train_critic(*args, group_size=batch.group_size, values=True, logp=False)["values"]
+        return out
 
     def _adapter(self, enabled: bool):
         return contextlib.nullcontext() if enabled else self.model.disable_adapter()
@@ -212,6 +235,8 @@ class LMPolicy:
     # ------------------------------------------------------------------ weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.critic_model is not None:
+            params += [p for p in self.critic_model.parameters() if p.requires_grad]
         return params + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
     def adapter_norm(self) -> float:
@@ -221,10 +246,13 @@ class LMPolicy:
         return sq ** 0.5
 
     def save_adapter(self, path) -> None:
-        """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head)."""
+        """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head, and
+        the separate critic's adapter in ``critic/``)."""
         self.model.save_pretrained(str(path), safe_serialization=True)
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), str(Path(path) / VALUE_HEAD_FILE))
+        if self.critic_model is not None:
+            self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
 
 
 class PolicyNet(torch.nn.Module):
@@ -238,8 +266,10 @@ class PolicyNet(torch.nn.Module):
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
                 group_size: int = 1, adapter: bool = True, values: bool = False,
-                entropy: bool = False) -> dict[str, Tensor]:
-        """Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
+                entropy: bool = False, logp: bool = True) -> dict[str, Tensor]:
+        """``logp=False`` (a separate critic): values only, the LM head is skipped.
+
+        Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
         of its group, and the completions run on top, in up to two buckets of similar length
         so short answers do not pay for the longest one's padding. The LM head runs only on
         the positions that predict completion tokens, never on the prompt.
@@ -247,7 +277,7 @@ class PolicyNet(torch.nn.Module):
         want_hidden = values and self.value_head is not None
         if self.full_sequence:
             return self._forward_full(prompt_ids, prompt_mask, completion_ids, mask, group_size, adapter,
-                                      want_hidden, entropy)
+                                      want_hidden, entropy, logp)
         c = completion_ids.shape[1]
         parts, order = [], []
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
@@ -256,13 +286,15 @@ class PolicyNet(torch.nn.Module):
                                 logits_to_keep=1, output_hidden_states=want_hidden)
             for rows, width in length_buckets(mask):
                 logits, hidden = self._completions(prompt, prompt_mask, completion_ids, mask, group_size,
-                                                   rows, width, want_hidden)
-                logits = logits / self.temperature
+                                                   rows, width, want_hidden, logp)
                 ids, m = completion_ids[rows, :width], mask[rows, :width]
-                part = {"logp": selective_log_softmax(logits, ids) * m}
+                part = {}
+                if logp:
+                    logits = logits / self.temperature
+                    part["logp"] = selective_log_softmax(logits, ids) * m
                 if want_hidden:
                     part["values"] = self.value_head(hidden.float()).squeeze(-1) * m
-                if entropy:
+                if entropy and logp:
                     with torch.no_grad():
                         part["entropy"] = entropy_from_logits(logits.detach()) * m
                 parts.append({k: F.pad(v, (0, c - width)) for k, v in part.items()})
@@ -271,26 +303,29 @@ class PolicyNet(torch.nn.Module):
         return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
 
     def _forward_full(self, prompt_ids, prompt_mask, completion_ids, mask, group_size, adapter, want_hidden,
-                      entropy) -> dict[str, Tensor]:
+                      entropy, logp=True) -> dict[str, Tensor]:
         """The same outputs from one plain pass over each row's prompt + completion (no cache)."""
         c = completion_ids.shape[1]
         ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], 1)
         attn = torch.cat([prompt_mask.repeat_interleave(group_size, 0), mask.to(prompt_mask.dtype)], 1)
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
             res = self.model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn),
-                             logits_to_keep=c + 1, output_hidden_states=want_hidden)
-        logits = res.logits[:, :-1] / self.temperature  # position i predicts completion token i
-        out = {"logp": selective_log_softmax(logits, completion_ids) * mask}
+                             logits_to_keep=c + 1 if logp else 1, output_hidden_states=want_hidden)
+        out = {}
+        if logp:
+            logits = res.logits[:, :-1] / self.temperature  # position i predicts completion token i
+            out["logp"] = selective_log_softmax(logits, completion_ids) * mask
         if want_hidden:
             out["values"] = self.value_head(res.hidden_states[-1][:, -c - 1:-1].float()).squeeze(-1) * mask
-        if entropy:
+        if entropy and logp:
             with torch.no_grad():
                 out["entropy"] = entropy_from_logits(logits.detach()) * mask
         return out
 
-    def _completions(self, prompt, prompt_mask, completion_ids, mask, group_size, rows, width, want_hidden):
+    def _completions(self, prompt, prompt_mask, completion_ids, mask, group_size, rows, width, want_hidden,
+                     logp=True):
         """Logits [n, width, V] (and final hidden states) for completion ``rows``, run on top of
-        their prompts' cached keys and values."""
+        their prompts' cached keys and values (``logp=False``: hidden states only)."""
         owner = torch.div(rows, group_size, rounding_mode="floor")          # prompt of each row
         logits = prompt.logits[owner, -1:]                                 # predicts token 0
         hidden = prompt.hidden_states[-1][owner, -1:] if want_hidden else None
@@ -301,9 +336,11 @@ class PolicyNet(torch.nn.Module):
             attn = torch.cat([p_mask, mask[rows, :width - 1]], dim=1)
             rest = self.model(input_ids=completion_ids[rows, :width - 1], attention_mask=attn,
                               past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
+                              logits_to_keep=0 if logp else 1,
                               position_ids=p_mask.sum(-1, keepdim=True)
                               + torch.arange(width - 1, device=p_mask.device))
-            logits = torch.cat([logits, rest.logits], dim=1)
+            if logp:
+                logits = torch.cat([logits, rest.logits], dim=1)
             if want_hidden:
                 hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
         return logits, hidden

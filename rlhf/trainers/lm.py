@@ -50,7 +50,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
-                      value_head=cfg.algo == "ppo", gradient_checkpointing=cfg.gradient_checkpointing)
+                      value_head=cfg.algo == "ppo", critic=cfg.critic,
+                      gradient_checkpointing=cfg.gradient_checkpointing)
     policy.distribute(dist.wrap)  # device placement; DDP when there are several processes
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
