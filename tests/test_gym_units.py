@@ -65,3 +65,87 @@ def test_dueling_head_is_value_plus_centred_advantage():
     # mean over actions of Q equals V: the advantage stream is centred
     torch.testing.assert_close(q(obs).mean(-1), q.value_head(h).squeeze(-1))
     torch.testing.assert_close(q(obs) - q(obs).mean(-1, keepdim=True), adv - adv.mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # clipped, and left alone
+def test_clip_grad_norm_matches_torch(max_norm):
+    from rlhf.gym.common import clip_grad_norm
+
+    torch.manual_seed(0)
+    a, b = ActorCritic(4, 2, discrete=True), ActorCritic(4, 2, discrete=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, 4)
+    for net in (a, b):
+        net.value(x).pow(2).sum().backward()  # grads on the critic only: actor grads are None
+    ours = clip_grad_norm(list(a.parameters()), max_norm)
+    ref = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm)
+    torch.testing.assert_close(ours, ref)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_mlp_forward_is_the_sequential_forward():
+    from rlhf.gym.policies import mlp
+
+    for activation in ("tanh", "relu"):
+        net = mlp([3, 8, 8, 2], activation)
+        x = torch.randn(5, 3)
+        torch.testing.assert_close(net(x), torch.nn.Sequential.forward(net, x))
+        assert list(net.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+
+
+def test_ppo_whole_batch_loss_equals_the_shuffled_one():
+    """With minibatch = rollout, the update skips the shuffle and whitens once; the loss must
+    be the one of any row order with per-minibatch whitening."""
+    from rlhf.core import whiten
+    from rlhf.gym.config import GymConfig
+    from rlhf.gym.on_policy import Batch, actor_critic_loss
+
+    torch.manual_seed(0)
+    cfg, pol, n = GymConfig(), ActorCritic(4, 2, discrete=True), 32
+    b = Batch(torch.randn(n, 4), torch.randint(0, 2, (n,)), -torch.rand(n), torch.randn(n), torch.randn(n) * 3,
+              torch.randn(n))
+    pre = Batch(b.obs, b.actions, b.logp, b.values, whiten(b.adv), b.ret)
+    whole, _ = actor_critic_loss(cfg, pol, pre, slice(None), 0.2, 0.0, "clip", norm_adv=False)
+    shuffled, _ = actor_critic_loss(cfg, pol, b, torch.randperm(n), 0.2, 0.0, "clip", norm_adv=True)
+    torch.testing.assert_close(whole, shuffled)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_numpy_sampler_agrees_with_the_torch_policy(discrete):
+    """The rollout's NumPy sampler and the training loss see the same policy: its log-probs and
+    values are ``log_prob`` and ``value`` of the torch modules (observation normaliser on)."""
+    torch.manual_seed(0)
+    pol = ActorCritic(3, 2, discrete=discrete, norm_obs=True, log_std_init=-0.3)
+    pol.obs_norm.update(torch.randn(50, 3) * 4 + 1)
+    obs = (np.random.default_rng(0).standard_normal((64, 3)) * 3).astype(np.float32)
+    actions, logp, values = pol.sampler(np.random.default_rng(1))(obs)
+    x = torch.from_numpy(obs)
+    with torch.no_grad():
+        ref_logp = pol.log_prob(pol.dist_params(x), torch.from_numpy(actions))
+        ref_values = pol.value(x)
+    torch.testing.assert_close(torch.from_numpy(logp), ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(values), ref_values, atol=1e-5, rtol=1e-5)
+    sample = pol.sampler(np.random.default_rng(1))
+    with torch.no_grad():  # in-place optimiser steps show through the weight views
+        for p in pol.critic.parameters():
+            p.mul_(0.5)
+    np.testing.assert_allclose(sample(obs)[2], pol.value(x).detach().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_numpy_sampler_draws_the_softmax_distribution():
+    pol = ActorCritic(2, 3, discrete=True)
+    with torch.no_grad():
+        last = pol.actor[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    sample = pol.sampler(np.random.default_rng(0))
+    counts = np.zeros(3)
+    for _ in range(50):
+        actions, logp, _ = sample(np.zeros((400, 2), dtype=np.float32))
+        counts += np.bincount(actions, minlength=3)
+    probs = torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0).numpy()
+    np.testing.assert_allclose(counts / counts.sum(), probs, atol=0.01)  # 20k draws: std ~0.003
+    np.testing.assert_allclose(logp, np.log(probs)[actions], atol=1e-6)

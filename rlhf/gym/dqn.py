@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.core.value_learning import double_q_target, linear_schedule, td_target
-from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.common import Progress, build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import VecEnv
 from rlhf.gym.replay import ReplayBuffer
@@ -32,7 +32,7 @@ def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(qnet.parameters(), cfg.max_grad_norm, foreach=True)
+        clip_grad_norm(list(qnet.parameters()), cfg.max_grad_norm)
     opt.step()
     return loss.detach()
 

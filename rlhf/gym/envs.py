@@ -124,6 +124,13 @@ class ObsNormalizer(nn.Module):
             return x
         return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-self.clip, self.clip)
 
+    def numpy(self):
+        """This forward in NumPy over views of the statistics (``update`` is in place)."""
+        if not self.enabled:
+            return lambda x: x
+        mean, var, clip = self.mean.numpy(), self.var.numpy(), self.clip
+        return lambda x: np.clip((x - mean) / np.sqrt(var + 1e-8), -clip, clip)
+
 
 class RewardScaler:
     """Divide rewards by a running std of the discounted return (SB3's VecNormalize scheme):

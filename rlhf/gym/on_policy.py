@@ -6,7 +6,7 @@ policy loss goes through ``rlhf.core.policy_loss`` with the gym layout ``[N, 1]`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rlhf.core import adaptive_kl_coef, discounted_returns, gae, policy_loss, value_loss, whiten
 from rlhf.core.natural_gradient import backtracking_line_search, conjugate_gradient, max_step_scale
-from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.common import Progress, build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import RewardScaler, VecEnv
 from rlhf.gym.policies import ActorCritic
@@ -32,26 +32,29 @@ class Batch:
     ret: Tensor       # [N] value targets
 
 
-def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScaler) -> Batch:
-    """Roll ``n_steps`` per env; bootstrap V(final obs) on truncation, cut on termination."""
+def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScaler, rng: np.random.Generator) -> Batch:
+    """Roll ``n_steps`` per env; bootstrap V(final obs) on truncation, cut on termination.
+    The rollout runs in NumPy (``policy.sampler``): no torch op per env step."""
     T, N = cfg.n_steps, env.n
-    obs = torch.zeros(T, N, env.obs.shape[1])
-    actions, logp, values = [], torch.zeros(T, N), torch.zeros(T, N)
-    rewards, terminated, dones = torch.zeros(T, N), torch.zeros(T, N), torch.zeros(T, N)
+    obs = np.zeros((T, N, env.obs.shape[1]), dtype=np.float32)
+    actions = np.zeros((T, N), dtype=np.int64) if env.discrete else np.zeros((T, N, *env.action_space.shape), np.float32)
+    logp, values, rewards, terminated, dones = (np.zeros((T, N), dtype=np.float32) for _ in range(5))
     truncations: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env rows, final obs)
+    sample = policy.sampler(rng)
     for t in range(T):
-        o = torch.from_numpy(env.obs)
-        policy.obs_norm.update(o)
-        a, logp[t], values[t] = policy.act(o)
-        obs[t] = o
-        actions.append(a)
-        _, r, term, trunc, next_obs = env.step(a.numpy())
+        obs[t] = env.obs
+        if policy.obs_norm.enabled:
+            policy.obs_norm.update(torch.from_numpy(obs[t]))
+        actions[t], logp[t], values[t] = sample(obs[t])
+        _, r, term, trunc, next_obs = env.step(actions[t])
         done = np.maximum(term, trunc)
-        rewards[t] = torch.from_numpy(scaler(r, done))
-        terminated[t], dones[t] = torch.from_numpy(term), torch.from_numpy(done)
+        rewards[t] = scaler(r, done)
+        terminated[t], dones[t] = term, done
         if trunc.any():
             rows = np.flatnonzero(trunc)
             truncations.append((t, rows, next_obs[rows].copy()))
+    obs, actions, logp, values, rewards, terminated, dones = (
+        torch.from_numpy(x) for x in (obs, actions, logp, values, rewards, terminated, dones))
     with torch.no_grad():
         last_value = policy.value(torch.from_numpy(env.obs))
         next_values = torch.cat([values[1:], last_value[None]])  # V(s_{t+1}) along each env's row
@@ -69,30 +72,41 @@ def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScal
         adv, ret = gae(rewards, values_nt, cfg.gamma, cfg.gae_lambda, next_values=next_values,
                        terminated=terminated, dones=dones)
     flat = lambda x: x.T.reshape(-1)  # noqa: E731  back to time-major rows, matching obs
-    return Batch(obs.reshape(T * N, -1), torch.stack(actions).reshape(T * N, *actions[0].shape[1:]),
+    return Batch(obs.reshape(T * N, -1), actions.reshape(T * N, *actions.shape[2:]),
                  logp.reshape(-1), values.reshape(-1), flat(adv), flat(ret))
 
 
 def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: float, beta: float,
-                      objective: str) -> tuple[Tensor, dict]:
-    """policy_loss (shared core) + vf_coef * value loss - ent_coef * entropy on rows ``idx``."""
+                      objective: str, norm_adv: bool, log_entropy: bool = True) -> tuple[Tensor, dict]:
+    """policy_loss (shared core) + vf_coef * value loss - ent_coef * entropy on rows ``idx``
+    (slice(None) for the whole batch: no gather copies). ``norm_adv`` whitens the rows'
+    advantages; without an entropy bonus the entropy is only a logged statistic, computed
+    outside the graph and only when ``log_entropy``."""
     x = policy.obs_norm(b.obs[idx])
     params, v = policy.actor(x), policy.critic(x).squeeze(-1)
-    logp, ent = policy.logp_entropy(params, b.actions[idx])
-    adv = whiten(b.adv[idx]) if cfg.norm_adv and len(b.adv[idx]) > 1 else b.adv[idx]
+    logp = policy.log_prob(params, b.actions[idx])
+    adv = b.adv[idx]
+    adv = whiten(adv) if norm_adv and len(adv) > 1 else adv
     pg, stats = policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[idx][:, None],
                             objective=objective, clip_low=clip, kl_penalty_coef=beta)
     vl = value_loss(v, b.ret[idx], b.values[idx], cfg.clip_vloss).mean()
-    entropy = ent.mean()
-    stats.update(value_loss=vl.detach(), entropy=entropy.detach())
-    return pg + cfg.vf_coef * vl - cfg.ent_coef * entropy, stats
+    loss = pg + cfg.vf_coef * vl
+    stats["value_loss"] = vl.detach()
+    if cfg.ent_coef != 0.0:
+        entropy = policy.entropy(params).mean()
+        loss = loss - cfg.ent_coef * entropy
+        stats["entropy"] = entropy.detach()
+    elif log_entropy:
+        with torch.no_grad():
+            stats["entropy"] = policy.entropy(params).mean()
+    return loss, stats
 
 
 def step(opt, loss: Tensor, params, max_grad_norm: float) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)
+        clip_grad_norm(params, max_grad_norm)
     opt.step()
 
 
@@ -120,7 +134,8 @@ class Updater:
 
     def reinforce(self, b: Batch, clip: float) -> dict:
         """One gradient step of REINFORCE (objective 'reinforce') + value regression."""
-        loss, stats = actor_critic_loss(self.cfg, self.policy, b, slice(None), clip, 0.0, "reinforce")
+        loss, stats = actor_critic_loss(self.cfg, self.policy, b, slice(None), clip, 0.0, "reinforce",
+                                        self.cfg.norm_adv)
         step(self.opt, loss, self.params, self.cfg.max_grad_norm)
         return stats
 
@@ -130,11 +145,18 @@ class Updater:
         cfg, n = self.cfg, len(b.logp)
         objective = "clip" if cfg.objective == "clip" else "kl_penalty"
         mb = min(cfg.minibatch_size, n)
-        for _ in range(cfg.epochs):
-            perm = torch.randperm(n)
+        full = mb == n  # one minibatch = the whole rollout (rl-zoo's CartPole setting)
+        if full and cfg.norm_adv:  # the same rows every epoch: whiten once, not once per epoch
+            b = replace(b, adv=whiten(b.adv))
+        starts = range(0, n - mb + 1, mb)
+        for epoch in range(cfg.epochs):
+            perm = None if full else torch.randperm(n)  # the whole batch needs no shuffle
             kls = []
-            for start in range(0, n - mb + 1, mb):
-                loss, stats = actor_critic_loss(cfg, self.policy, b, perm[start:start + mb], clip, self.beta, objective)
+            for start in starts:
+                idx = slice(None) if full else perm[start:start + mb]
+                last = epoch == cfg.epochs - 1 and start == starts[-1]
+                loss, stats = actor_critic_loss(cfg, self.policy, b, idx, clip, self.beta, objective,
+                                                cfg.norm_adv and not full, log_entropy=last)
                 step(self.opt, loss, self.params, cfg.max_grad_norm)
                 kls.append(stats["approx_kl"])
         stats["approx_kl"] = torch.stack(kls).mean()
@@ -153,7 +175,7 @@ class Updater:
             old_log_std = policy.log_std.detach().clone() if not policy.discrete else None
 
         def surrogate() -> tuple[Tensor, dict]:
-            logp, _ = policy.logp_entropy(policy.dist_params(b.obs), b.actions)
+            logp = policy.log_prob(policy.dist_params(b.obs), b.actions)
             return policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[:, None],
                                objective="kl_penalty", kl_penalty_coef=0.0)
 
@@ -209,11 +231,12 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
     policy = build_agent(cfg, spec)
     scaler = RewardScaler(cfg.n_envs, cfg.gamma, cfg.norm_reward)
     update = Updater(cfg, policy)
+    rng = np.random.default_rng(cfg.seed)  # the rollout's action noise
     bar = Progress(cfg, run, progress, policy)
     per_rollout = cfg.n_steps * cfg.n_envs
     stats: dict = {}
     while bar.steps < cfg.total_steps:
-        b = collect(cfg, env, policy, scaler)
+        b = collect(cfg, env, policy, scaler, rng)
         stats = update(b, bar.steps / cfg.total_steps)
         stats["explained_variance"] = explained_variance(b.values, b.ret)
         bar.advance(per_rollout, env.drain_episodes(), lambda: stats)

@@ -7,17 +7,67 @@ and values), the same quantity the LM policy produces per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlhf.core import entropy_from_logits, selective_log_softmax
+from rlhf.core import entropy_from_logits
 from rlhf.gym.envs import ObsNormalizer
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-def mlp(sizes: list[int], activation: str = "tanh", out_gain: float = 1.0, ortho: bool = True) -> nn.Sequential:
+class MLP(nn.Sequential):
+    """``nn.Sequential`` of Linear and activation layers (same layers, same state-dict keys)
+    whose forward calls the functional ops directly: at gym sizes the per-module dispatch of
+    ``nn.Module.__call__`` costs as much as the matrix products. ``numpy()`` runs the same
+    layers in NumPy for rollouts."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self._modules.values():
+            kind = type(layer)
+            if kind is nn.Linear:
+                x = F.linear(x, layer.weight, layer.bias)
+            elif kind is nn.Tanh:
+                x = torch.tanh(x)
+            elif kind is nn.ReLU:
+                x = torch.relu(x)
+            else:
+                x = layer(x)
+        return x
+
+    def numpy(self) -> Callable[[np.ndarray], np.ndarray]:
+        """This forward in NumPy, over views of the current weights (the optimiser updates
+        them in place, so the function follows training). For 8-row rollout batches a NumPy
+        op costs ~1 us against ~3-4 us for a torch op; not for gradients."""
+        steps: list = []
+        for layer in self._modules.values():
+            kind = type(layer)
+            if kind is nn.Linear:
+                steps.append((layer.weight.detach().numpy().T, layer.bias.detach().numpy()))
+            elif kind is nn.Tanh:
+                steps.append(np.tanh)
+            elif kind is nn.ReLU:
+                steps.append(_relu)
+            else:
+                raise TypeError(f"MLP.numpy supports Linear, Tanh and ReLU layers, not {kind.__name__}")
+
+        def forward(x: np.ndarray) -> np.ndarray:
+            for step in steps:
+                x = x @ step[0] + step[1] if type(step) is tuple else step(x)
+            return x
+
+        return forward
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def mlp(sizes: list[int], activation: str = "tanh", out_gain: float = 1.0, ortho: bool = True) -> MLP:
     act = {"tanh": nn.Tanh, "relu": nn.ReLU}[activation]
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -27,7 +77,7 @@ def mlp(sizes: list[int], activation: str = "tanh", out_gain: float = 1.0, ortho
             nn.init.orthogonal_(lin.weight, out_gain if last else math.sqrt(2))
             nn.init.zeros_(lin.bias)
         layers += [lin] if i == len(sizes) - 2 else [lin, act()]
-    return nn.Sequential(*layers)
+    return MLP(*layers)
 
 
 class ActorCritic(nn.Module):
@@ -58,28 +108,52 @@ class ActorCritic(nn.Module):
         """Logits [N, A] (discrete) or means [N, A] (continuous) for raw obs."""
         return self.actor(self.obs_norm(obs))
 
-    def logp_entropy(self, params: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """log pi(a|s) [N] and entropy [N] from ``dist_params`` output."""
-        if self.discrete:
-            return selective_log_softmax(params, actions.long()), entropy_from_logits(params)
+    def log_prob(self, params: Tensor, actions: Tensor) -> Tensor:
+        """log pi(a|s) [N] from ``dist_params`` output [N, A] and actions [N] or [N, A]."""
+        if self.discrete:  # log_softmax + gather: at 2-18 actions ~3x cheaper than a logsumexp
+            return torch.log_softmax(params, -1).gather(-1, actions.long()[:, None]).squeeze(-1)
         log_std = self.log_std.expand_as(params)
         z = (actions - params) * torch.exp(-log_std)
-        logp = (-0.5 * z**2 - log_std - 0.5 * LOG_2PI).sum(-1)
-        ent = (log_std + 0.5 * (1 + LOG_2PI)).sum(-1)
-        return logp, ent
+        return (-0.5 * z**2 - log_std - 0.5 * LOG_2PI).sum(-1)
 
-    @torch.no_grad()
-    def act(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sample: ``(actions, logp [N], values [N])`` for a rollout."""
-        x = self.obs_norm(obs)
-        params, values = self.actor(x), self.critic(x).squeeze(-1)
+    def entropy(self, params: Tensor) -> Tensor:
+        """Entropy of pi(.|s) [N] from ``dist_params`` output."""
         if self.discrete:
-            gumbel = -torch.log(-torch.log(torch.rand_like(params).clamp_(1e-20, 1.0)))
-            actions = torch.argmax(params + gumbel, dim=-1)
+            return entropy_from_logits(params)
+        return (self.log_std + 0.5 * (1 + LOG_2PI)).sum(-1).expand(params.shape[0])
+
+    def logp_entropy(self, params: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """``(log_prob, entropy)``, each [N]."""
+        return self.log_prob(params, actions), self.entropy(params)
+
+    def sampler(self, rng: np.random.Generator) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+        """``sample(obs [N, D]) -> (actions, logp [N], values [N])``, NumPy in and out: the
+        rollout side of ``log_prob`` and ``value`` on the same (viewed) weights, drawing from
+        ``rng``. Measured inside a rollout of 8 CartPole envs: ~40 us per step against ~100 us
+        for the same work in torch.
+        Discrete: inverse-CDF draw from softmax(logits). Continuous: mu + exp(log_std) * noise,
+        log-prob of the unclipped sample (the env clips)."""
+        norm, actor, critic = self.obs_norm.numpy(), self.actor.numpy(), self.critic.numpy()
+        if self.discrete:
+            def sample(obs: np.ndarray) -> tuple[np.ndarray, ...]:
+                x = norm(obs)
+                logits, values = actor(x), critic(x)[:, 0]
+                z = logits - logits.max(-1, keepdims=True)
+                logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))
+                cdf = np.cumsum(np.exp(logp_all), -1)
+                u = rng.random((len(x), 1), dtype=np.float32)
+                actions = np.minimum((u >= cdf).sum(-1), logits.shape[-1] - 1)  # first bin with cdf > u
+                return actions, np.take_along_axis(logp_all, actions[:, None], -1)[:, 0], values
         else:
-            actions = params + torch.randn_like(params) * torch.exp(self.log_std)
-        logp, _ = self.logp_entropy(params, actions)
-        return actions, logp, values
+            log_std = self.log_std.detach().numpy()
+
+            def sample(obs: np.ndarray) -> tuple[np.ndarray, ...]:
+                x = norm(obs)
+                mu, values = actor(x), critic(x)[:, 0]
+                noise = rng.standard_normal(mu.shape, dtype=np.float32)
+                logp = (-0.5 * noise**2 - log_std - 0.5 * LOG_2PI).sum(-1)
+                return mu + noise * np.exp(log_std), logp, values
+        return sample
 
     @torch.no_grad()
     def act_deterministic(self, obs: Tensor) -> Tensor:
@@ -108,7 +182,7 @@ class QNetwork(nn.Module):
         self.dueling = dueling
         body = [obs_dim] + [hidden] * layers
         if dueling:
-            self.body = nn.Sequential(mlp(body, activation, ortho=False), nn.ReLU() if activation == "relu" else nn.Tanh())
+            self.body = MLP(mlp(body, activation, ortho=False), nn.ReLU() if activation == "relu" else nn.Tanh())
             self.value_head = nn.Linear(hidden, 1)
             self.adv_head = nn.Linear(hidden, n_actions)
         else:
@@ -135,7 +209,7 @@ class SquashedGaussianActor(nn.Module):
                  norm_obs: bool = False, clip_obs: float = 10.0):
         super().__init__()
         self.obs_norm = ObsNormalizer(obs_dim, norm_obs, clip_obs)
-        self.body = nn.Sequential(mlp([obs_dim] + [hidden] * layers, "relu", ortho=False), nn.ReLU())
+        self.body = MLP(mlp([obs_dim] + [hidden] * layers, "relu", ortho=False), nn.ReLU())
         self.mu = nn.Linear(hidden, act_dim)
         self.log_std = nn.Linear(hidden, act_dim)
         low, high = torch.as_tensor(low, dtype=torch.float32), torch.as_tensor(high, dtype=torch.float32)
