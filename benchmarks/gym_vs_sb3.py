@@ -4,15 +4,22 @@
 
 Needs ``pip install stable-baselines3`` (the ``bench`` extra). Every run is its own process
 with one torch thread; ours and SB3's alternate per (algo, seed) so both see the same machine
-load. Wall-clock is the training loop only (``model.learn`` for SB3, the trainer loop for
-ours: env steps plus updates, no start-up, no evaluation). Evaluation is the same for both:
-20 deterministic episodes on seeds 1_000_000 + i, never used in training. Compare ratios,
-not absolute seconds: they depend on the machine and its load.
+load.
+
+"Reaches its score" means the same for both sides: train the full budget (ours: the recipe's
+``total_steps``, SB3: rl-zoo's ``n_timesteps``; both 100k for PPO, 50k for DQN, 20k for SAC),
+then score the final weights (DQN recipes: the best checkpoint, selected inside the timed loop)
+on 20 deterministic episodes on seeds 1_000_000 + i, never used in training. The time is that
+of the training loop only (``model.learn`` for SB3, the trainer loop for ours: env steps plus
+updates, no start-up, no evaluation). Both wall-clock and the process's CPU time are recorded:
+CPU time is what other jobs on a shared machine disturb least. Compare ratios, not absolute
+seconds: they depend on the machine and its load.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,9 +61,9 @@ def sb3_worker(algo: str, seed: int) -> dict:
     env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
     cls = {"ppo": PPO, "dqn": DQN, "sac": SAC}[algo]
     model = cls("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **hp)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.learn(total_timesteps=steps)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ev, returns = gym.make(env_id), []
     for i in range(EVAL_EPISODES):
         obs, _ = ev.reset(seed=EVAL_SEED + i)
@@ -66,7 +73,7 @@ def sb3_worker(algo: str, seed: int) -> dict:
             obs, r, term, trunc, _ = ev.step(action)
             total, done = total + float(r), term or trunc
         returns.append(total)
-    return {"wall_s": round(wall, 2), "eval_mean_return": float(np.mean(returns)),
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "eval_mean_return": float(np.mean(returns)),
             "eval_std_return": float(np.std(returns)), "steps": steps}
 
 
@@ -104,19 +111,22 @@ def main() -> None:
             for side, fn in (("rlhf", lambda: ours(algo, seed, args.runs_dir)), ("sb3", lambda: sb3(algo, seed))):
                 r = fn()
                 row = {"algo": algo, "env": ZOO[algo][0], "seed": seed, "side": side, "steps": r["steps"],
-                       "wall_s": r["wall_s"], "eval_mean_return": r["eval_mean_return"]}
+                       "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "eval_mean_return": r["eval_mean_return"],
+                       "load1": round(os.getloadavg()[0], 2)}
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-    print("| algo | env | seed | steps | rlhf s | SB3 s | SB3 / rlhf | rlhf eval return | SB3 eval return |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| algo | env | seed | steps | rlhf s | SB3 s | SB3 / rlhf | rlhf CPU s | SB3 CPU s | SB3 / rlhf (CPU) "
+          "| rlhf eval return | SB3 eval return | load (1 min) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for algo in args.algos:
         for seed in args.seeds:
             a, b = (next(r for r in rows if r["algo"] == algo and r["seed"] == seed and r["side"] == s)
                     for s in ("rlhf", "sb3"))
             print(f"| {algo} | {a['env']} | {seed} | {a['steps']} | {a['wall_s']:.1f} | {b['wall_s']:.1f} | "
-                  f"{b['wall_s'] / a['wall_s']:.2f}x | {a['eval_mean_return']:.1f} | {b['eval_mean_return']:.1f} |")
+                  f"{b['wall_s'] / a['wall_s']:.2f}x | {a['cpu_s']:.1f} | {b['cpu_s']:.1f} | {b['cpu_s'] / a['cpu_s']:.2f}x | "
+                  f"{a['eval_mean_return']:.1f} | {b['eval_mean_return']:.1f} | {a['load1']:.1f} / {b['load1']:.1f} |")
 
 
 if __name__ == "__main__":
