@@ -279,3 +279,19 @@ def test_sample_categorical_matches_the_distribution():
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     close(freq, [0.5, 0.0, 0.2, 0.3], tol=6e-3)  # ~4 standard errors at n = 1e5
     assert (draws != 1).all()  # a zero-probability token is never drawn
+
+
+def test_sample_categorical_two_level_search_is_the_inverse_cdf():
+    """Blocks then entries give the same index as one search in the full cumulative sum, for
+    given uniforms, including blocks that straddle the padded end of the vocabulary."""
+    from rlhf.core import sample_categorical
+
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(2000, 10, generator=g, dtype=torch.float64) ** 3
+    u = torch.rand(2000, generator=g, dtype=torch.float64)
+    cdf = probs.cumsum(-1)
+    expected = torch.searchsorted(cdf, ((1 - u) * cdf[:, -1])[:, None]).squeeze(-1)
+    for block in (1, 3, 4, 10, 512):
+        assert torch.equal(sample_categorical(probs, uniform=u, block=block), expected), block
+    # by hand: uniform probabilities 0.1, u = 0.25 -> target 0.75 -> first cdf >= 0.75 is index 7
+    assert sample_categorical(torch.full((1, 10), 0.1), uniform=T([0.25]), block=3).item() == 7

@@ -20,11 +20,11 @@ from rlhf.core.objectives import (
     reinforce,
     value_loss,
 )
-from rlhf.core.logprobs import sample_categorical, selective_log_softmax
+from rlhf.core.logprobs import linear_logprobs, sample_categorical, selective_log_softmax
 
 __all__ = [
     "discounted_cumsum", "discounted_returns", "gae", "group_normalize", "leave_one_out",
     "whiten", "AGG_MODES", "KL_ESTIMATORS", "aggregate", "clipped_surrogate",
     "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "policy_loss", "reinforce", "value_loss",
-    "selective_log_softmax", "sample_categorical",
+    "selective_log_softmax", "sample_categorical", "linear_logprobs",
 ]

@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from rlhf.core import entropy_from_logits, sample_categorical, selective_log_softmax
+from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
 from rlhf.errors import UserError
+from rlhf.lm import fast_lora
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -56,6 +58,42 @@ class Rollout:
     def rows_of(self, groups: Tensor) -> Tensor:
         """Completion rows of the prompts ``groups``."""
         return (groups[:, None] * self.group_size + torch.arange(self.group_size, device=groups.device)).reshape(-1)
+
+
+class InPlaceLayer(DynamicLayer):
+    """A KV-cache layer for decoding whose keys and values live in a buffer with room for
+    ``extra`` more tokens: each step writes its slot, where transformers' DynamicLayer
+    concatenates (copies) the whole cache of every layer at every step."""
+
+    def __init__(self, layer: DynamicLayer, extra: int):
+        super().__init__()
+        k, v = layer.keys, layer.values
+        b, h, n, d = k.shape
+        self.kbuf, self.vbuf = k.new_empty(b, h, n + extra, d), v.new_empty(b, h, n + extra, d)
+        self.kbuf[:, :, :n], self.vbuf[:, :, :n] = k, v
+        self.n = n
+        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        m = self.n + key_states.shape[-2]
+        self.kbuf[:, :, self.n:m] = key_states
+        self.vbuf[:, :, self.n:m] = value_states
+        self.n = m
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.kbuf = self.kbuf.repeat_interleave(repeats, 0)
+        self.vbuf = self.vbuf.repeat_interleave(repeats, 0)
+        self._views()
 
 
 class LMPolicy:
@@ -97,6 +135,7 @@ class LMPolicy:
             raise UserError(f"critic must be 'shared' (value head on the policy's trunk) or 'separate' "
                             f"(its own LoRA adapter on a second copy of the base), got {critic!r}")
         self.model = adapted(adapter_path and Path(adapter_path))
+        fast_lora.install(self.model)
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         # PPO's critic: a scalar head on the final hidden state of the policy's LoRA-adapted
         # trunk (shared), or of a second LoRA-adapted copy of the base (separate)
@@ -110,6 +149,7 @@ class LMPolicy:
                 self.value_head.load_state_dict(load_file(saved))
             if critic == "separate":
                 self.critic_model = adapted(Path(adapter_path) / CRITIC_DIR if adapter_path else None)
+                fast_lora.install(self.critic_model)
         # what gets gradients, as one module: one forward call per optimiser step, so DDP can
         # wrap it (``distribute``) even though a forward runs the LM several times
         shared = self.critic_model is None
@@ -186,16 +226,21 @@ class LMPolicy:
                          position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(g)
+        cache.layers = [InPlaceLayer(layer, max_new_tokens) for layer in cache.layers]
         logits = out.logits[:, -1].repeat_interleave(g, 0)
         attn = prompt_mask.repeat_interleave(g, 0)
         live = torch.arange(n, device=dev)  # rows still generating
         steps = 0
         for t in range(max_new_tokens):
-            logp_all = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            nxt = logp_all.argmax(-1) if greedy else sample_categorical(
-                logp_all.exp(), uniform=None if uniforms is None else uniforms[live, t])
+            x = logits.float()
+            if self.temperature != 1.0:
+                x = x / self.temperature
+            top = x.amax(-1, keepdim=True)
+            e = torch.exp(x - top)  # unnormalised probabilities
+            nxt = x.argmax(-1) if greedy else sample_categorical(
+                e, uniform=None if uniforms is None else uniforms[live, t])
             tokens[live, t] = nxt
-            logps[live, t] = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            logps[live, t] = x.gather(-1, nxt[:, None]).squeeze(-1) - top.squeeze(-1) - e.sum(-1).log()
             steps = t + 1
             ended = torch.isin(nxt, eos)
             if t == max_new_tokens - 1 or bool(ended.all()):
@@ -272,79 +317,69 @@ class PolicyNet(torch.nn.Module):
         Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
         of its group, and the completions run on top, in up to two buckets of similar length
         so short answers do not pay for the longest one's padding. The LM head runs only on
-        the positions that predict completion tokens, never on the prompt.
+        the completion tokens themselves (never on the prompt or padding), fused with the
+        log-softmax in blocks of rows (``linear_logprobs``).
         """
         want_hidden = values and self.value_head is not None
-        if self.full_sequence:
-            return self._forward_full(prompt_ids, prompt_mask, completion_ids, mask, group_size, adapter,
-                                      want_hidden, entropy, logp)
         c = completion_ids.shape[1]
-        parts, order = [], []
+        decoder = self.model.get_base_model().get_decoder()
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
-            prompt = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=_positions(prompt_mask), use_cache=True,
-                                logits_to_keep=1, output_hidden_states=want_hidden)
-            for rows, width in length_buckets(mask):
-                logits, hidden = self._completions(prompt, prompt_mask, completion_ids, mask, group_size,
-                                                   rows, width, want_hidden, logp)
-                ids, m = completion_ids[rows, :width], mask[rows, :width]
-                part = {}
-                if logp:
-                    logits = logits / self.temperature
-                    part["logp"] = selective_log_softmax(logits, ids) * m
-                if want_hidden:
-                    part["values"] = self.value_head(hidden.float()).squeeze(-1) * m
-                if entropy and logp:
-                    with torch.no_grad():
-                        part["entropy"] = entropy_from_logits(logits.detach()) * m
-                parts.append({k: F.pad(v, (0, c - width)) for k, v in part.items()})
-                order.append(rows)
-        inverse = torch.argsort(torch.cat(order))  # back to the rollout's row order
-        return {k: torch.cat([p[k] for p in parts])[inverse] for k in parts[0]}
+            if self.full_sequence:  # one plain pass over each row's prompt + completion
+                ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], 1)
+                attn = torch.cat([prompt_mask.repeat_interleave(group_size, 0), mask.to(prompt_mask.dtype)], 1)
+                res = decoder(input_ids=ids, attention_mask=attn, position_ids=_positions(attn))
+                hidden = res.last_hidden_state[:, -c - 1:-1]  # position i predicts completion token i
+            else:
+                prompt = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                 position_ids=_positions(prompt_mask), use_cache=True)
+                parts, order = [], []
+                for rows, width in length_buckets(mask):
+                    part = self._completions(decoder, prompt, prompt_mask, completion_ids, mask, group_size,
+                                             rows, width)
+                    parts.append(F.pad(part, (0, 0, 0, c - width)))
+                    order.append(rows)
+                hidden = torch.cat(parts)[torch.argsort(torch.cat(order))]  # back to the rollout's order
+        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp)
 
-    def _forward_full(self, prompt_ids, prompt_mask, completion_ids, mask, group_size, adapter, want_hidden,
-                      entropy, logp=True) -> dict[str, Tensor]:
-        """The same outputs from one plain pass over each row's prompt + completion (no cache)."""
-        c = completion_ids.shape[1]
-        ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], 1)
-        attn = torch.cat([prompt_mask.repeat_interleave(group_size, 0), mask.to(prompt_mask.dtype)], 1)
-        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
-            res = self.model(input_ids=ids, attention_mask=attn, position_ids=_positions(attn),
-                             logits_to_keep=c + 1 if logp else 1, output_hidden_states=want_hidden)
+    def _completions(self, decoder, prompt, prompt_mask, completion_ids, mask, group_size, rows, width):
+        """Final hidden states [n, width, d] of the positions that predict completion ``rows``'
+        tokens, run on top of their prompts' cached keys and values."""
+        owner = torch.div(rows, group_size, rounding_mode="floor")          # prompt of each row
+        hidden = prompt.last_hidden_state[owner, -1:]                       # predicts token 0
+        if width == 1:
+            return hidden
+        cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
+                             config=self.model.config)
+        p_mask = prompt_mask[owner]
+        attn = torch.cat([p_mask, mask[rows, :width - 1]], dim=1)
+        rest = decoder(input_ids=completion_ids[rows, :width - 1], attention_mask=attn, past_key_values=cache,
+                       use_cache=True, position_ids=p_mask.sum(-1, keepdim=True)
+                       + torch.arange(width - 1, device=p_mask.device))
+        return torch.cat([hidden, rest.last_hidden_state], dim=1)
+
+    def _outputs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, values: bool, entropy: bool,
+                 logp: bool) -> dict[str, Tensor]:
+        """Log-probs (and entropy) of the completion tokens, values, from the hidden states
+        [N, C, d] that predict them; zero past each row's end."""
         out = {}
         if logp:
-            logits = res.logits[:, :-1] / self.temperature  # position i predicts completion token i
-            out["logp"] = selective_log_softmax(logits, completion_ids) * mask
-        if want_hidden:
-            out["values"] = self.value_head(res.hidden_states[-1][:, -c - 1:-1].float()).squeeze(-1) * mask
-        if entropy and logp:
-            with torch.no_grad():
-                out["entropy"] = entropy_from_logits(logits.detach()) * mask
+            real = mask.bool()
+            lp, ent = self._head(hidden[real], completion_ids[real], entropy)
+            out["logp"] = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).index_put((real,), lp)
+            if entropy:
+                out["entropy"] = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put((real,), ent)
+        if values:
+            out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
         return out
 
-    def _completions(self, prompt, prompt_mask, completion_ids, mask, group_size, rows, width, want_hidden,
-                     logp=True):
-        """Logits [n, width, V] (and final hidden states) for completion ``rows``, run on top of
-        their prompts' cached keys and values (``logp=False``: hidden states only)."""
-        owner = torch.div(rows, group_size, rounding_mode="floor")          # prompt of each row
-        logits = prompt.logits[owner, -1:]                                 # predicts token 0
-        hidden = prompt.hidden_states[-1][owner, -1:] if want_hidden else None
-        if width > 1:
-            cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
-                                 config=self.model.config)
-            p_mask = prompt_mask[owner]
-            attn = torch.cat([p_mask, mask[rows, :width - 1]], dim=1)
-            rest = self.model(input_ids=completion_ids[rows, :width - 1], attention_mask=attn,
-                              past_key_values=cache, use_cache=True, output_hidden_states=want_hidden,
-                              logits_to_keep=0 if logp else 1,
-                              position_ids=p_mask.sum(-1, keepdim=True)
-                              + torch.arange(width - 1, device=p_mask.device))
-            if logp:
-                logits = torch.cat([logits, rest.logits], dim=1)
-            if want_hidden:
-                hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
-        return logits, hidden
-
+    def _head(self, hidden: Tensor, ids: Tensor, entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d]."""
+        head = self.model.get_base_model().get_output_embeddings()
+        if type(head) is torch.nn.Linear and head.bias is None:  # fused, in blocks of rows
+            return linear_logprobs(hidden, head.weight, ids, self.temperature, entropy=entropy)
+        logits = head(hidden).float() / self.temperature             # an adapted or biased head
+        ent = entropy_from_logits(logits.detach()) if entropy else None
+        return selective_log_softmax(logits, ids), ent
 
 def _eos_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}

@@ -1,0 +1,47 @@
+"""A cheaper forward for peft's LoRA linear layers, same parameters and same math.
+
+peft computes ``y = W x + B(A(dropout(x))) * s``: the scaling multiplies, and the sum adds, a
+full [tokens, out_features] tensor in every adapted layer (210 layers in SmolLM2-135M), and
+their backward passes do it again. Here ``s`` scales the rank-r intermediate instead (out/r
+times smaller) and the addition happens inside the GEMM (``addmm`` with beta = 1):
+
+    y = addmm(W x, s * (A x), B^T)          ==  W x + B (A x) s
+
+Measured on the GRPO update of SmolLM2-135M this removes ~1/7 of the CPU time (see the
+README's speed section). Whenever the layer is in a state this does not cover (adapter
+disabled, merged, several active adapters, dropout, DoRA and other variants, mixed-adapter
+batches, dtype casts) peft's own forward runs.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+def install(model: torch.nn.Module) -> int:
+    """Give every peft ``lora.Linear`` in ``model`` the fused forward; returns how many."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and not getattr(module, "_rlhf_fused", False):
+            module.forward = types.MethodType(_fused_forward, module)
+            module._rlhf_fused = True
+            n += 1
+    return n
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (self.disable_adapters or self.merged or name is None or name not in self.lora_A or kwargs
+            or args or name in self.lora_variant or not isinstance(self.lora_dropout[name], torch.nn.Identity)
+            or x.dtype != self.lora_A[name].weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    h = F.linear(x, self.lora_A[name].weight) * self.scaling[name]   # [..., r]
+    out = result.shape[-1]
+    fused = torch.addmm(result.reshape(-1, out), h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t())
+    return fused.view(result.shape)
