@@ -295,3 +295,28 @@ def test_sample_categorical_two_level_search_is_the_inverse_cdf():
         assert torch.equal(sample_categorical(probs, uniform=u, block=block), expected), block
     # by hand: uniform probabilities 0.1, u = 0.25 -> target 0.75 -> first cdf >= 0.75 is index 7
     assert sample_categorical(torch.full((1, 10), 0.1), uniform=T([0.25]), block=3).item() == 7
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_logprobs_equals_head_then_log_softmax(temperature):
+    """The blocked LM head + log-softmax gives log_softmax(h W^T / t)[id], its entropy, and
+    the gradients for h and W, with blocks that do not divide the vocabulary."""
+    from rlhf.core import entropy_from_logits, linear_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 5, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, generator=g, requires_grad=True)
+    ids = torch.randint(0, 11, (9,), generator=g)
+    logp, ent = linear_logprobs(h, w, ids, temperature, chunk=4, entropy=True)
+    logits = h @ w.t() / temperature
+    expected = torch.log_softmax(logits, -1)[torch.arange(9), ids]
+    torch.testing.assert_close(logp, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ent, entropy_from_logits(logits).detach(), atol=1e-5, rtol=1e-5)
+    weights = torch.randn(9, generator=g)
+    ours = torch.autograd.grad((logp * weights).sum(), (h, w))
+    plain = torch.autograd.grad((expected * weights).sum(), (h, w))
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # by hand, one row: logits [0, ln 3] -> log-probs [ln 1/4, ln 3/4]
+    lp, _ = linear_logprobs(T([[1.0]]), T([[0.0], [math.log(3.0)]]), torch.tensor([1]), chunk=1)
+    close(lp, [math.log(0.75)])

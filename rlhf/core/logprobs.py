@@ -44,61 +44,71 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None,
 
 
 class _LinearLogProbs(torch.autograd.Function):
-    """``log_softmax(hidden @ weight.T / temperature)[i, ids[i]]`` computed ``chunk`` rows at a
-    time; the [M, V] logits are never kept: backward recomputes each chunk's logits."""
+    """``log_softmax(hidden @ weight.T / temperature)[i, ids[i]]`` over the vocabulary in
+    blocks of ``chunk`` entries (an online log-sum-exp); the [M, V] logits are never kept:
+    backward recomputes each block's logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy):
-        logp = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        lse = torch.empty_like(logp)
-        entropy = torch.empty_like(logp) if with_entropy else None
-        for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float()
+        m_rows, v = hidden.shape[0], weight.shape[0]
+        top = torch.full((m_rows,), float("-inf"), device=hidden.device)
+        total = torch.zeros(m_rows, device=hidden.device)      # sum exp(logit - top)
+        weighted = torch.zeros(m_rows, device=hidden.device)   # sum exp(logit - top) * logit
+        for s in range(0, v, chunk):
+            logits = (hidden @ weight[s:s + chunk].t()).float()
             if temperature != 1.0:
                 logits.div_(temperature)
-            lse[s:s + chunk] = torch.logsumexp(logits, -1)
-            logp[s:s + chunk] = logits.gather(-1, ids[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
-            if with_entropy:  # H = lse - sum p * logits
-                p = torch.softmax(logits, -1)
-                entropy[s:s + chunk] = lse[s:s + chunk] - (p * logits).sum(-1)
+            new_top = torch.maximum(top, logits.amax(-1))
+            rescale = torch.exp(top - new_top)
+            e = torch.exp(logits - new_top[:, None])
+            total = total * rescale + e.sum(-1)
+            if with_entropy:
+                weighted = weighted * rescale + (e * logits).sum(-1)
+            top = new_top
+        lse = top + total.log()
+        picked = (hidden * weight[ids]).sum(-1).float() / temperature
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.mark_non_differentiable(*([entropy] if with_entropy else []))
-        return (logp, entropy) if with_entropy else (logp, None)
+        if not with_entropy:
+            return picked - lse, None
+        entropy = lse - weighted / total  # H = lse - E_p[logit]
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy=None):
         hidden, weight, ids, lse = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
-            logits = (h @ weight.t()).float()
+        g = grad_logp.float() / t
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = (g[:, None] * weight[ids].float()) if need_h else None   # from the picked logit
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, weight.shape[0], chunk):
+            w = weight[s:s + chunk]
+            logits = (hidden @ w.t()).float()
             if t != 1.0:
                 logits.div_(t)
-            g = grad_logp[s:s + chunk]
-            # d logp_i / d logits = onehot(ids_i) - softmax_i; times the incoming gradient, / t
-            grad_logits = torch.exp_(logits.sub_(lse[s:s + chunk, None])).mul_(-g[:, None])
-            grad_logits.scatter_add_(-1, ids[s:s + chunk, None], g[:, None])
-            if t != 1.0:
-                grad_logits.div_(t)
-            grad_logits = grad_logits.to(hidden.dtype)
-            if grad_h is not None:
-                grad_h[s:s + chunk] = grad_logits @ weight
-            if grad_w is not None:
-                grad_w += grad_logits.t().float() @ h.float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+            # d logp / d logits = onehot - softmax; the onehot part is added outside the loop
+            grad_logits = torch.exp_(logits.sub_(lse[:, None])).mul_(-g[:, None])
+            if need_h:
+                grad_h += grad_logits @ w.float()
+            if need_w:
+                grad_w[s:s + chunk] += grad_logits.t() @ hidden.float()
+        if need_w:
+            grad_w.index_add_(0, ids, g[:, None] * hidden.float())
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None)
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
-                    chunk: int = 64, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                    chunk: int = 4096, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs of ``ids`` [M] under ``softmax(hidden [M, d] @ weight[V, d].T / temperature)``,
     and optionally the entropy of each row's distribution (detached).
 
-    An LM head and a selective log-softmax in one step, ``chunk`` rows at a time: peak memory
-    is one [chunk, V] block instead of the [M, V] logits and their gradient (hundreds of MB at
-    a 49k vocabulary, whose fresh allocation and first touch cost more than the arithmetic on
-    a CPU). The backward pass recomputes each block's logits (one extra GEMM).
+    An LM head and a selective log-softmax in one step, over the vocabulary in blocks of
+    ``chunk`` entries with an online log-sum-exp: peak memory is one [M, chunk] block instead
+    of the [M, V] logits and their gradient (hundreds of MB at a 49k vocabulary, whose fresh
+    allocation and first touch cost more than the arithmetic on a CPU), and each block of
+    the weight is read once per pass. Backward recomputes each block's logits (one extra GEMM).
     """
     return _LinearLogProbs.apply(hidden, weight, ids, float(temperature), int(chunk), bool(entropy))
