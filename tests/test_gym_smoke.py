@@ -74,3 +74,14 @@ def test_bad_input_is_one_clear_sentence(overrides, pattern, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and re.search(pattern, err), err
+
+
+@pytest.mark.parametrize("recipe", ["ppo_cartpole", "dqn_cartpole", "sac_pendulum"])
+def test_env_worker_processes_train(recipe, tmp_path, capsys):
+    """env_processes: true trains through the same loops with the envs in worker processes."""
+    args = ["train", str(ROOT / "recipes" / f"{recipe}.yaml"), "--run-dir", str(tmp_path / "run"),
+            "--no-progress", "--set", "env_processes=true", "--set", "n_envs=2"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert last_json(capsys)["run_dir"] == str(tmp_path / "run")

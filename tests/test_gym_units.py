@@ -149,3 +149,28 @@ def test_numpy_sampler_draws_the_softmax_distribution():
     probs = torch.softmax(torch.tensor([0.0, 1.0, -1.0]), 0).numpy()
     np.testing.assert_allclose(counts / counts.sum(), probs, atol=0.01)  # 20k draws: std ~0.003
     np.testing.assert_allclose(logp, np.log(probs)[actions], atol=1e-6)
+
+
+def test_env_worker_processes_give_the_same_transitions():
+    """env_processes: the same observations, rewards, episode ends and true next observations
+    (final states through auto-reset) as stepping the envs in this process."""
+    import numpy as np
+
+    from rlhf.gym.envs import VecEnv
+
+    local, workers = VecEnv("CartPole-v1", 3, seed=7), VecEnv("CartPole-v1", 3, seed=7, processes=True)
+    try:
+        np.testing.assert_array_equal(local.obs, workers.obs)
+        rng = np.random.default_rng(0)
+        ends = 0
+        for _ in range(120):
+            actions = rng.integers(0, 2, size=3)
+            a, b = local.step(actions), workers.step(actions)
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+            ends += int(a[2].sum() + a[3].sum())
+        assert ends > 0  # episodes ended and were reset inside the window
+        assert local.drain_episodes() == workers.drain_episodes()
+    finally:
+        local.close()
+        workers.close()

@@ -25,7 +25,8 @@ class GymConfig:
     env: str = "CartPole-v1"             # gymnasium env id
     seed: int = 0                        # seeds envs, network init and sampling
     total_steps: int = 100_000           # environment steps (summed over parallel envs)
-    n_envs: int = 8                      # parallel environments (stepped in one process)
+    n_envs: int = 8                      # parallel environments
+    env_processes: bool = False          # step each env in its own worker process (slow envs only)
     threads: int = 1                     # torch intra-op threads
     gamma: float = 0.99                  # discount
     lr: float = 3e-4                     # learning rate (actor and critic)

@@ -38,7 +38,7 @@ def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
 
 
 def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool):
-    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
+    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     qnet = build_agent(cfg, spec)
     target = copy.deepcopy(qnet).requires_grad_(False)
     opt = torch.optim.Adam(qnet.parameters(), lr=cfg.lr, fused=True)  # fused: faster on CPU

@@ -41,17 +41,25 @@ def space_kind(space) -> str:
 
 
 class VecEnv:
-    """N copies of one env. Actions [N] (discrete) or [N, A] (continuous, clipped to bounds)."""
+    """N copies of one env. Actions [N] (discrete) or [N, A] (continuous, clipped to bounds).
 
-    def __init__(self, env_id: str, n: int, seed: int):
-        self.envs = [make_env(env_id) for _ in range(n)]
+    ``processes=True`` steps each copy in its own worker process (gymnasium's AsyncVectorEnv):
+    worth it when one env step costs much more than the inter-process round trip (physics
+    simulators, games), not for CartPole-sized envs. Both modes give the same transitions."""
+
+    def __init__(self, env_id: str, n: int, seed: int, processes: bool = False):
+        self.envs = [make_env(env_id) for _ in range(1 if processes else n)]
+        self.vec = _async_envs(env_id, n) if processes else None
         self.n = n
         self.observation_space = self.envs[0].observation_space
         self.action_space = self.envs[0].action_space
         self.discrete = space_kind(self.action_space) == "discrete"
         if not self.discrete:
             self.low, self.high = self.action_space.low, self.action_space.high
-        self.obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]).astype(np.float32)
+        if self.vec is not None:
+            self.obs = self.vec.reset(seed=[seed + i for i in range(n)])[0].astype(np.float32)
+        else:
+            self.obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]).astype(np.float32)
         for i, e in enumerate(self.envs):
             e.action_space.seed(seed + i)
         self.ep_return = np.zeros(n)
@@ -63,6 +71,8 @@ class VecEnv:
         next (already reset where an episode ended), ``next_obs`` the true successor state."""
         if not self.discrete:
             actions = np.clip(actions, self.low, self.high)
+        if self.vec is not None:
+            return self._step_processes(actions)
         n = self.n
         obs = np.empty_like(self.obs)
         next_obs = obs
@@ -89,6 +99,23 @@ class VecEnv:
         self.obs = obs
         return obs, rewards, terminated, truncated, next_obs
 
+    def _step_processes(self, actions: np.ndarray):
+        obs, rewards, term, trunc, info = self.vec.step(actions)
+        obs = obs.astype(np.float32)
+        rewards = rewards.astype(np.float32)
+        terminated, truncated = term.astype(np.float32), trunc.astype(np.float32)
+        self.ep_return += rewards
+        self.ep_len += 1
+        next_obs = obs
+        for i in np.flatnonzero(term | trunc):  # the worker has already reset it (same step)
+            if next_obs is obs:
+                next_obs = obs.copy()
+            next_obs[i] = info["final_obs"][i]
+            self.finished.append((float(self.ep_return[i]), int(self.ep_len[i])))
+            self.ep_return[i], self.ep_len[i] = 0.0, 0
+        self.obs = obs
+        return obs, rewards, terminated, truncated, next_obs
+
     def drain_episodes(self) -> list[tuple[float, int]]:
         out, self.finished = self.finished, []
         return out
@@ -96,6 +123,19 @@ class VecEnv:
     def close(self) -> None:
         for e in self.envs:
             e.close()
+        if self.vec is not None:
+            self.vec.close()
+
+
+def _async_envs(env_id: str, n: int):
+    """``n`` copies of ``env_id``, one worker process each, reset in the step that ends an episode."""
+    import functools
+
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode
+
+    return gym.vector.AsyncVectorEnv([functools.partial(make_env, env_id)] * n,
+                                     autoreset_mode=AutoresetMode.SAME_STEP)
 
 
 class ObsNormalizer(nn.Module):

@@ -227,7 +227,7 @@ def explained_variance(values: Tensor, ret: Tensor) -> float:
 
 
 def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
-    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
+    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     policy = build_agent(cfg, spec)
     scaler = RewardScaler(cfg.n_envs, cfg.gamma, cfg.norm_reward)
     update = Updater(cfg, policy)

@@ -64,7 +64,7 @@ class SAC:
 
 
 def train_sac(cfg: GymConfig, spec: dict, run, progress: bool):
-    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed)
+    env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     agent = SAC(cfg, spec)
     buffer = ReplayBuffer(cfg.buffer_size, spec["obs_dim"], (spec["act_dim"],))
     bar = Progress(cfg, run, progress, agent.actor)
