@@ -116,7 +116,7 @@ class RewardModelFn:
 def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) -> dict:
     """Bradley-Terry training of a reward model on preference pairs."""
     from rlhf.lm.models import resolve_model
-    from rlhf.tasks import load_rows
+    from rlhf.tasks import load_rows, split_held_out
     from rlhf.trainers.lm import seed_everything
 
     if resume:
@@ -132,10 +132,7 @@ def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) ->
         if missing:
             raise UserError(f"preference file {cfg.task!r} lacks columns {sorted(missing)}; it needs "
                             "prompt, chosen and rejected")
-        random.Random(cfg.seed).shuffle(rows)
-        cut = max(1, len(rows) // 10)
-        eval_rows = load_rows(cfg.eval_task) if cfg.eval_task else rows[:cut]
-        train_rows = rows if cfg.eval_task else rows[cut:]
+        train_rows, eval_rows = split_held_out(rows, random.Random(cfg.seed), cfg.eval_task)
     rm = RewardModel(resolve_model(cfg.model), cfg.lora_r, cfg.lora_alpha)
     params = [p for p in rm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -46,18 +46,12 @@ class ArithTask:
 
 class FileTask:
     """Rows from a local jsonl / json / csv / parquet file read with ``datasets``; it needs a
-    ``prompt`` column. Held-out rows come from ``eval_path`` (or the last 10% of the file)."""
+    ``prompt`` column. Held-out rows come from ``eval_path`` (or a shuffled 10% of the file)."""
 
     def __init__(self, path: str, seed: int, eval_path: str | None = None):
-        rows = load_rows(path)
         rng = random.Random(seed)
-        if eval_path:
-            self._train, self._eval = rows, load_rows(eval_path)
-        else:
-            rng.shuffle(rows)
-            cut = max(1, len(rows) // 10)
-            self._eval, self._train = rows[:cut], rows[cut:] or rows
-        self._rng = rng
+        self._train, self._eval = split_held_out(load_rows(path), rng, eval_path)
+        self._rng = rng  # goes on to order the training rows
         self.name = Path(path).stem
 
     def train_rows(self) -> Iterator[dict]:
@@ -69,6 +63,19 @@ class FileTask:
 
     def held_out(self, n: int, seed: int) -> list[dict]:
         return self._eval[:n]
+
+
+def split_held_out(rows: list[dict], rng: random.Random, eval_path: str | None = None
+                   ) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) rows of a file: all rows and those of ``eval_path`` when it is given,
+    else the rows shuffled by ``rng`` with the first 10% (at least one) held out. Used by
+    ``FileTask`` and by reward-model runs on preference files."""
+    if eval_path:
+        return rows, load_rows(eval_path)
+    rows = list(rows)
+    rng.shuffle(rows)
+    cut = max(1, len(rows) // 10)
+    return rows[cut:] or rows, rows[:cut]
 
 
 def load_rows(path: str) -> list[dict]:
