@@ -3,8 +3,9 @@
     nice -n 15 .venv/bin/python benchmarks/gym_scores.py --seeds 0 1 2 [--recipes ppo_cartpole dqn_cartpole]
 
 Each run is ``rlhf train recipes/<name>.yaml --set seed=S`` (one torch thread, 20 deterministic
-evaluation episodes on fresh seeds at the end); its final JSON line is appended to
-``--out`` (JSONL) and a markdown table of all rows there is printed at the end.
+evaluation episodes on fresh seeds at the end); its final JSON line (with the training loop's
+wall-clock and CPU seconds) is appended to ``--out`` (JSONL) and a markdown table of all rows
+there is printed at the end.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ["ppo_cartpole", "dqn_cartpole", "double_dqn_cartpole", "dueling_dqn_cartpole",
            "double_dueling_dqn_cartpole", "sac_pendulum", "trpo_cartpole", "q_learning_frozenlake",
-           "a2c_cartpole", "reinforce_cartpole", "ppo_acrobot", "dqn_acrobot", "ppo_pendulum"]
+           "a2c_cartpole", "reinforce_cartpole", "ppo_acrobot", "dqn_acrobot", "ppo_pendulum",
+           "ppo_lunarlander"]  # the last needs pip install "gymnasium[box2d]"
 
 
 def run(recipe: str, seed: int, out_dir: str) -> dict:
@@ -35,16 +37,18 @@ def table(rows: list[dict]) -> str:
     by = defaultdict(list)
     for r in rows:
         by[r["recipe"]].append(r)
-    lines = ["| recipe | env | steps | eval mean return per seed (20 episodes) | train wall-clock s per seed |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| recipe | env | steps | eval mean return per seed (20 episodes) | train wall-clock s per seed "
+             "| train CPU s per seed |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, rs in by.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            lines.append(f"| {name} | - | - | error: {rs[0]['error']} | - |")
+            lines.append(f"| {name} | - | - | error: {rs[0]['error']} | - | - |")
             continue
         rets = ", ".join(f"{r['eval_mean_return']:.1f} (s{r['seed']})" for r in ok)
         walls = ", ".join(f"{r['wall_s']:.0f}" for r in ok)
-        lines.append(f"| {name} | {ok[0]['env']} | {ok[0]['steps']} | {rets} | {walls} |")
+        cpus = ", ".join(f"{r['cpu_s']:.0f}" if "cpu_s" in r else "-" for r in ok)  # older rows lack it
+        lines.append(f"| {name} | {ok[0]['env']} | {ok[0]['steps']} | {rets} | {walls} | {cpus} |")
     return "\n".join(lines)
 
 
