@@ -66,6 +66,8 @@ class LMConfig:
     dtype: str = "float32"               # model weights: float32 | bfloat16
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
+    rm_head: str = "log_ratio"           # reward_model: log_ratio (beta * sum of log p_rm - log p_base over
+                                         # the completion) | classifier (score head on the last token)
     eval_problems: int = 200             # held-out prompts scored by `rlhf eval`
     eval_seed: int = 12345               # seed of the held-out prompts
     eval_batch: int = 50                 # prompts per greedy generation batch in eval
@@ -85,6 +87,7 @@ class LMConfig:
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("float32", "bfloat16"),
+        "rm_head": ("log_ratio", "classifier"),
     }
 
     def validate(self) -> None:

@@ -33,15 +33,20 @@ class ArithTask:
             i += 1
 
     def held_out(self, n: int, seed: int) -> list[dict]:
-        seen, rng, rows = set(self._train), random.Random(seed), []
-        if n > 90 * 90 - len(seen):
-            raise UserError(f"only {90 * 90 - len(seen)} fresh addition problems exist; ask for fewer")
-        while len(rows) < n:
-            pair = (rng.randint(10, 99), rng.randint(10, 99))
-            if pair not in seen:
-                seen.add(pair)
-                rows.append(arith_row(*pair))
-        return rows
+        return [arith_row(*pair) for pair in fresh_problems(n, seed, exclude=set(self._train))]
+
+
+def fresh_problems(n: int, seed: int | str, exclude: set) -> list[tuple[int, int]]:
+    """``n`` distinct addition problems (a, b), none in ``exclude``."""
+    rng, out, seen = random.Random(seed), [], set(exclude)
+    if n > 90 * 90 - len(seen):
+        raise UserError(f"only {90 * 90 - len(seen)} fresh addition problems exist; ask for fewer")
+    while len(out) < n:
+        pair = (rng.randint(10, 99), rng.randint(10, 99))
+        if pair not in seen:
+            seen.add(pair)
+            out.append(pair)
+    return out
 
 
 class FileTask:
