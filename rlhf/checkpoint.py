@@ -20,15 +20,20 @@ from rlhf.errors import UserError
 NAME = "checkpoint"
 
 
-def save_checkpoint(run, write_weights, opt, sched, counters: dict) -> None:
+def save_checkpoint(run, write_weights, opt, sched, counters: dict, optimizer_state: dict | None = None,
+                    fresh: bool = True) -> None:
+    """``optimizer_state``: written instead of ``opt.state_dict()`` (a sharded optimiser's state
+    gathered whole); ``fresh=False``: the temporary directory already holds files written by
+    every rank (DeepSpeed's), kept in the checkpoint."""
     def writer(tmp: Path) -> None:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=not fresh)
         write_weights(tmp)
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        torch.save({"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
+                    "scheduler": sched.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                     "counters": counters}, tmp / "state.pt")
 
-    run.save_atomic(NAME, writer)
+    run.save_atomic(NAME, writer, fresh=fresh)
 
 
 def load_checkpoint(run_dir) -> tuple[Path, dict]:
@@ -40,9 +45,10 @@ def load_checkpoint(run_dir) -> tuple[Path, dict]:
     return ckpt, torch.load(ckpt / "state.pt", weights_only=True)
 
 
-def restore(state: dict, opt, sched) -> dict:
-    """Apply optimiser, scheduler and RNG state; return the loop counters."""
-    opt.load_state_dict(state["optimizer"])
+def restore(state: dict, opt, sched, load_optimizer=None) -> dict:
+    """Apply optimiser, scheduler and RNG state; return the loop counters. ``load_optimizer``:
+    how to apply the optimiser's state where ``opt.load_state_dict`` cannot (sharded)."""
+    (load_optimizer or opt.load_state_dict)(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(_as_tuple(state["python_rng"]))

@@ -64,12 +64,14 @@ class Run:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def save_atomic(self, name: str, writer) -> Path:
-        """Call ``writer(tmp_dir)`` then rename into place, so a crash never leaves half a save."""
-        final, tmp = self.dir / name, self.dir / f".{name}.tmp"
+    def save_atomic(self, name: str, writer, fresh: bool = True) -> Path:
+        """Call ``writer(tmp_dir)`` then rename into place, so a crash never leaves half a save.
+        ``fresh=False``: keep what other processes already wrote into ``tmp_dir`` (``tmp_path``)."""
+        final, tmp = self.dir / name, self.tmp_path(name)
         if not self.main:
             return final
-        shutil.rmtree(tmp, ignore_errors=True)
+        if fresh:
+            shutil.rmtree(tmp, ignore_errors=True)
         writer(tmp)
         old = self.dir / f".{name}.old"
         if final.exists():
@@ -78,6 +80,10 @@ class Run:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def tmp_path(self, name: str) -> Path:
+        """Where ``save_atomic(name, ...)`` builds the new ``name`` before renaming it into place."""
+        return self.dir / f".{name}.tmp"
 
     def plot(self, key: str = "reward", filename: str = "reward.png") -> Path | None:
         points = [(r["step"], r[key]) for r in self.history if key in r and r[key] is not None]

@@ -45,12 +45,12 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
-    """``accelerate launch`` of ``rlhf train ARGS`` with the shipped 2-process config: on a
+def _launch_two(args: list[str], config: str = "ddp_2proc") -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``rlhf train ARGS`` with a shipped 2-process config: on a
     machine without GPUs, two CPU processes (torchrun + gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/ddp_2proc.yaml",
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
          "--main_process_port", str(_free_port()), "-m", "rlhf.cli", "train", *args, "--no-progress"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -58,26 +58,40 @@ def _launch_two(args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("algo,extra,resume", [
-    ("grpo", ["epochs=2", "beta=0.04"], True),                          # clipped ratio, k3 KL in the loss
-    ("ppo", ["beta=0.04", "kl_placement=reward", "epochs=2"], False),   # value head, GAE, whitening over ranks
-])
-def test_two_processes_match_one(tiny_model, tmp_path, algo, extra, resume):
+GRPO = ("grpo", ["epochs=2", "beta=0.04"])                         # clipped ratio, k3 KL in the loss
+PPO = ("ppo", ["beta=0.04", "kl_placement=reward", "epochs=2"])     # value head, GAE, whitening over ranks
+SHARDED = {"fsdp2_2proc", "zero3_2proc"}  # each rank holds half of every weight
+
+
+@pytest.mark.parametrize("config,algo,extra,resume", [
+    ("ddp_2proc", *GRPO, True),
+    ("ddp_2proc", *PPO, False),
+    ("fsdp2_2proc", *GRPO, True),   # FSDP2: weights and optimiser state sharded; sampled with weights gathered
+    ("zero2_2proc", *PPO, False),   # DeepSpeed ZeRO-2: optimiser state partitioned; its engine steps
+    ("zero3_2proc", *GRPO, True),   # DeepSpeed ZeRO-3: weights partitioned too; checkpoint per rank
+], ids=lambda x: x if isinstance(x, str) and x.endswith("proc") else None)
+def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resume):
+    if config.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="the DeepSpeed configs need `pip install deepspeed` (in .[dev])")
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD)
     sets = _overrides(tiny_model, reward, [f"algo={algo}", *extra])
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli_main(["train", "recipes/grpo_arith.yaml", *sets, "--run-dir", str(one), "--no-progress"]) == 0
     if resume:  # two processes stop after step 2 (checkpoint), and two more resume to step 3
-        _launch_two(["recipes/grpo_arith.yaml", *sets, "--set", f"steps={STEPS - 1}", "--run-dir", str(two)])
-        proc = _launch_two(["--resume", str(two), "--set", f"steps={STEPS}"])
+        _launch_two(["recipes/grpo_arith.yaml", *sets, "--set", f"steps={STEPS - 1}", "--run-dir", str(two)], config)
+        proc = _launch_two(["--resume", str(two), "--set", f"steps={STEPS}"], config)
     else:
-        proc = _launch_two(["recipes/grpo_arith.yaml", *sets, "--run-dir", str(two)])
+        proc = _launch_two(["recipes/grpo_arith.yaml", *sets, "--run-dir", str(two)], config)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(two)
 
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    assert all(r["dist/param_max_diff"] == 0.0 for r in rows)  # ranks identical after every step
+    if config in SHARDED:  # each rank held half of the weights
+        assert all(r["dist/param_share"] < 0.51 for r in rows)
+    else:
+        assert all(r["dist/param_share"] == 1.0 for r in rows)
+        assert all(r["dist/param_max_diff"] == 0.0 for r in rows)  # ranks identical after every step
     single = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     for step in range(1, STEPS + 1):
         (s,), (r0, r1) = _tensors(one, step, 1), _tensors(two, step, 2)
@@ -127,10 +141,33 @@ def test_accelerate_configs_load_and_fit_the_trainer(path):
     from rlhf.distributed import SUPPORTED
 
     cfg = load_config_from_file(str(path))
-    assert str(cfg.distributed_type).split(".")[-1] in SUPPORTED
+    kind = str(cfg.distributed_type).split(".")[-1]
+    assert kind in SUPPORTED
+    if kind == "FSDP":  # the trainer runs FSDP2, wrapping the model's own decoder layers
+        assert str(cfg.fsdp_config["fsdp_version"]) == "2"
+        assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if kind == "DEEPSPEED":  # ZeRO 2 or 3, one optimiser step per minibatch
+        assert cfg.deepspeed_config["zero_stage"] in (2, 3)
+        assert cfg.deepspeed_config["gradient_accumulation_steps"] == 1
     assert cfg.num_processes >= 2 and cfg.num_processes % cfg.num_machines == 0
     assert 0 <= cfg.machine_rank < cfg.num_machines
     assert cfg.mixed_precision in ("no", "bf16", "fp16")
     if cfg.num_machines > 1:
         assert cfg.main_process_ip and cfg.main_process_port
     assert f"--config_file {path.as_posix()}" in path.read_text()
+
+
+def test_a_separate_critic_is_refused_under_sharding(tiny_model):
+    """accelerate prepares one model per run under FSDP2 / DeepSpeed: a separate PPO critic (a
+    second model) is refused with a sentence, before anything is wrapped."""
+    from types import SimpleNamespace
+
+    from rlhf.errors import UserError
+    from rlhf.lm.policy import LMPolicy
+
+    policy = LMPolicy(tiny_model, value_head=True, critic="separate")
+    opt = torch.optim.AdamW(policy.trainable_parameters())
+    for kind in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(UserError, match="critic: separate is not supported under " + kind):
+            policy.distribute(SimpleNamespace(kind=kind, zero_stage=3), opt)
+    assert policy.train_net is policy.net  # nothing was wrapped

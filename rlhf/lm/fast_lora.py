@@ -33,6 +33,15 @@ def install(model: torch.nn.Module) -> int:
     return n
 
 
+def uninstall(model: torch.nn.Module) -> None:
+    """peft's own forward again (DeepSpeed ZeRO-3 gathers a weight only when its module's forward
+    runs, and the fused forward reads ``lora_A``/``lora_B`` without running theirs)."""
+    for module in model.modules():
+        if getattr(module, "_rlhf_fused", False):
+            del module.forward
+            module._rlhf_fused = False
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from rlhf.distributed import DATA_PARALLEL
 from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
@@ -157,6 +158,7 @@ class LMPolicy:
         self.critic_net = None if shared else PolicyNet(self.critic_model, self.value_head, temperature)
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
+        self.sampling_context = contextlib.nullcontext
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -172,11 +174,21 @@ class LMPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def distribute(self, wrap) -> None:
-        """Place the trainable module with ``wrap`` (accelerate: device, DDP); see rlhf.distributed."""
-        self.train_net = wrap(self.net)
+    def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
+        """Place the trainable module(s) and their optimiser with ``dist`` (rlhf.distributed:
+        device, DDP, FSDP2 or DeepSpeed); returns the optimiser to step. Sampling then runs
+        with the parameters whole (``dist.full_params``)."""
+        if self.critic_net is not None and dist.kind not in DATA_PARALLEL:
+            raise UserError(f"critic: separate is not supported under {dist.kind} (accelerate prepares one "
+                            "model per run there); use critic: shared")
         if self.critic_net is not None:
-            self.train_critic = wrap(self.critic_net)
+            self.train_critic = dist.wrap(self.critic_net)
+        if dist.zero_stage == 3:  # ZeRO-3 gathers a weight in its module's forward, so run every module's
+            fast_lora.uninstall(self.model)
+            self.net.fused_head = False
+        self.train_net, optimizer = dist.prepare(self.net, optimizer, max_grad_norm)
+        self.sampling_context = lambda: dist.full_params(self.train_net)
+        return optimizer
 
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
@@ -210,7 +222,7 @@ class LMPolicy:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._adapter(adapter):
+            with self.sampling_context(), self._adapter(adapter):
                 return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
         finally:
             self.model.train(was_training)
@@ -284,18 +296,32 @@ class LMPolicy:
             params += [p for p in self.critic_model.parameters() if p.requires_grad]
         return params + (list(self.value_head.parameters()) if self.value_head is not None else [])
 
-    def adapter_norm(self) -> float:
-        """L2 norm of the LoRA B matrices: 0 at init, so 0 after training means nothing moved."""
-        sq = sum(float((p.detach().float() ** 2).sum()) for n, p in self.model.named_parameters()
-                 if "lora_B" in n)
+    def full_trainable(self, dist) -> dict[str, Tensor]:
+        """The policy module's trainable tensors, whole and on the CPU, by name (``model.…``,
+        ``value_head.…``): a collective where they are sharded, so every rank calls it."""
+        return dist.full_tensors([(n, p) for n, p in self.net.named_parameters() if p.requires_grad])
+
+    def adapter_norm(self, full: dict[str, Tensor] | None = None) -> float:
+        """L2 norm of the LoRA B matrices: 0 at init, so 0 after training means nothing moved.
+        ``full``: ``full_trainable``'s tensors (needed where the parameters are sharded)."""
+        named = full.items() if full is not None else self.model.named_parameters()
+        sq = sum(float((p.detach().float() ** 2).sum()) for n, p in named if "lora_B" in n)
         return sq ** 0.5
 
-    def save_adapter(self, path) -> None:
+    def save_adapter(self, path, full: dict[str, Tensor] | None = None) -> None:
         """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head, and
-        the separate critic's adapter in ``critic/``)."""
-        self.model.save_pretrained(str(path), safe_serialization=True)
-        if self.value_head is not None:
-            save_file(self.value_head.state_dict(), str(Path(path) / VALUE_HEAD_FILE))
+        the separate critic's adapter in ``critic/``). ``full``: ``full_trainable``'s tensors,
+        written instead of the module's own (which may be shards)."""
+        if full is None:
+            self.model.save_pretrained(str(path), safe_serialization=True)
+            if self.value_head is not None:
+                save_file(self.value_head.state_dict(), str(Path(path) / VALUE_HEAD_FILE))
+        else:
+            part = {k: {n[len(k) + 1:]: v for n, v in full.items() if n.startswith(k + ".")}
+                    for k in ("model", "value_head")}
+            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=part["model"])
+            if self.value_head is not None:
+                save_file(part["value_head"], str(Path(path) / VALUE_HEAD_FILE))
         if self.critic_model is not None:
             self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
 
@@ -307,7 +333,10 @@ class PolicyNet(torch.nn.Module):
     def __init__(self, model, value_head, temperature: float):
         super().__init__()
         self.model, self.value_head, self.temperature = model, value_head, temperature
+        # the blocks FSDP shards one by one (accelerate's transformer-based wrap policy reads it)
+        self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
         self.full_sequence = False  # set by gradient checkpointing (no KV cache to share)
+        self.fused_head = True      # LM head + log-softmax in blocks (reads the head's weight directly)
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
                 group_size: int = 1, adapter: bool = True, values: bool = False,
@@ -375,7 +404,7 @@ class PolicyNet(torch.nn.Module):
     def _head(self, hidden: Tensor, ids: Tensor, entropy: bool) -> tuple[Tensor, Tensor | None]:
         """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d]."""
         head = self.model.get_base_model().get_output_embeddings()
-        if type(head) is torch.nn.Linear and head.bias is None:  # fused, in blocks of rows
+        if self.fused_head and type(head) is torch.nn.Linear and head.bias is None:  # fused, in blocks
             return linear_logprobs(hidden, head.weight, ids, self.temperature, entropy=entropy)
         logits = head(hidden).float() / self.temperature             # an adapted or biased head
         ent = entropy_from_logits(logits.detach()) if entropy else None

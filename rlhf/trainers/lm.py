@@ -10,12 +10,13 @@ import hashlib
 import itertools
 import math
 import random
+import shutil
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint
+from rlhf.checkpoint import NAME, load_checkpoint, restore, save_checkpoint
 from rlhf.config import LMConfig
 from rlhf.core import (
     adaptive_kl_coef,
@@ -52,12 +53,13 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
                       gradient_checkpointing=cfg.gradient_checkpointing)
-    policy.distribute(dist.wrap)  # device placement; DDP when there are several processes
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = policy.distribute(dist, opt, cfg.max_grad_norm)  # device; DDP, FSDP2 or DeepSpeed under accelerate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     counters = {"step": 0, "baseline": None, "bad_steps": 0, "penalty_coef": cfg.penalty_coef}
     if state is not None:
-        counters = {**counters, **restore(state, opt, sched)}
+        counters = {**counters, **restore(state, opt, sched, lambda sd: dist.load_optimizer_state(
+            policy.train_net, opt, sd, ckpt))}
         run.truncate_history(counters["step"])  # steps logged after the checkpoint are redone
     baseline = Baseline(value=counters["baseline"])
     rows_iter = itertools.islice(task.train_rows(), counters["step"] * cfg.prompts_per_step, None)
@@ -93,7 +95,9 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             loss_part = stats.pop("loss_part")
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **ctx.get("stats", {})},
                               cfg, lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
-            if dist.world > 1:  # DDP keeps the ranks' weights equal; show that it did
+            if dist.world > 1:
+                row["dist/param_share"] = round(dist.param_share(policy.net), 4)  # of the weights, on this rank
+            if dist.world > 1 and dist.replicated:  # DDP keeps the ranks' weights equal; show that it did
                 row["dist/param_max_diff"] = dist.param_max_diff(policy.trainable_parameters())
             if cfg.debug_tensors:
                 dump_tensors(run, step + 1, dist, rewards=rewards, adv=adv, local_rewards=local_rewards,
@@ -109,13 +113,13 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save(run, policy, opt, sched, counters, dist)
     except KeyboardInterrupt:  # mid-step: keep the adapter; the last checkpoint stays consistent
-        if dist.is_main:
+        if dist.is_main and dist.replicated:  # (sharded weights would need every rank, which may be gone)
             run.save_atomic("adapter", policy.save_adapter)
         raise
-    save(run, policy, opt, sched, counters, dist)
+    full = save(run, policy, opt, sched, counters, dist)
     if dist.is_main:
         run.plot("reward")
-    return summary(run, policy, time.time() - t_start)
+    return summary(run, policy, time.time() - t_start, full)
 
 
 def sampling_uniforms(seed: int, prompt_ids, group_size: int, max_new_tokens: int) -> torch.Tensor:
@@ -307,10 +311,9 @@ def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LM
     opt.zero_grad(set_to_none=True)
     grad_norm = float("nan")
     bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss))))
-    if not bad:
-        (loss * dist.world).backward()  # DDP averages gradients over ranks; undo its 1/world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            policy.trainable_parameters(), cfg.max_grad_norm or float("inf")))
+    if not bad:  # (DeepSpeed's engine steps inside backward and clips at max_grad_norm itself)
+        dist.backward(loss * dist.world)  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
+        grad_norm = dist.clip_grad_norm(policy.trainable_parameters(), cfg.max_grad_norm)
     if math.isfinite(grad_norm):
         opt.step()
         sched.step()
@@ -358,13 +361,26 @@ def _frac_equal_groups(rewards: torch.Tensor, g: int) -> float:
     return float((groups.max(1).values == groups.min(1).values).float().mean())
 
 
-def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> None:
+def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> dict | None:
     """The adapter for users (``adapter/``) and a resumable checkpoint (``checkpoint/``),
-    written by the main process (every rank holds the same weights and optimiser state)."""
+    written by the main process; sharded weights are gathered whole first (every rank takes
+    part), and are returned."""
+    full = None if dist.replicated else policy.full_trainable(dist)
+    opt_state = dist.optimizer_state(policy.train_net, opt)
+    tmp = run.tmp_path(NAME)
+    if dist.kind == "DEEPSPEED":  # every rank writes its optimiser partition into the new checkpoint
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        dist.save_shards(tmp)
+        dist.barrier()
     if dist.is_main:
-        run.save_atomic("adapter", policy.save_adapter)
-        save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter"), opt, sched, counters)
+        run.save_atomic("adapter", lambda d: policy.save_adapter(d, full))
+        save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter", full), opt, sched, counters,
+                        optimizer_state=opt_state, fresh=dist.kind != "DEEPSPEED")
     dist.barrier()
+    return full
 
 
 def dump_tensors(run: Run, step: int, dist: Dist, **tensors) -> None:
@@ -380,24 +396,30 @@ def dump_tensors(run: Run, step: int, dist: Dist, **tensors) -> None:
 class _OneProcess:
     """``Dist`` for code called outside a run (tests, evaluation): one process, no collectives."""
 
-    world, rank, is_main = 1, 0, True
+    world, rank, is_main, replicated = 1, 0, True, True
 
     def sum(self, x):
         return x
 
     mean = max = gather = local = sum
 
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm(self, params, max_norm):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+
 
 _ONE = _OneProcess()
 
 
-def summary(run: Run, policy: LMPolicy, seconds: float) -> dict:
+def summary(run: Run, policy: LMPolicy, seconds: float, full: dict | None = None) -> dict:
     hist = run.history
     last = hist[-5:]
     out = {"run_dir": str(run.dir), "steps": len(hist), "train_time_s": round(seconds, 1),
            "reward_first": hist[0]["reward"] if hist else None,
            "reward_last5": sum(r["reward"] for r in last) / len(last) if last else None,
-           "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(), 4)}
+           "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(full), 4)}
     if hist and out["adapter_norm"] == 0.0:
         out["warning"] = "the LoRA adapter did not move: check lr and the reward signal"
     return out
