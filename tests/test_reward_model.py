@@ -17,6 +17,7 @@ from rlhf.reward_model import (
     RewardModelFn,
     arith_pairs,
     bradley_terry_loss,
+    linear_lr,
     sampled_arith_pairs,
 )
 from rlhf.tasks import FileTask, fresh_problems, split_held_out
@@ -28,6 +29,11 @@ def test_bradley_terry_by_hand():
     expected = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(1)))) / 2
     assert abs(loss.item() - expected) < 1e-6
     assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+
+
+def test_linear_lr_warms_up_then_decays_to_zero():
+    assert [linear_lr(s, 0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [round(linear_lr(s, 2, 6), 4) for s in range(6)] == [0.3333, 0.6667, 1.0, 0.75, 0.5, 0.25]
 
 
 def test_arith_pairs_prefer_the_right_sum_and_hold_out_problems():
