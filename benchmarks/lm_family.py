@@ -1,6 +1,7 @@
 """The LM algorithm family side by side on the addition task: GRPO, PPO, RLOO, REINFORCE.
 
     .venv/bin/python benchmarks/lm_family.py [--algos grpo ppo rloo reinforce] [--reuse grpo=runs/demo-...]
+                                             [--set threads=1]
 
 Runs each ``recipes/<algo>_arith.yaml`` with ``rlhf train`` (one after the other, never at the
 same time), then ``rlhf eval`` on 200 held-out problems, and writes ``benchmarks/lm_family.png``
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--reuse", nargs="*", default=[], metavar="ALGO=RUN_DIR")
     ap.add_argument("--out", default="runs/family")
     ap.add_argument("--plot", default="benchmarks/lm_family.png")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override passed to every `rlhf train` (e.g. threads=1 beside another job)")
     args = ap.parse_args()
     reuse = dict(item.split("=", 1) for item in args.reuse)
     rlhf = str(Path(sys.executable).with_name("rlhf"))
@@ -46,7 +49,9 @@ def main() -> None:
         run_dir = reuse.get(algo)
         if run_dir is None:
             run_dir = f"{args.out}/{algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-            trained = last_json([rlhf, "train", f"recipes/{algo}_arith.yaml", "--run-dir", run_dir, "--no-progress"])
+            sets = [x for kv in args.set for x in ("--set", kv)]
+            trained = last_json([rlhf, "train", f"recipes/{algo}_arith.yaml", *sets, "--run-dir", run_dir,
+                                 "--no-progress"])
             seconds = trained["train_time_s"]
         else:
             seconds = None
