@@ -86,7 +86,7 @@ def sampled_arith_pairs(rm: RewardModel, problems: list[tuple[int, int]], seed: 
                         temperature: float, batch: int = 64) -> list[dict]:
     """Pairs the way RLHF builds them, from the policy's own samples: one completion per problem
     sampled from the base LM (the policy GRPO starts from; plain temperature sampling, no top-k),
-    judged by ``arith_correct``. A wrong sample (about 96% of them) is the rejected completion
+    judged by ``arith_correct``. A wrong sample (most of them) is the rejected completion
     against the right answer, bare or as ``a + b = s``; a right one is the chosen completion
     against a near-miss wrong answer."""
     from rewards.arith import last_integer
