@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from rewards._text import completion_text
 from rlhf.config import LMConfig
 from rlhf.errors import UserError
+from rlhf.lm.policy import PolicyNet, _positions
 
 RM_DIR = "reward_model"
 SAMPLED_SHARE = 0.25  # arith: share of pairs built from the base policy's own samples (the rest: near misses)
@@ -200,6 +201,7 @@ class RewardModel:
             self.model = get_peft_model(base, cfg)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.net = PolicyNet(self.model, None, temperature=1.0)  # the log-ratio's log-probs
         self.score_head = None
         if self.head == "classifier":  # one output, no bias (as AutoModelForSequenceClassification)
             self.score_head = torch.nn.Linear(self.model.config.hidden_size, 1, bias=False)
@@ -253,40 +255,12 @@ class RewardModel:
             out["mask"][i, :len(b)] = 1
         return out
 
-    def _logp(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p of each completion token [N, K], 0 on padding. Each prompt runs once; its keys
-        and values are gathered for its completions, which run on top of them (a pair's chosen
-        and rejected completions share one prompt pass), in up to two buckets of similar length.
-        The LM head sees completion positions only."""
-        from rlhf.lm.policy import length_buckets
-
-        ids, mask, p_mask = enc["ids"], enc["mask"], enc["prompt_mask"]
-        decoder = self.model.get_base_model().get_decoder()
-        prompt = decoder(input_ids=enc["prompt_ids"], attention_mask=p_mask,
-                         position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-        logp = torch.zeros(ids.shape)
-        for rows, width in length_buckets(mask):
-            hidden = self._hidden(decoder, prompt, p_mask, enc["owner"][rows], ids[rows, :width],
-                                  mask[rows, :width])
-            logits = self.model.get_base_model().get_output_embeddings()(hidden).float()
-            logp = logp.index_put((rows,), F.pad(logits.log_softmax(-1).gather(-1, ids[rows, :width, None])
-                                                 .squeeze(-1), (0, ids.shape[1] - width)))
-        return logp * mask
-
-    def _hidden(self, decoder, prompt, p_mask, owner, ids, mask) -> torch.Tensor:
-        """Final hidden states [n, w, d] of the positions predicting completion tokens ``ids`` [n, w]."""
-        from transformers import DynamicCache
-
-        hidden = prompt.last_hidden_state[owner, -1:]  # predicts completion token 0
-        w = ids.shape[1]
-        if w == 1:
-            return hidden
-        kv = [(key[owner], value[owner]) for key, value, *_ in prompt.past_key_values]
-        cache = DynamicCache(ddp_cache_data=kv, config=self.model.config)
-        rest = decoder(input_ids=ids[:, :-1], attention_mask=torch.cat([p_mask[owner], mask[:, :-1]], 1),
-                       past_key_values=cache, use_cache=True,
-                       position_ids=p_mask[owner].sum(-1, keepdim=True) + torch.arange(w - 1))
-        return torch.cat([hidden, rest.last_hidden_state], 1)  # position i predicts token i
+    def _logp(self, enc: dict[str, torch.Tensor], adapter: bool = True) -> torch.Tensor:
+        """log p of each completion token [N, K], 0 on padding (``adapter=False``: the base's),
+        by the policy's own training forward (``PolicyNet``): each prompt runs once, and its
+        completions (a pair's chosen and rejected ones) run on top of its keys and values."""
+        return self.net(enc["prompt_ids"], enc["prompt_mask"], enc["ids"], enc["mask"], adapter=adapter,
+                        owner=enc["owner"])["logp"]
 
     def score(self, prompts: list, completions: list) -> torch.Tensor:
         """Rewards [N]: ``beta * sum over completion tokens of (log p_rm - log p_base)``, or the
@@ -295,8 +269,8 @@ class RewardModel:
         if self.head == "classifier":
             return self._classifier_score(enc)
         logp = self._logp(enc)
-        with torch.no_grad(), self.model.disable_adapter():
-            ref = self._logp(enc)
+        with torch.no_grad():
+            ref = self._logp(enc, adapter=False)
         return self.beta * (logp - ref).sum(-1)
 
     def _classifier_score(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -306,7 +280,7 @@ class RewardModel:
         ids = torch.cat([enc["prompt_ids"][owner], enc["ids"]], 1)
         mask = torch.cat([enc["prompt_mask"][owner], enc["mask"]], 1)
         decoder = self.model.get_base_model().get_decoder()
-        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
                          use_cache=False).last_hidden_state
         last = t + enc["mask"].sum(-1) - 1  # [N]
         return self.score_head(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()

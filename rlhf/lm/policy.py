@@ -21,8 +21,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.distributed import DATA_PARALLEL
 from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
+from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
 
@@ -340,8 +340,9 @@ class PolicyNet(torch.nn.Module):
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
                 group_size: int = 1, adapter: bool = True, values: bool = False,
-                entropy: bool = False, logp: bool = True) -> dict[str, Tensor]:
-        """``logp=False`` (a separate critic): values only, the LM head is skipped.
+                entropy: bool = False, logp: bool = True, owner: Tensor | None = None) -> dict[str, Tensor]:
+        """``logp=False`` (a separate critic): values only, the LM head is skipped. ``owner`` [N]:
+        the prompt of each completion row (default: a group's ``group_size`` rows are contiguous).
 
         Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
         of its group, and the completions run on top, in up to two buckets of similar length
@@ -351,11 +352,14 @@ class PolicyNet(torch.nn.Module):
         """
         want_hidden = values and self.value_head is not None
         c = completion_ids.shape[1]
+        if owner is None:
+            owner = torch.div(torch.arange(len(completion_ids), device=completion_ids.device), group_size,
+                              rounding_mode="floor")
         decoder = self.model.get_base_model().get_decoder()
         with contextlib.nullcontext() if adapter else self.model.disable_adapter():
             if self.full_sequence:  # one plain pass over each row's prompt + completion
-                ids = torch.cat([prompt_ids.repeat_interleave(group_size, 0), completion_ids], 1)
-                attn = torch.cat([prompt_mask.repeat_interleave(group_size, 0), mask.to(prompt_mask.dtype)], 1)
+                ids = torch.cat([prompt_ids[owner], completion_ids], 1)
+                attn = torch.cat([prompt_mask[owner], mask.to(prompt_mask.dtype)], 1)
                 res = decoder(input_ids=ids, attention_mask=attn, position_ids=_positions(attn))
                 hidden = res.last_hidden_state[:, -c - 1:-1]  # position i predicts completion token i
             else:
@@ -363,17 +367,16 @@ class PolicyNet(torch.nn.Module):
                                  position_ids=_positions(prompt_mask), use_cache=True)
                 parts, order = [], []
                 for rows, width in length_buckets(mask):
-                    part = self._completions(decoder, prompt, prompt_mask, completion_ids, mask, group_size,
+                    part = self._completions(decoder, prompt, prompt_mask, completion_ids, mask, owner[rows],
                                              rows, width)
                     parts.append(F.pad(part, (0, 0, 0, c - width)))
                     order.append(rows)
                 hidden = torch.cat(parts)[torch.argsort(torch.cat(order))]  # back to the rollout's order
         return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp)
 
-    def _completions(self, decoder, prompt, prompt_mask, completion_ids, mask, group_size, rows, width):
+    def _completions(self, decoder, prompt, prompt_mask, completion_ids, mask, owner, rows, width):
         """Final hidden states [n, width, d] of the positions that predict completion ``rows``'
-        tokens, run on top of their prompts' cached keys and values."""
-        owner = torch.div(rows, group_size, rounding_mode="floor")          # prompt of each row
+        tokens (``owner``: their prompts), run on top of their prompts' cached keys and values."""
         hidden = prompt.last_hidden_state[owner, -1:]                       # predicts token 0
         if width == 1:
             return hidden
