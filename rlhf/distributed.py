@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -129,13 +131,21 @@ class Dist:
             return {"deepspeed": DEEPSPEED_DIR}
         return opt.state_dict()
 
-    def save_shards(self, directory) -> None:
-        """DeepSpeed: every rank writes its partition of the optimiser state (and the trainable
-        weights) under ``directory/deepspeed`` with the engine's own checkpointing; else nothing."""
-        if self.kind == "DEEPSPEED":
-            engine = self.acc.deepspeed_engine_wrapped.engine
-            engine.save_checkpoint(str(os.path.join(directory, DEEPSPEED_DIR)), tag="last",
-                                   exclude_frozen_parameters=True)
+    def save_shards(self, directory: Path) -> bool:
+        """DeepSpeed: ``directory`` is made anew by the main process, then every rank writes its
+        partition of the optimiser state (and the trainable weights) under ``directory/deepspeed``
+        with the engine's own checkpointing. Returns whether anything was written (else nothing
+        is done: the main process writes the whole optimiser state itself)."""
+        if self.kind != "DEEPSPEED":
+            return False
+        if self.is_main:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+        self.barrier()
+        engine = self.acc.deepspeed_engine_wrapped.engine
+        engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag="last", exclude_frozen_parameters=True)
+        self.barrier()
+        return True
 
     def load_optimizer_state(self, module: torch.nn.Module, opt, state: dict, directory) -> None:
         """Apply a checkpoint's optimiser state (``optimizer_state``'s counterpart)."""

@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import math
 import random
-import shutil
 import time
 
 import torch
@@ -367,18 +366,11 @@ def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> 
     part), and are returned."""
     full = None if dist.replicated else policy.full_trainable(dist)
     opt_state = dist.optimizer_state(policy.train_net, opt)
-    tmp = run.tmp_path(NAME)
-    if dist.kind == "DEEPSPEED":  # every rank writes its optimiser partition into the new checkpoint
-        if dist.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        dist.save_shards(tmp)
-        dist.barrier()
+    shards = dist.save_shards(run.tmp_path(NAME))  # DeepSpeed: each rank's partition, into the new checkpoint
     if dist.is_main:
         run.save_atomic("adapter", lambda d: policy.save_adapter(d, full))
         save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter", full), opt, sched, counters,
-                        optimizer_state=opt_state, fresh=dist.kind != "DEEPSPEED")
+                        optimizer_state=opt_state, fresh=not shards)
     dist.barrier()
     return full
 
