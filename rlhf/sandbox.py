@@ -47,7 +47,7 @@ COVERED = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
 PRELOAD = ("math", "cmath", "re", "string", "itertools", "functools", "collections", "heapq", "bisect",
            "array", "copy", "decimal", "fractions", "statistics", "random", "json", "typing",
            "dataclasses", "operator", "io", "time", "datetime", "enum", "textwrap", "unicodedata",
-           "struct", "traceback", "socket")
+           "struct", "traceback", "socket", "encodings.idna")
 
 
 @dataclass(frozen=True)
