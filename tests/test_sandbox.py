@@ -109,8 +109,9 @@ def test_parent_environment_is_not_readable(limits, monkeypatch):
     monkeypatch.setenv("RLHF_TEST_SECRET", secret)
     snoop = ("import os\nfound = [v for v in os.environ.values() if v.startswith('s3cr3t-')]\n"
              "for d in os.listdir('/proc')[:2000]:\n    try:\n"
-             "        found += [x.split(b'=', 1)[1].decode() for x in open(f'/proc/{d}/environ', 'rb').read().split(b'\\0')"
-             " if x.startswith(b'RLHF_TEST_SECRET=')]\n"
+             "        found += [x.split(b'=', 1)[1].decode()\n"
+             "                  for x in open(f'/proc/{d}/environ', 'rb').read().split(b'\\0')\n"
+             "                  if x.startswith(b'RLHF_TEST_SECRET=')]\n"
              "    except (OSError, IndexError):\n        pass\nprint(found[0] if found else 'none')\n")
     r = run_python(snoop, limits=limits)
     assert r.stdout.strip() == "none" and secret not in r.stdout + r.stderr
