@@ -6,8 +6,11 @@ exact answer its test case expects, so a score of 1 would mean the attack worked
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -106,15 +109,26 @@ def test_writing_outside_its_directory(limits, tmp_path):
 
 def test_parent_environment_is_not_readable(limits, monkeypatch):
     secret = "s3cr3t-" + os.urandom(6).hex()
-    monkeypatch.setenv("RLHF_TEST_SECRET", secret)
     snoop = ("import os\nfound = [v for v in os.environ.values() if v.startswith('s3cr3t-')]\n"
              "for d in os.listdir('/proc')[:2000]:\n    try:\n"
              "        found += [x.split(b'=', 1)[1].decode()\n"
              "                  for x in open(f'/proc/{d}/environ', 'rb').read().split(b'\\0')\n"
              "                  if x.startswith(b'RLHF_TEST_SECRET=')]\n"
              "    except (OSError, IndexError):\n        pass\nprint(found[0] if found else 'none')\n")
-    r = run_python(snoop, limits=limits)
-    assert r.stdout.strip() == "none" and secret not in r.stdout + r.stderr
+    # /proc/PID/environ holds a process's environment as it was at exec, so the "trainer" here is a
+    # process started with the secret; it runs the snoop plainly (a control: the snoop can find it)
+    # and in the sandbox
+    trainer = ("import subprocess, sys\nfrom rlhf.sandbox import Limits, run_python\n"
+               "plain = subprocess.run([sys.executable, '-c', sys.argv[1]], env={}, capture_output=True, text=True)\n"
+               "print(plain.stdout.strip())\n"
+               f"print(run_python(sys.argv[1], limits=Limits(**{dataclasses.asdict(limits)})).stdout.strip())\n")
+    env = {**os.environ, "RLHF_TEST_SECRET": secret, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", trainer, snoop], env=env, capture_output=True, text=True,
+                         timeout=60).stdout.split()
+    if os.geteuid() == 0:  # a root child can read its parent's /proc/PID/environ: the control finds it
+        assert out[0] == secret
+    assert out[-1] == "none"
+    monkeypatch.setenv("RLHF_TEST_SECRET", secret)  # and nothing is inherited from os.environ
     assert code_tests(None, [snoop], [io(("", secret))]) == [0.0]
 
 
