@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -146,7 +147,8 @@ def _call(rf: RewardFn, prompts, completions, columns) -> list[float | None]:
     return _check(rf, values, completions)
 
 
-def _check(rf: RewardFn, values, completions) -> list[float | None]:
+def _check(rf: RewardFn, values, completions, first: int = 0) -> list[float | None]:
+    """Validate what a function returned for ``completions`` (samples ``first``, ``first + 1``, ...)."""
     import torch
 
     if not isinstance(values, (list, tuple)) and not torch.is_tensor(values):
@@ -158,7 +160,7 @@ def _check(rf: RewardFn, values, completions) -> list[float | None]:
                         f"{len(completions)} completions; it must return one per completion")
     for i, v in enumerate(values):
         if v is not None and (not isinstance(v, Real) or not math.isfinite(v)):
-            raise UserError(f"reward function {rf.name!r} returned {v!r} for sample {i} "
+            raise UserError(f"reward function {rf.name!r} returned {v!r} for sample {first + i} "
                             f"(completion {_short(completions[i])}); rewards must be finite numbers or None")
     return [None if v is None else float(v) for v in values]
 
@@ -262,8 +264,7 @@ class RewardPool:
             raise UserError(f"reward function {name!r} raised {payload} on sample {i} (completion "
                             f"{_short(completion)}); fix the function or make it return None for samples "
                             "it cannot score")
-        rf = RewardFn(name, None)
-        return _check(rf, payload, [completion])[0]
+        return _check(RewardFn(name, None), payload, [completion], first=i)[0]
 
     def _stop(self, k: int) -> None:
         if self.workers[k] is not None:
@@ -309,11 +310,11 @@ def _worker_main(read_fd: int, write_fd: int, names: list[str]) -> None:
     """A reward worker's loop: load each named function once, score one sample per task."""
     try:  # die with the trainer (Linux)
         import ctypes
-        import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops us
     os.dup2(2, 1)  # a print() in a reward goes to stderr, never into the result pipe
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     try:

@@ -63,14 +63,14 @@ def test_a_slow_sample_is_stopped_named_and_scores_none(tmp_path, capsys):
 @pytest.mark.parametrize("body, pattern", [
     ("    raise KeyError('boom')", r"raised KeyError: 'boom' on sample 0 \(completion 'a'\)"),
     ("    import os; os._exit(3)", r"killed its worker process \(exit status 3\) on sample 0"),
-    ("    return [float('nan')]", r"returned nan for sample 0"),
+    ("    return [float('nan') if completions[0] == 'b' else 1.0]", r"returned nan for sample 1 \(completion 'b'\)"),
 ])
 def test_worker_failures_are_one_sentence(tmp_path, body, pattern):
     f = tmp_path / "bad.py"
     f.write_text(f"def fn(prompts, completions, **kw):\n{body}\n")
     fns = load_rewards([f"{f}:fn"], workers=1)
     with pytest.raises(UserError, match=pattern):
-        score(fns, ["p"], ["a"], {})
+        score(fns, ["p", "p"], ["a", "b"], {})
     fns[0].pool.close()
 
 
