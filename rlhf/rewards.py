@@ -202,22 +202,27 @@ class RewardPool:
         late: list[int] = []
         busy: dict[int, tuple[int, float]] = {}  # worker slot -> (sample, deadline)
         self._start_missing()
-        while todo or busy:
-            for k in range(len(self.workers)):
-                if todo and k not in busy:
-                    i = todo.pop()
-                    self._send(k, (name, {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
-                                          **{c: v[i:i + 1] for c, v in columns.items()}}))
-                    busy[k] = (i, time.monotonic() + (self.timeout_s or math.inf))
-            left = min(d for _, d in busy.values()) - time.monotonic()
-            ready = wait([self.workers[k].recv for k in busy], None if left == math.inf else max(left, 0))
-            for k in [k for k in busy if self.workers[k].recv in ready]:
-                i, _ = busy.pop(k)
-                values[i] = self._receive(k, name, i, completions[i])
-            for k in [k for k, (_, d) in busy.items() if d <= time.monotonic()]:
-                i, _ = busy.pop(k)
+        try:
+            while todo or busy:
+                for k in range(len(self.workers)):
+                    if todo and k not in busy:
+                        i = todo.pop()
+                        self._send(k, (name, {"prompts": prompts[i:i + 1], "completions": completions[i:i + 1],
+                                              **{c: v[i:i + 1] for c, v in columns.items()}}))
+                        busy[k] = (i, time.monotonic() + (self.timeout_s or math.inf))
+                left = min(d for _, d in busy.values()) - time.monotonic()
+                ready = wait([self.workers[k].recv for k in busy], None if left == math.inf else max(left, 0))
+                for k in [k for k in busy if self.workers[k].recv in ready]:
+                    i, _ = busy.pop(k)
+                    values[i] = self._receive(k, name, i, completions[i])
+                for k in [k for k, (_, d) in busy.items() if d <= time.monotonic()]:
+                    i, _ = busy.pop(k)
+                    self._stop(k)
+                    late.append(i)
+        except BaseException:  # a failed sample or Ctrl-C: drop the workers whose replies are pending
+            for k in busy:
                 self._stop(k)
-                late.append(i)
+            raise
         if late:
             late.sort()
             more = f" and {len(late) - 1} other sample(s) of this batch" if len(late) > 1 else ""

@@ -101,3 +101,16 @@ def test_training_goes_on_past_a_timed_out_reward(tiny_model, tmp_path, capsys):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2  # both steps ran
     assert rows[0][f"rewards/{reward}:fn/timeouts"] == 0.25 and rows[1][f"rewards/{reward}:fn/timeouts"] == 0.0
+
+
+def test_pool_is_clean_after_a_failed_batch(tmp_path):
+    f = tmp_path / "r.py"
+    f.write_text("import time\ndef fn(prompts, completions, **kw):\n"
+                 "    if completions[0] == 'bad':\n        raise ValueError('no')\n"
+                 "    time.sleep(0.2)\n    return [float(len(completions[0]))]\n")
+    fns = load_rewards([f"{f}:fn"], workers=2)
+    with pytest.raises(UserError, match="on sample 1"):
+        score(fns, ["p"] * 3, ["ok", "bad", "okay"], {})
+    # the reply still pending from the failed batch must not be read as this batch's
+    assert score(fns, ["p"] * 2, ["abc", "abcdefg"], {})[0].tolist() == [3.0, 7.0]
+    fns[0].pool.close()
