@@ -19,11 +19,15 @@ returns what it printed. The layers, and when each holds (``isolation()`` says w
   ``net``: only a loopback that is down, so every connect fails, 127.0.0.1 included), new PID
   namespace (``pid``: the program is PID 1 of its own namespace, ``/proc`` shows only its
   processes, and when it exits or is killed every process it started dies with it), new IPC
-  namespace (``ipc``) and new mount namespace (``mount``) in which the world-writable
-  directories (``COVERED``: /tmp, /var/tmp, /dev/shm, /run/lock) are hidden under empty
-  read-only tmpfs mounts. With ``uid`` and ``mount`` the temporary directory is the only place the
-  program can create files (files it may write besides are device nodes such as /dev/null); it can
-  still *read* whatever is world-readable on the machine.
+  namespace (``ipc``) and new mount namespace (``mount``) in which its directory is a fresh tmpfs of
+  ``disk_mb`` (so all its files together are bounded, not only each one) and the usual
+  world-writable directories (``COVERED``: /tmp, /var/tmp, /dev/shm, /run/lock, /dev/mqueue) are
+  hidden under empty read-only tmpfs mounts. With ``uid`` and ``mount`` that directory is the only
+  place the program can create files on a machine whose other world-writable directories are those
+  (on the development machine ``find / -xdev -type d -perm -0002`` lists /tmp, /var/tmp and
+  /run/lock; another machine may have more); it may still write device nodes such as /dev/null and
+  *read* whatever is world-readable. Without ``mount`` the directory is on disk under /tmp and only
+  each file's size is bounded.
 * not enforced: seccomp syscall filtering, CPU share/niceness beyond ``RLIMIT_CPU``, disk I/O
   bandwidth. Without root, none of ``uid``/``net``/``pid``/``mount`` holds: the program runs as
   the trainer's user with rlimits only, so use a container (``isolation()`` tells you).
@@ -55,7 +59,8 @@ class Limits:
     cpu_s: int = 2            # RLIMIT_CPU (whole seconds; SIGKILL when reached)
     wall_s: float = 5.0       # wall-clock kill (covers sleeping / blocked programs and startup)
     memory_mb: int = 512      # RLIMIT_AS
-    file_mb: int = 16         # RLIMIT_FSIZE
+    file_mb: int = 16         # RLIMIT_FSIZE (one file)
+    disk_mb: int = 64         # all files together (its directory is a tmpfs of this size; needs mount)
     processes: int = 16       # RLIMIT_NPROC for the program's own uid (needs the uid layer)
     output_kb: int = 256      # stdout kept; more kills the program
 
@@ -80,6 +85,7 @@ libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the trainer
 layers = [n for n, f in (("net", 0x40000000), ("mount", 0x20000), ("pid", 0x20000000), ("ipc", 0x8000000))
           if cfg["uid"] is not None and libc.unshare(f) == 0]
 src = open("prog.py", encoding="utf-8", errors="replace").read()
+L = cfg["limits"]
 pid = os.fork()
 if pid:
     _, status = os.waitpid(pid, 0)
@@ -90,6 +96,11 @@ try:
     if "mount" in layers:
         if libc.mount(b"none", b"/", None, 16384 | (1 << 18), None) != 0:  # MS_REC | MS_PRIVATE
             raise OSError(ctypes.get_errno(), "making mounts private")
+        here = os.getcwd()  # replaced by a size-limited tmpfs that the program's uid owns
+        opts = "size=%dm,nr_inodes=4096,mode=700,uid=%d,gid=%d" % (L["disk_mb"], cfg["uid"], cfg["uid"])
+        if libc.mount(b"tmpfs", here.encode(), b"tmpfs", 2 | 4, opts.encode()) != 0:
+            raise OSError(ctypes.get_errno(), "mounting the work directory")
+        os.chdir(here)
         for d in cfg["covered"]:
             if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", 1 | 2 | 4, b"size=4k") != 0:
                 raise OSError(ctypes.get_errno(), "covering " + d)
@@ -100,7 +111,6 @@ try:
             __import__(m)
         except ImportError:
             pass
-    L = cfg["limits"]
     for res, v in ((resource.RLIMIT_CPU, L["cpu_s"]), (resource.RLIMIT_AS, L["memory_mb"] << 20),
                    (resource.RLIMIT_FSIZE, L["file_mb"] << 20), (resource.RLIMIT_NOFILE, 64),
                    (resource.RLIMIT_CORE, 0)):

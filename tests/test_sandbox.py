@@ -20,7 +20,7 @@ import rewards.code as code
 from rewards import code_tests
 from rlhf.sandbox import Limits, isolation, run_python
 
-FAST = Limits(cpu_s=1, wall_s=2.0, memory_mb=256, file_mb=1, processes=8)
+FAST = Limits(cpu_s=1, wall_s=2.0, memory_mb=256, file_mb=1, disk_mb=4, processes=8)
 # correct programs must not fail on a loaded 2-core machine: a generous wall clock for them
 GENEROUS = Limits(cpu_s=2, wall_s=20.0, memory_mb=256, file_mb=1, processes=8)
 
@@ -105,6 +105,12 @@ def test_writing_outside_its_directory(limits, tmp_path):
     assert not any(os.path.exists(p) for p in targets)
     big = "open('big', 'w').write('x' * (4 << 20))\nprint('wrote')"  # past file_mb = 1
     assert code_tests(None, [big], [io(("", "wrote"))]) == [0.0]
+    # 16 files of 512 KiB (8 MiB, capped here) do not fit in disk_mb = 4
+    many = ("n = 0\ntry:\n    for n in range(16):\n        open(f'f{n}', 'w').write('x' * (512 << 10))\n"
+            "    n = 16\nexcept OSError:\n    pass\nprint(n)\n")
+    r = run_python(many, limits=limits)
+    assert r.returncode == 0 and int(r.stdout) * 512 <= limits.disk_mb << 10
+    assert code_tests(None, [many], [io(("", "16"))]) == [0.0]
 
 
 def test_parent_environment_is_not_readable(limits, monkeypatch):
