@@ -5,8 +5,9 @@ with completions as strings, or as message lists (``[{"role": "assistant", "cont
 for conversational prompts. ``None`` means "not applicable to this sample".
 """
 from rewards.arith import arith_correct, arith_format, last_integer
+from rewards.code import code_tests
 from rewards.text import length_penalty
 
-REGISTRY = {f.__name__: f for f in (arith_correct, arith_format, length_penalty)}
+REGISTRY = {f.__name__: f for f in (arith_correct, arith_format, code_tests, length_penalty)}
 
-__all__ = ["REGISTRY", "arith_correct", "arith_format", "last_integer", "length_penalty"]
+__all__ = ["REGISTRY", "arith_correct", "arith_format", "code_tests", "last_integer", "length_penalty"]

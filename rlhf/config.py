@@ -26,6 +26,10 @@ class LMConfig:
     task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
     eval_task: str | None = None         # held-out file for a file task (default: 10% split)
     rewards: list = field(default_factory=lambda: ["arith_correct"])  # names or {name: weight}
+    reward_timeout_s: float = 0.0        # >0: a sample taking longer in one reward function scores None for
+                                         # it, with one line naming both, and the run goes on (0: no limit)
+    reward_workers: int = 0              # processes scoring rewards one sample per call (0: in-process,
+                                         # batched; a timeout uses >= 1 since only a process can be stopped)
     seed: int = 0                        # seeds data, sampling and LoRA init
     steps: int = 30                      # optimiser steps (one rollout each)
     prompts_per_step: int = 4            # distinct prompts per rollout
@@ -103,6 +107,9 @@ class LMConfig:
         if self.algo == "reinforce" and self.objective != "clip":
             raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
                             "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
+        for key in ("reward_timeout_s", "reward_workers"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 

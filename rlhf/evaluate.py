@@ -42,7 +42,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
 
         fns, metric = [RewardFn("arith_correct", arith_correct)], "accuracy"
     else:
-        fns, metric = load_rewards(cfg.rewards), "reward"
+        fns, metric = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers), "reward"
     out = {"run_dir": str(run_dir), "problems": len(rows)}
     for label, use_adapter in (("base", False), ("trained", True)):
         out[f"{label}_{metric}"] = round(greedy_score(policy, rows, fns, cfg, use_adapter, progress), 4)

@@ -45,7 +45,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                         f"{dist.world * cfg.minibatches}")
     seed_everything(cfg.seed, cfg.threads)
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
-    reward_fns = load_rewards(cfg.rewards)
+    reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
