@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rlhf.config import LMConfig, load_recipe
@@ -16,6 +18,13 @@ def test_recipe_overrides_defaults(tmp_path):
 def test_shipped_recipes_load():
     cfg = load_recipe("recipes/grpo_arith.yaml")
     assert cfg.algo == "grpo" and cfg.group_size >= 2
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in Path("recipes").glob("*.yaml")))
+def test_every_shipped_recipe_passes_validation(recipe):
+    # a refused setting (e.g. a KL estimator whose gradient is wrong where it is placed) in a
+    # shipped recipe would make the quickstart fail with an error
+    load_recipe(recipe)
 
 
 def test_unknown_key_names_closest_valid_keys():
