@@ -59,7 +59,8 @@ def _launch_two(args: list[str], config: str = "ddp_2proc") -> subprocess.Comple
 
 
 GRPO = ("grpo", ["epochs=2", "beta=0.04"])                         # clipped ratio, k3 KL in the loss
-PPO = ("ppo", ["beta=0.04", "kl_placement=reward", "epochs=2"])     # value head, GAE, whitening over ranks
+PPO = ("ppo", ["beta=0.04", "kl_placement=reward", "kl_estimator=k1",  # the reward's KL (k3 is refused there)
+               "epochs=2"])                                         # value head, GAE, whitening over ranks
 SHARDED = {"fsdp2_2proc", "zero3_2proc"}  # each rank holds half of every weight
 
 
@@ -109,15 +110,18 @@ def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resu
     assert a1.keys() == a2.keys()
     moved = max(float(v.abs().max()) for k, v in a1.items() if "lora_B" in k)
     assert moved > 0  # the adapter was trained
-    # Adam divides by sqrt(v): where a gradient entry is ~0, summation-order rounding can move
-    # that entry's update by a fraction of lr (2e-4), so weights are compared to a quarter step
-    lr_quarter = 5e-5
+    # Adam divides by sqrt(v): where a gradient entry is ~0, summation-order rounding decides
+    # the direction of that entry's normalised step, which can move it by up to lr (2e-4) either
+    # way (DESIGN.md); what is linear in the data (loss parts, advantages, grad norms) is
+    # compared tightly above. With k1 in PPO's reward (a signed per-token KL) one entry of 1024
+    # was seen 0.39 lr apart between 1 and 2 processes, and 0.14 lr between 1 and 2 threads.
+    lr_step = 2e-4
     for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=lr_quarter)
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=lr_step)
     if algo == "ppo":
         torch.testing.assert_close(load_file(str(two / "adapter" / "value_head.safetensors"))["weight"],
                                    load_file(str(one / "adapter" / "value_head.safetensors"))["weight"],
-                                   rtol=1e-4, atol=lr_quarter)
+                                   rtol=1e-4, atol=lr_step)
 
 
 def test_prompts_must_split_over_processes():
