@@ -43,7 +43,10 @@ class LMConfig:
     epochs: int = 1                      # update epochs per rollout (>1 needs the clipped ratio)
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
     beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
-    kl_estimator: str = "k3"             # k1 | k2 | k3
+    kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
+                                         # Gradients: loss k2, k3+ -> KL(pi||ref); loss k3 -> KL(ref||pi)
+                                         # (GRPO paper); reward k1 -> KL(pi||ref). Other pairs are
+                                         # refused (KL_REFUSED below; rlhf.core.objectives.kl_estimate)
     kl_placement: str = "loss"           # loss: beta * KL term in the loss (GRPO); reward: -beta * KL
                                          # folded into the reward (InstructGPT; per token for ppo)
     critic: str = "shared"               # ppo: shared (value head on the policy's LoRA trunk) | separate
@@ -84,7 +87,7 @@ class LMConfig:
 
     choices = {
         "algo": ("grpo", "rloo", "reinforce", "ppo", "reward_model"),
-        "kl_estimator": ("k1", "k2", "k3"),
+        "kl_estimator": ("k1", "k2", "k3", "k3+"),
         "kl_placement": ("loss", "reward"),
         "objective": ("clip", "kl_penalty", "adaptive_kl", "none"),
         "critic": ("shared", "separate"),
@@ -94,8 +97,15 @@ class LMConfig:
         "rm_head": ("log_ratio", "classifier"),
     }
 
+    def __post_init__(self) -> None:
+        if self.kl_estimator is None:  # the placement's default, written into the resolved recipe
+            self.kl_estimator = DEFAULT_KL_ESTIMATOR.get(self.kl_placement)
+
     def validate(self) -> None:
         check_choices(self)
+        refused = KL_REFUSED.get((self.kl_estimator, self.kl_placement))
+        if refused:
+            raise UserError(f"kl_estimator={self.kl_estimator} with kl_placement={self.kl_placement}: {refused}")
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
             raise UserError(f"{self.algo} needs group_size >= 2 (got {self.group_size}): its baseline is "
                             "the other completions of the same prompt; use algo: reinforce for 1")
@@ -114,12 +124,43 @@ class LMConfig:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 
 
-# names users bring from TRL / other toolkits -> ours, for "did you mean" hints
+# Default KL estimator of each placement. In the loss, k3+ (ratio-weighted k3, TRL's bias
+# correction): on-policy its per-sample gradient is k2's, log(pi/ref) * grad log pi, so both
+# descend KL(pi||ref) with the same variance; after the first of several minibatches (samples
+# from pi_old) its importance ratio keeps the expected gradient exact where k2's drifts, and its
+# logged value stays an unbiased KL(pi||ref) where k2's is biased (tests/test_kl_grad.py).
+DEFAULT_KL_ESTIMATOR = {"loss": "k3+", "reward": "k1"}
+# (estimator, placement) pairs whose expected gradient has no correct meaning, and the fix
+KL_REFUSED = {
+    ("k1", "loss"): "k1 in the loss has zero expected gradient (E_pi[grad log pi] = 0), so it adds "
+                    "noise and no pull toward the reference; use k3+ or k2 in the loss, or k1 with "
+                    "kl_placement: reward",
+    ("k2", "reward"): "k2 in the reward is a biased penalty whose score-function gradient descends "
+                      "neither KL direction; use k1 in the reward (InstructGPT), or k2 / k3+ with "
+                      "kl_placement: loss",
+    ("k3", "reward"): "k3 in the reward has almost no gradient (it descends KL(pi||ref) - KL(ref||pi), "
+                      "~0 near the reference); use k1 in the reward (InstructGPT), or k3+ with "
+                      "kl_placement: loss",
+    ("k3+", "reward"): "k3+ is a loss-side correction (its ratio weight is 1 in a reward, which leaves "
+                       "k3, with almost no gradient); use k1 in the reward (InstructGPT), or k3+ with "
+                       "kl_placement: loss",
+}
+
+# names users bring from TRL / other toolkits -> ours, for "did you mean" hints: true
+# equivalents only (following a hint must not change the algorithm)
 ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
            "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
            "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
-           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
-           "per_device_train_batch_size": "prompts_per_step", "gradient_accumulation_steps": "minibatches"}
+           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg"}
+# names whose nearest knob here means something else: what to do instead
+NOT_EQUIVALENT = {
+    "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
+        "its whole minibatch at once (minibatches: N is not accumulation: it makes N separate optimiser "
+        "steps per epoch, which changes the algorithm)",
+    "per_device_train_batch_size": "TRL counts completions per device per micro-batch; here a rollout "
+        "samples prompts_per_step x group_size completions, so set prompts_per_step (distinct prompts) and "
+        "group_size (completions per prompt) for the rollout you want",
+}
 # algo name -> config class; other families (gym) register theirs here
 CONFIGS: dict[str, type] = {a: LMConfig for a in LMConfig.choices["algo"]}
 
@@ -167,6 +208,10 @@ def build(cls, values: dict):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        other = key not in hints and next((k for k in NOT_EQUIVALENT if k == key or
+                                           difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
+        if other:
+            raise UserError(f"unknown recipe key {key!r}: {NOT_EQUIVALENT[other]}")
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             alias = ALIASES.get(key) or next((v for k, v in ALIASES.items()

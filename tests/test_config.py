@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from rlhf.config import LMConfig, load_recipe
@@ -16,6 +18,13 @@ def test_recipe_overrides_defaults(tmp_path):
 def test_shipped_recipes_load():
     cfg = load_recipe("recipes/grpo_arith.yaml")
     assert cfg.algo == "grpo" and cfg.group_size >= 2
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in Path("recipes").glob("*.yaml")))
+def test_every_shipped_recipe_passes_validation(recipe):
+    # a refused setting (e.g. a KL estimator whose gradient is wrong where it is placed) in a
+    # shipped recipe would make the quickstart fail with an error
+    load_recipe(recipe)
 
 
 def test_unknown_key_names_closest_valid_keys():
@@ -53,3 +62,25 @@ def test_yaml_is_loaded_safely(tmp_path):
     bad.write_text("steps: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(UserError):
         load_recipe(str(bad))
+
+
+@pytest.mark.parametrize("key, pattern", [
+    ("gradient_accumulation_steps", "no counterpart here.*minibatches: N is not accumulation"),
+    ("gradient_accumulation_step", "no counterpart here"),  # a typo of it gets the same sentence
+    ("per_device_train_batch_size", "prompts_per_step x group_size completions"),
+])
+def test_trl_names_that_are_not_our_knobs_explain_instead_of_mapping(key, pattern):
+    # following "did you mean minibatches / prompts_per_step" would change the algorithm
+    with pytest.raises(UserError, match=f"unknown recipe key '{key}': .*{pattern}") as err:
+        load_recipe(None, [f"{key}=2"])
+    assert "did you mean" not in str(err.value)
+
+
+def test_trl_names_with_true_equivalents_still_hint():
+    with pytest.raises(UserError, match="'num_generations'.*did you mean group_size"):
+        load_recipe(None, ["num_generations=4"])
+
+
+def test_ppo_recipe_puts_k1_in_the_reward():
+    cfg = load_recipe("recipes/ppo_arith.yaml")
+    assert (cfg.kl_estimator, cfg.kl_placement) == ("k1", "reward")

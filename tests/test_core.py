@@ -153,6 +153,9 @@ def test_kl_estimators_by_hand():
     close(kl_estimate(logp, ref, "k1"), [math.log(2)])
     close(kl_estimate(logp, ref, "k2"), [0.5 * math.log(2) ** 2])
     close(kl_estimate(logp, ref, "k3"), [0.5 - 1 + math.log(2)])
+    close(kl_estimate(logp, ref, "k3+"), [0.5 - 1 + math.log(2)])  # on-policy: rho = 1
+    # off-policy, pi_old = 0.25 on this action: rho = 0.5 / 0.25 = 2 weights k3
+    close(kl_estimate(logp, ref, "k3+", old_logp=T([math.log(0.25)])), [2 * (0.5 - 1 + math.log(2))])
     with pytest.raises(ValueError):
         kl_estimate(logp, ref, "k4")
 
@@ -192,7 +195,7 @@ def test_policy_loss_grpo_by_hand():
     # one sequence of 2 tokens, on-policy (ratio 1), adv 2, beta 0.5, ref = logp - ln2 on tok 0
     logp = torch.log(T([[0.5, 0.25]])).requires_grad_()
     ref = torch.log(T([[0.25, 0.25]]))
-    loss, stats = policy_loss(logp, T([2.0]), torch.ones(1, 2), ref_logp=ref, kl_coef=0.5)
+    loss, stats = policy_loss(logp, T([2.0]), torch.ones(1, 2), ref_logp=ref, kl_coef=0.5, kl_estimator="k3")
     k3 = 0.5 - 1 + math.log(2)
     close(loss, (-2.0 + -2.0 + 0.5 * k3) / 2)
     close(stats["kl"], k3 / 2)

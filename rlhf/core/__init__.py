@@ -10,6 +10,7 @@ from rlhf.core.advantages import (
 from rlhf.core.objectives import (
     AGG_MODES,
     KL_ESTIMATORS,
+    KL_PLACEMENTS,
     adaptive_kl_coef,
     aggregate,
     clipped_surrogate,
@@ -24,7 +25,7 @@ from rlhf.core.logprobs import linear_logprobs, sample_categorical, selective_lo
 
 __all__ = [
     "discounted_cumsum", "discounted_returns", "gae", "group_normalize", "leave_one_out",
-    "whiten", "AGG_MODES", "KL_ESTIMATORS", "aggregate", "clipped_surrogate",
+    "whiten", "AGG_MODES", "KL_ESTIMATORS", "KL_PLACEMENTS", "aggregate", "clipped_surrogate",
     "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "policy_loss", "reinforce", "value_loss",
     "selective_log_softmax", "sample_categorical", "linear_logprobs",
 ]

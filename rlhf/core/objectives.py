@@ -23,10 +23,14 @@ __all__ = [
     "adaptive_kl_coef",
     "AGG_MODES",
     "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
 ]
 
 AGG_MODES = ("token_mean", "seq_mean", "constant")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
+# where each estimator's expected gradient has a correct meaning (see ``kl_estimate``): in the
+# loss k2 and k3+ descend KL(pi||ref) and k3 descends KL(ref||pi); in the reward only k1 does
+KL_PLACEMENTS = {"loss": ("k2", "k3", "k3+"), "reward": ("k1",)}
 
 
 def reinforce(logp: Tensor, adv: Tensor) -> Tensor:
@@ -56,8 +60,12 @@ def clipped_surrogate(
 def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: float) -> tuple[Tensor, Tensor]:
     """PPO's KL-penalised surrogate (Schulman et al. 2017, sec. 4):
     ``-rho * A + beta * KL(pi_old || pi)``, ``rho = exp(logp - old_logp)``, with the per-sample
-    KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho`` (>= 0, unbiased).
-    Returns ``(loss, kl)``; beta = 0 gives TRPO's plain importance-sampled surrogate.
+    KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho`` (>= 0; its value is
+    unbiased for KL(pi_old || pi)). Here pi is the *second* argument of the divergence, so the
+    autograd of this k3, ``(1 - 1/rho) * grad log pi``, has expectation under pi_old
+    ``-E_old[grad log pi] = grad KL(pi_old || pi)``: the right gradient (unlike k3 against a
+    reference, where pi is the first argument). Returns ``(loss, kl)``; beta = 0 gives TRPO's
+    plain importance-sampled surrogate.
     """
     kl = kl_estimate(old_logp, logp, "k3")
     return -torch.exp(logp - old_logp) * adv + coef * kl, kl
@@ -93,21 +101,62 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return -(logp_all.exp() * logp_all).sum(-1)
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+# The log-ratio log(ref / pi) is clamped to at most this before both terms of k3: exp() stays
+# finite when the policy has fallen far below the reference on a token, and past the clamp k3
+# is constant in logp (zero gradient) rather than a pull in the wrong direction, which clamping
+# only the exp term gave (k3+ keeps its exact gradient there: see kl_estimate).
+LOG_RATIO_CLAMP = 20.0
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3",
+                old_logp: Tensor | None = None) -> Tensor:
     """Per-sample estimate of KL(pi || pi_ref) from log-probs of actions sampled from pi
-    (Schulman, "Approximating KL divergence", 2020). With ``r = pi_ref / pi``:
-    k1 = -log r (unbiased, high variance), k2 = (log r)^2 / 2 (biased, low variance),
-    k3 = r - 1 - log r (unbiased, low variance, always >= 0; GRPO's choice).
+    (Schulman, "Approximating KL divergence", 2020), ``r = pi_ref / pi``. What trains is the
+    *gradient*, and it depends on where the estimate goes. In the loss, autograd of the value
+    (with the samples given); in the reward, the score function E_pi[est * grad log pi] with
+    the estimate detached. On-policy the expected gradients are:
+
+    ===== ========================= =========================== =============================
+    name  value (E_pi of it)        gradient in the loss        gradient in the reward
+    ===== ========================= =========================== =============================
+    k1    -log r: KL(pi||ref),      0 (E_pi[grad log pi] = 0):  grad KL(pi||ref): correct
+          unbiased, high variance   no pull to the reference    (InstructGPT)
+    k2    (log r)^2 / 2: biased     grad KL(pi||ref): correct   biased (neither direction)
+          (>= 0, low variance)      (per sample: log(pi/ref) *
+                                    grad log pi)
+    k3    r - 1 - log r: KL(pi||    grad KL(ref||pi): the       grad KL(pi||ref) -
+          ref), unbiased, >= 0      other direction (GRPO's     grad KL(ref||pi): ~0 near ref
+                                    choice, DeepSeekMath)
+    k3+   rho * k3, rho = pi /      grad KL(pi||ref): correct,  as k3 (rho is 1 in value)
+          pi_old (1 on-policy):     also off-policy (samples
+          KL(pi||ref), unbiased     from pi_old, the ratio
+          also off-policy           importance-weights them)
+    ===== ========================= =========================== =============================
+
+    ``k3+`` is the ratio-weighted k3 (TRL's ``use_bias_correction_kl``), ``rho = exp(logp -
+    old_logp)`` with ``old_logp`` the sampling policy's (default ``logp.detach()``: on-policy).
+    The autograd of ``rho * k3`` per sample is ``rho * log(pi/ref) * grad log pi``; this is
+    what k3+ returns as its gradient, with ``rho * k3`` as its value, so the gradient stays
+    exact where the clamp bounds the value's exp (past it ``rho * k3`` would push the wrong
+    way). On-policy it is k2's per-sample gradient and verl's straight-through "k3+" (k3's
+    value, k2's gradient); off-policy (a later minibatch of several, samples from pi_old) its
+    importance weight keeps the expected gradient exact where k2's is not.
+    The log-ratio is clamped at ``LOG_RATIO_CLAMP`` before both terms of k3 (see there).
     """
     log_r = ref_logp - logp
     if estimator == "k1":
         return -log_r
     if estimator == "k2":
         return 0.5 * log_r**2
+    if estimator not in ("k3", "k3+"):
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    clamped = log_r.clamp(max=LOG_RATIO_CLAMP)
+    k3 = torch.exp(clamped) - 1 - clamped
     if estimator == "k3":
-        # clamp keeps exp() finite when the policy has drifted far from the reference
-        return torch.exp(log_r.clamp(max=20.0)) - 1 - log_r
-    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        return k3
+    rho = torch.exp(logp - (logp.detach() if old_logp is None else old_logp))
+    k2 = 0.5 * log_r**2  # d k2 / d logp = log(pi/ref): rho.detach() * it is d(rho * k3) / d logp
+    return (rho * k3).detach() + rho.detach() * (k2 - k2.detach())
 
 
 def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | None = None) -> Tensor:
@@ -147,7 +196,7 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = "k3+",
     agg: str = "token_mean",
     denom: float | None = None,
     kl_penalty_coef: float = 0.0,
@@ -160,7 +209,9 @@ def policy_loss(
     (one advantage per sequence, broadcast over its tokens). objective: "clip" (PPO / GRPO
     surrogate; ``old_logp`` defaults to ``logp.detach()``, i.e. one on-policy epoch),
     "reinforce", or "kl_penalty" (PPO's KL-penalised surrogate with ``kl_penalty_coef`` as
-    beta; needs ``old_logp``). Returns ``(loss, stats)``; stats are detached scalars.
+    beta; needs ``old_logp``). ``kl_estimator`` is the KL term's (k2, k3 or k3+ have a meaning
+    in the loss, k1 does not: see ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
+    Returns ``(loss, stats)``; stats are detached scalars.
     """
     if logp.dim() == 1:
         logp = logp[:, None]
@@ -169,8 +220,8 @@ def policy_loss(
         adv = adv[:, None].expand_as(logp)
     adv = adv.reshape(logp.shape).to(logp.dtype)
     stats: dict[str, Tensor] = {}
+    old = logp.detach() if old_logp is None else old_logp.reshape(logp.shape)
     if objective == "clip":
-        old = logp.detach() if old_logp is None else old_logp.reshape(logp.shape)
         per_elem, clipped = clipped_surrogate(logp, old, adv, clip_low, clip_high)
         n = mask.sum().clamp(min=1)
         stats["clip_frac"] = ((clipped * mask).sum() / n).detach()
@@ -187,7 +238,7 @@ def policy_loss(
         raise ValueError(f"objective must be 'clip', 'reinforce' or 'kl_penalty', got {objective!r}")
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator)
+        kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator, old_logp=old)
         stats["kl"] = aggregate(kl.detach(), mask, agg, denom)
         if kl_coef != 0.0:
             per_elem = per_elem + kl_coef * kl
