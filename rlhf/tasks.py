@@ -94,7 +94,14 @@ def load_rows(path: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
+    if p.stat().st_size == 0:  # datasets' readers end in a bare StopIteration on it
+        raise UserError(f"task file {path!r} is empty; it needs at least one row with a 'prompt'")
+    try:
+        rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
+    except Exception as exc:  # a malformed file: name it, not the reader's frame
+        why = (str(exc).splitlines() or [""])[0][:200]
+        raise UserError(f"task file {path!r} cannot be read as {kinds[p.suffix]} ({type(exc).__name__}: "
+                        f"{why}); fix the file or its suffix") from exc
     if not rows or "prompt" not in rows[0]:
         raise UserError(f"task file {path!r} needs a non-empty 'prompt' column "
                         f"(found columns {sorted(rows[0]) if rows else []})")
