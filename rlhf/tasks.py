@@ -94,8 +94,8 @@ def load_rows(path: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    if p.stat().st_size == 0:  # datasets' readers end in a bare StopIteration on it
-        raise UserError(f"task file {path!r} is empty; it needs at least one row with a 'prompt'")
+    if not _has_rows(p):  # datasets' readers end in a bare StopIteration or "no data" on it
+        raise UserError(f"task file {path!r} is empty (no data rows); it needs at least one row with a 'prompt'")
     try:
         rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
     except Exception as exc:  # a malformed file: name it, not the reader's frame
@@ -106,6 +106,22 @@ def load_rows(path: str) -> list[dict]:
         raise UserError(f"task file {path!r} needs a non-empty 'prompt' column "
                         f"(found columns {sorted(rows[0]) if rows else []})")
     return rows
+
+
+def _has_rows(p: Path) -> bool:
+    """Whether a file holds at least one data row: a non-blank line of a .jsonl, one after the
+    header of a .csv (read only up to there); other formats: a non-empty file."""
+    if p.stat().st_size == 0:
+        return False
+    if p.suffix not in (".jsonl", ".csv"):
+        return True
+    needed = 2 if p.suffix == ".csv" else 1
+    with p.open("rb") as f:
+        for line in f:
+            needed -= bool(line.strip())
+            if needed == 0:
+                return True
+    return False
 
 
 def make_task(name: str, seed: int, train_prompts: int, eval_path: str | None = None):

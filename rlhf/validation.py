@@ -129,19 +129,33 @@ def preflight(cfg) -> None:
 
         env_spec(cfg)  # the env exists here and suits the algorithm
         return
-    from rlhf.lm.models import resolve_model
-
-    model_dir = resolve_model(cfg.model)
-    check_model_dir(model_dir, cfg.model)
     if cfg.algo == "reward_model":  # preference pairs: generated for arith, else the file's
         completion_keys = ("chosen", "rejected")
-        needed, closed = {k: "a reward model's preference pair" for k in completion_keys}, []
+        needed, closed = {k: "it needs prompt, chosen and rejected" for k in completion_keys}, []
     else:
         (needed, closed), completion_keys = reward_columns(cfg.rewards), ()
     sources = _row_sources(cfg)
     for source, rows in sources:
         check_rows(rows, source, needed, closed, texts=("prompt", *completion_keys))
-    check_lengths(cfg, model_dir, sources, completion_keys)
+    model_dir = local_model(cfg.model)
+    if model_dir is not None:
+        check_model_dir(model_dir, cfg.model)
+        check_lengths(cfg, model_dir, sources, completion_keys)
+
+
+def local_model(name: str) -> str | None:
+    """The model's directory when it is here already (a local path or the cache), else None:
+    a model still to be downloaded is fetched by the trainer as before, so a bad input never
+    waits on a download (its files and the prompt lengths then go unchecked on that first run;
+    ``rlhf model pull`` first to have them checked)."""
+    from rlhf.lm.models import looks_local, resolve_model
+
+    if looks_local(name):
+        return resolve_model(name)  # an existing directory, or one sentence that it does not exist
+    try:
+        return resolve_model(name, download=False)
+    except UserError:
+        return None
 
 
 def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
@@ -149,9 +163,10 @@ def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
     from rlhf.tasks import ArithTask, load_rows
 
     if cfg.task != "arith":
-        out = [(f"task file {cfg.task!r}", load_rows(cfg.task))]
+        kind = "preference file" if cfg.algo == "reward_model" else "task file"
+        out = [(f"{kind} {cfg.task!r}", load_rows(cfg.task))]
         if cfg.eval_task:
-            out.append((f"eval_task file {cfg.eval_task!r}", load_rows(cfg.eval_task)))
+            out.append((f"eval_task {kind} {cfg.eval_task!r}", load_rows(cfg.eval_task)))
         return out
     if cfg.algo == "reward_model":  # pairs made by our code from the same template: nothing to check
         return []
@@ -213,7 +228,7 @@ GIVEN = ("prompts", "completions")  # what every reward receives besides the dat
 
 
 def reward_columns(specs) -> tuple[dict[str, str], list[tuple[str, set]]]:
-    """(column -> the reward that needs it: each named parameter without a default;
+    """(column -> which reward needs it: each named parameter without a default;
     [(reward, the keywords it accepts)] for each reward without ``**kwargs``)."""
     from rlhf.rewards import load_reward, parse_reward_specs
 
@@ -230,23 +245,23 @@ def reward_columns(specs) -> tuple[dict[str, str], list[tuple[str, set]]]:
                 raise UserError(f"reward {name!r} has positional-only parameter {p.name!r}; rewards are "
                                 "called with keywords (prompts=, completions=, one per dataset column)")
             if p.name not in GIVEN and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                needed.setdefault(p.name, f"reward {name!r}")
+                needed.setdefault(p.name, f"reward {name!r} has them as parameters without a default")
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             closed.append((name, {p.name for p in params}))
     return needed, closed
 
 
 def check_rows(rows: list[dict], source: str, needed: dict[str, str], closed=(), texts=("prompt",)) -> None:
-    """Non-empty; the columns ``needed`` (column -> who needs it) present; no column a reward
+    """Non-empty; the columns ``needed`` (column -> a clause saying who needs it) present; no column a reward
     without ``**kwargs`` (``closed``: (name, keywords)) cannot take; in every row, each column of
     ``texts`` non-empty text or chat messages."""
     if not rows:
         raise UserError(f"{source} has no rows; it needs at least one row with a 'prompt'")
     columns = set(rows[0])  # datasets gives every row the same columns
-    missing = [c for c in needed if c not in columns]
+    missing = sorted(c for c in needed if c not in columns)
     if missing:
-        raise UserError(f"{source} has no column {missing[0]!r}, which {needed[missing[0]]} needs; "
-                        f"its columns are {sorted(columns)}")
+        why = "; ".join(dict.fromkeys(needed[c] for c in missing))
+        raise UserError(f"{source} lacks columns {missing}; {why}; its columns are {sorted(columns)}")
     for name, accepted in closed:
         extra = columns - {"prompt"} - accepted
         if extra:
