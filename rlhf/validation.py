@@ -51,16 +51,20 @@ class Range:
         return self.high is None or (v < self.high if self.high_open else v <= self.high)
 
     def __str__(self) -> str:
+        low, high = _num(self.low), _num(self.high)
         if self.low is None and self.high is None:
             text = "a finite number"
         elif self.high is None:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'>' if self.low_open else '>='} {low}"
         elif self.low is None:
-            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+            text = f"{'<' if self.high_open else '<='} {high}"
         else:
-            text = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
-                    f"{')' if self.high_open else ']'}")
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         return text + "".join(f" or {a}" for a in self.also)
+
+
+def _num(x) -> str:
+    return "" if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 ANY = Range()                                        # any finite number

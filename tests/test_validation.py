@@ -56,6 +56,7 @@ def test_every_shipped_recipe_is_in_range():
     (Range(0, 1, high_open=True), [0, 0.99], [1], "in [0, 1)"),
     (Range(1, also=(-1,)), [-1, 1, 7], [0, -2], ">= 1 or -1"),
     (Range(), [-1e30, 0, 1e30], [], "a finite number"),
+    (Range(0, 2**32 - 1), [0, 2**32 - 1], [-1, 2**32], "in [0, 4294967295]"),
 ])
 def test_range_bounds_and_wording(rng, inside, outside, text):
     assert all(rng.holds(v) for v in inside) and not any(rng.holds(v) for v in outside)
