@@ -170,7 +170,7 @@ def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
         kind = "preference file" if cfg.algo == "reward_model" else "task file"
         out = [(f"{kind} {cfg.task!r}", load_rows(cfg.task))]
         if cfg.eval_task:
-            out.append((f"eval_task {kind} {cfg.eval_task!r}", load_rows(cfg.eval_task)))
+            out.append((f"eval_task file {cfg.eval_task!r}", load_rows(cfg.eval_task)))
         return out
     if cfg.algo == "reward_model":  # pairs made by our code from the same template: nothing to check
         return []

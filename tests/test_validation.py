@@ -75,6 +75,7 @@ def bad(tiny_model, tmp_path_factory) -> dict:
 
     (d / "empty.jsonl").write_text("")
     (d / "header_only.csv").write_text("prompt,answer\n")
+    (d / "malformed.jsonl").write_text('{"prompt": "What is 1 + 2?", "answer": \n')
     jsonl("no_answer.jsonl", [{"prompt": "What is 1 + 2?", "solution": "3"}])
     jsonl("long.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3"},
                          {"prompt": " ".join(["plus"] * 400), "answer": "4"}])  # > 256 positions
@@ -114,6 +115,9 @@ CASES = [
     ("lm-unknown-key", "lm", ["num_generations=4"], r"unknown recipe key 'num_generations'; did you mean group_size"),
     ("lm-empty-file", "lm", ["task={dir}/empty.jsonl"], r"task file '.*empty\.jsonl' is empty"),
     ("lm-header-only", "lm", ["task={dir}/header_only.csv"], r"header_only\.csv' is empty \(no data rows\)"),
+    ("lm-malformed-file", "lm", ["task={dir}/malformed.jsonl"], r"task file '.*malformed\.jsonl' cannot be read as json"),
+    ("lm-empty-eval-file", "lm", ["task={dir}/long.jsonl", "eval_task={dir}/empty.jsonl"],
+     r"task file '.*empty\.jsonl' is empty"),
     ("lm-missing-reward-column", "lm", ["task={dir}/no_answer.jsonl"],
      r"no_answer\.jsonl' lacks columns \['answer'\]; reward 'arith_correct' has them"),
     ("lm-reward-cannot-take-column", "lm", ["task={dir}/extra_column.jsonl", "rewards=[{dir}/strict.py:fn]"],
