@@ -164,7 +164,7 @@ def local_model(name: str) -> str | None:
 
 def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
     """(what to call it in a message, its rows) for every dataset the run reads."""
-    from rlhf.tasks import ArithTask, load_rows
+    from rlhf.tasks import ArithTask, arith_row, load_rows
 
     if cfg.task != "arith":
         kind = "preference file" if cfg.algo == "reward_model" else "task file"
@@ -174,9 +174,12 @@ def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
         return out
     if cfg.algo == "reward_model":  # pairs made by our code from the same template: nothing to check
         return []
-    task = ArithTask(cfg.seed, cfg.steps * cfg.prompts_per_step)
-    rows = list(itertools.islice(task.train_rows(), cfg.steps * cfg.prompts_per_step))
-    return [("task 'arith'", rows + task.held_out(cfg.eval_problems, cfg.eval_seed))]
+    n = cfg.steps * cfg.prompts_per_step
+    if n + cfg.eval_problems >= 90 * 90:  # a long run shows (nearly) every prompt: check all 8,100
+        return [("task 'arith'", [arith_row(a, b) for a in range(10, 100) for b in range(10, 100)])]
+    task = ArithTask(cfg.seed, n)  # the prompts this run will show
+    return [("task 'arith'", list(itertools.islice(task.train_rows(), n))
+             + task.held_out(cfg.eval_problems, cfg.eval_seed))]
 
 
 # ------------------------------------------------------------------------------ 2. the model
