@@ -115,7 +115,8 @@ CASES = [
     ("lm-unknown-key", "lm", ["num_generations=4"], r"unknown recipe key 'num_generations'; did you mean group_size"),
     ("lm-empty-file", "lm", ["task={dir}/empty.jsonl"], r"task file '.*empty\.jsonl' is empty"),
     ("lm-header-only", "lm", ["task={dir}/header_only.csv"], r"header_only\.csv' is empty \(no data rows\)"),
-    ("lm-malformed-file", "lm", ["task={dir}/malformed.jsonl"], r"task file '.*malformed\.jsonl' cannot be read as json"),
+    ("lm-malformed-file", "lm", ["task={dir}/malformed.jsonl"],
+     r"task file '.*malformed\.jsonl' cannot be read as json"),
     ("lm-empty-eval-file", "lm", ["task={dir}/long.jsonl", "eval_task={dir}/empty.jsonl"],
      r"task file '.*empty\.jsonl' is empty"),
     ("lm-missing-reward-column", "lm", ["task={dir}/no_answer.jsonl"],
@@ -124,7 +125,8 @@ CASES = [
      r"reward '.*strict\.py:fn' cannot take column\(s\) \['source'\].*add \*\*kwargs"),
     ("lm-prompt-not-text", "lm", ["task={dir}/number_prompt.jsonl"], r"row 1 of task file .* has prompt 12"),
     ("lm-prompt-over-context", "lm", ["task={dir}/long.jsonl"],
-     r"row 2 of task file .*long\.jsonl' has a prompt of \d+ tokens; .* but model .* has 256 \(max_position_embeddings\)"),
+     r"row 2 of task file .*long\.jsonl' has a prompt of \d+ tokens; .* but model .* has 256 "
+     r"\(max_position_embeddings\)"),
     ("lm-generation-over-context", "lm", ["max_new_tokens=250"], r"with max_new_tokens=250 it needs \d+ positions"),
     ("lm-preference-file-columns", "lm", ["algo=reward_model", "task={dir}/pairs_no_rejected.jsonl"],
      r"preference file .* lacks columns \['rejected'\]; it needs prompt, chosen and rejected"),
@@ -227,3 +229,17 @@ def test_reward_columns_come_from_parameters_without_defaults(tmp_path):
     with pytest.raises(UserError, match="positional-only parameter 'prompts'"):
         reward_columns([f"{tmp_path}/r.py:positional"])
     assert reward_columns(["length_penalty"]) == ({}, [])  # max_chars has a default; **_ takes the rest
+
+
+def test_max_prompt_length_is_checked_where_a_family_has_it(tiny_model):
+    """No family has the key today; a config that has it gets its prompts held to it."""
+    from types import SimpleNamespace
+
+    from rlhf.validation import check_lengths
+
+    rows = [{"prompt": "What is 1 + 2?"}, {"prompt": "What is 10 + 20? Answer with just the number."}]
+    cfg = SimpleNamespace(model=tiny_model, max_new_tokens=4, max_prompt_length=12)
+    with pytest.raises(UserError, match=r"row 2 of f has a prompt of \d+ tokens, over max_prompt_length=12"):
+        check_lengths(cfg, tiny_model, [("f", rows)])
+    cfg.max_prompt_length = 200
+    check_lengths(cfg, tiny_model, [("f", rows)])
