@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -54,6 +55,7 @@ def _train(args) -> dict:
     from rlhf.errors import UserError
     from rlhf.run import Run
     from rlhf.trainers import get_trainer
+    from rlhf.validation import preflight
 
     if args.resume:
         if args.recipe or args.run_dir:
@@ -68,14 +70,35 @@ def _train(args) -> dict:
         cfg, run_dir = load_recipe(args.recipe, args.overrides), args.run_dir
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
+    preflight(cfg)  # model files, data, env: checked before a run directory is touched
     train = get_trainer(cfg)
+    fresh = not args.resume and _new_dir(cfg, run_dir)
     if _world() == 1:
         run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
     else:
         run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
     if run.main:
         print(f"run directory: {run.dir}", file=sys.stderr)
-    return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+    try:
+        return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+    except UserError:
+        if fresh and run.main:
+            _remove_unstarted(run)
+        raise
+
+
+def _new_dir(cfg, run_dir) -> bool:
+    """Whether ``Run`` will create its directory: a named one that does not exist yet, or one
+    it names itself (``Run`` picks a fresh name then)."""
+    target = run_dir or (cfg.run_name and Path(cfg.out_dir) / cfg.run_name)
+    return not target or not Path(target).exists()
+
+
+def _remove_unstarted(run) -> None:
+    """A run this command created that stopped before logging a step or saving anything leaves
+    no directory behind (nothing in it was trained)."""
+    if not any((run.dir / name).exists() for name in (run.metrics_path.name, "checkpoint", "adapter")):
+        shutil.rmtree(run.dir, ignore_errors=True)
 
 
 def _world() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import UserError
+from rlhf.validation import check_ranges
 
 
 @dataclass
@@ -222,6 +223,7 @@ def build(cls, values: dict):
             raise UserError(f"unknown recipe key {key!r}; {hint}")
         kwargs[key] = _coerce(key, value, hints[key])
     cfg = cls(**kwargs)
+    check_ranges(cfg)  # every numeric key of every family: rlhf/validation.py's table
     cfg.validate()
     return cfg
 

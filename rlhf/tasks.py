@@ -94,11 +94,41 @@ def load_rows(path: str) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
-    rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
+    if not _has_rows(p):  # datasets' readers end in a bare StopIteration or "no data" on it
+        raise UserError(f"task file {path!r} is empty (no data rows); it needs at least one row with a 'prompt'")
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its reader logs the error we report
+    try:
+        rows = list(datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train"))
+    except Exception as exc:  # a malformed file: name it and the reader's innermost reason
+        cause = exc
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        why = (str(cause).splitlines() or [""])[0][:200]
+        raise UserError(f"task file {path!r} cannot be read as {kinds[p.suffix]} ({why}); fix the file "
+                        "or its suffix") from exc
+    finally:
+        datasets.logging.set_verbosity(level)
     if not rows or "prompt" not in rows[0]:
         raise UserError(f"task file {path!r} needs a non-empty 'prompt' column "
                         f"(found columns {sorted(rows[0]) if rows else []})")
     return rows
+
+
+def _has_rows(p: Path) -> bool:
+    """Whether a file holds at least one data row: a non-blank line of a .jsonl, one after the
+    header of a .csv (read only up to there); other formats: a non-empty file."""
+    if p.stat().st_size == 0:
+        return False
+    if p.suffix not in (".jsonl", ".csv"):
+        return True
+    needed = 2 if p.suffix == ".csv" else 1
+    with p.open("rb") as f:
+        for line in f:
+            needed -= bool(line.strip())
+            if needed == 0:
+                return True
+    return False
 
 
 def make_task(name: str, seed: int, train_prompts: int, eval_path: str | None = None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.errors import UserError
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
@@ -100,20 +99,8 @@ class GymConfig:
     }
 
     def validate(self) -> None:
-        # imported here: rlhf.config imports this module at its bottom to register GymConfig
-        from rlhf.config import check_choices, check_positive
+        # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES).
+        # Imported here: rlhf.config imports this module at its bottom to register GymConfig
+        from rlhf.config import check_choices
 
         check_choices(self)
-        check_positive(self, "total_steps", "n_envs", "hidden", "layers", "n_steps", "epochs",
-                       "minibatch_size", "buffer_size", "batch_size", "train_freq", "eval_episodes",
-                       "target_update", "cg_iters", "critic_updates", "log_every", "select_episodes")
-        if self.threads < 1:
-            raise UserError(f"threads must be at least 1, got {self.threads}")
-        for key in ("gamma", "gae_lambda", "tau", "eps_start", "eps_end", "eps_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value <= 1.0:
-                raise UserError(f"{key} must be in [0, 1], got {value}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be > 0, got {self.lr}")
-        if self.gradient_steps == 0 or self.gradient_steps < -1:
-            raise UserError(f"gradient_steps must be >= 1 or -1 (as many as env steps), got {self.gradient_steps}")
