@@ -118,9 +118,6 @@ class LMConfig:
         if self.algo == "reinforce" and self.objective != "clip":
             raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
                             "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
-        for key in ("reward_timeout_s", "reward_workers"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 

@@ -90,6 +90,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "lora_dropout": Range(0, 1, high_open=True), "threads": NON_NEGATIVE,
         "eval_problems": AT_LEAST_1, "eval_seed": SEED, "eval_batch": AT_LEAST_1,
         "save_every": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_1,
+        "reward_timeout_s": NON_NEGATIVE, "reward_workers": NON_NEGATIVE,   # 0 turns each off
     },
     "GymConfig": {
         "seed": SEED, "total_steps": AT_LEAST_1, "n_envs": AT_LEAST_1, "threads": AT_LEAST_1,
