@@ -31,7 +31,7 @@ def test_every_family_has_recipes():
 
 @pytest.mark.parametrize("recipe", GYM_RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_saves_and_evaluates(recipe, tmp_path, capsys, monkeypatch):
-    import rlhf.gym.on_policy as on_policy
+    import rlhf.trainers.on_policy as on_policy
 
     if "lunarlander" in recipe.stem:
         pytest.importorskip("Box2D", reason='LunarLander needs pip install "gymnasium[box2d]"')

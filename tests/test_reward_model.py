@@ -12,14 +12,10 @@ import torch
 from rewards.arith import last_integer
 from rlhf.cli import main
 from rlhf.lm.policy import length_buckets
-from rlhf.reward_model import (
-    RewardModel,
-    RewardModelFn,
-    arith_pairs,
-    bradley_terry_loss,
-    linear_lr,
-    sampled_arith_pairs,
-)
+from rlhf.core import bradley_terry_loss
+from rlhf.lm.reward_model import RewardModel, RewardModelFn
+from rlhf.preferences import arith_pairs, sampled_arith_pairs
+from rlhf.trainers.reward_model import linear_lr
 from rlhf.tasks import FileTask, fresh_problems, split_held_out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, check_choices, check_positive
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
@@ -100,9 +100,6 @@ class GymConfig:
     }
 
     def validate(self) -> None:
-        # imported here: rlhf.config imports this module at its bottom to register GymConfig
-        from rlhf.config import check_choices, check_positive
-
         check_choices(self)
         check_positive(self, "total_steps", "n_envs", "hidden", "layers", "n_steps", "epochs",
                        "minibatch_size", "buffer_size", "batch_size", "train_freq", "eval_episodes",
