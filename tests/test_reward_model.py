@@ -18,6 +18,8 @@ from rlhf.preferences import arith_pairs, sampled_arith_pairs
 from rlhf.trainers.reward_model import linear_lr
 from rlhf.tasks import FileTask, fresh_problems, split_held_out
 
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+
 
 def test_bradley_terry_by_hand():
     loss, stats = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
@@ -141,7 +143,7 @@ def test_reward_model_files_share_the_file_task_split(tmp_path):
 def grpo_rewarded_by(rm_path, tiny_model, run_dir, capsys, steps: int) -> list[dict]:
     """Runs recipes/grpo_rm_arith.yaml on the tiny model with the reward model at ``rm_path``
     (and arith_correct at weight 0); its metrics rows."""
-    code = main(["train", "recipes/grpo_rm_arith.yaml", "--no-progress", "--run-dir", str(run_dir),
+    code = main(["train", str(RECIPE_DIR / "grpo_rm_arith.yaml"), "--no-progress", "--run-dir", str(run_dir),
                  "--set", f"model={tiny_model}", "--set", f"steps={steps}", "--set", "prompts_per_step=2",
                  "--set", "group_size=2", "--set", "max_new_tokens=3", "--set", "lora_r=2",
                  "--set", f"rewards=[rm:{rm_path}, {{arith_correct: 0.0}}]"])
@@ -155,7 +157,7 @@ TINY_RM = ["--set", "steps=2", "--set", "prompts_per_step=4", "--set", "lora_r=2
 
 def test_reward_model_recipe_then_grpo_rewarded_by_it(tiny_model, tmp_path, capsys):
     rm_run = tmp_path / "rm"
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(rm_run),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(rm_run),
                  "--set", f"model={tiny_model}", "--set", "eval_problems=8", *TINY_RM])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -185,7 +187,7 @@ def test_reward_model_on_a_preference_file(head, tiny_model, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"What is {i} + 1? ", "chosen": str(i + 1),
                                         "rejected": str(i + 2)}) + "\n" for i in range(20)))
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(tmp_path / "rm"),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(tmp_path / "rm"),
                  "--set", f"model={tiny_model}", "--set", f"task={path}", "--set", f"rm_head={head}", *TINY_RM])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -200,7 +202,7 @@ def test_reward_model_on_a_preference_file(head, tiny_model, tmp_path, capsys):
     assert math.isfinite(step[f"rewards/rm:{rm_path}"]) and step["rewards/arith_correct"] in (0.0, 0.5, 1.0)
 
 
-@pytest.mark.parametrize("recipe", ["recipes/grpo_rm_arith.yaml", "recipes/grpo_arith.yaml"])
+@pytest.mark.parametrize("recipe", [str(RECIPE_DIR / "grpo_rm_arith.yaml"), str(RECIPE_DIR / "grpo_arith.yaml")])
 def test_missing_reward_model_says_how_to_train_it(recipe, tmp_path, capsys):
     missing = tmp_path / "none" / "reward_model"
     code = main(["train", recipe, "--set", f"rewards=[rm:{missing}]", "--run-dir", str(tmp_path / "r")])
@@ -211,14 +213,14 @@ def test_missing_reward_model_says_how_to_train_it(recipe, tmp_path, capsys):
 def test_the_grpo_recipe_names_the_documented_reward_model_path():
     import yaml
 
-    rewards = yaml.safe_load(Path("recipes/grpo_rm_arith.yaml").read_text())["rewards"]
+    rewards = yaml.safe_load((RECIPE_DIR / "grpo_rm_arith.yaml").read_text())["rewards"]
     assert "rm:runs/rm_arith/reward_model" in rewards
 
 
 def test_a_preference_file_without_its_columns_is_one_clear_error(tiny_model, tmp_path, capsys):
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,good,bad\nWhat is 1 + 2?,3,4\n")
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(tmp_path / "rm"),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(tmp_path / "rm"),
                  "--set", f"model={tiny_model}", "--set", f"task={path}", *TINY_RM])
     err = capsys.readouterr().err
     assert code == 2 and "lacks columns ['chosen', 'rejected']; it needs prompt, chosen and rejected" in err
@@ -226,6 +228,6 @@ def test_a_preference_file_without_its_columns_is_one_clear_error(tiny_model, tm
 
 
 def test_an_unknown_reward_head_is_one_clear_error(tmp_path, capsys):
-    code = main(["train", "recipes/rm_arith.yaml", "--set", "rm_head=linear", "--run-dir", str(tmp_path / "r")])
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--set", "rm_head=linear", "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "rm_head='linear' is not valid; choose one of log_ratio, classifier" in err
