@@ -55,7 +55,7 @@ def _train(args) -> dict:
     from rlhf.errors import UserError
     from rlhf.run import Run
     from rlhf.trainers import get_trainer
-    from rlhf.validation import preflight
+    from rlhf.preflight import preflight
 
     if args.resume:
         if args.recipe or args.run_dir:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.errors import UserError
+from rlhf.errors import UserError, check_choices, check_positive
+from rlhf.gym.config import GymConfig
 from rlhf.validation import check_ranges
 
 
@@ -159,8 +160,10 @@ NOT_EQUIVALENT = {
         "samples prompts_per_step x group_size completions, so set prompts_per_step (distinct prompts) and "
         "group_size (completions per prompt) for the rollout you want",
 }
-# algo name -> config class; other families (gym) register theirs here
+# algo name -> config class; names both families use (ppo, reinforce) keep their LM entry and
+# config_class settles them by the recipe's keys
 CONFIGS: dict[str, type] = {a: LMConfig for a in LMConfig.choices["algo"]}
+CONFIGS.update({a: GymConfig for a in GymConfig.choices["algo"] if a not in CONFIGS})
 
 
 def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
@@ -246,27 +249,6 @@ def _coerce(key: str, value, hint):
     raise UserError(f"recipe key {key!r} must be {want}, got {value!r}")
 
 
-def check_choices(cfg) -> None:
-    """Every key listed in ``cfg.choices`` holds one of its allowed values."""
-    for key, options in cfg.choices.items():
-        value = getattr(cfg, key, None)
-        if value is not None and value not in options:
-            raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(options)}")
-
-
-def check_positive(cfg, *keys: str) -> None:
-    for key in keys:
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
-
-
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
-
-# the gym family registers its algorithms (reinforce, a2c, ppo, trpo, dqn, sac, q_learning); imported
-# here, at the bottom, because rlhf.gym.config uses check_choices / check_positive from above
-from rlhf.gym.config import GymConfig  # noqa: E402
-
-# names both families use (ppo, reinforce) keep their LM entry; config_class settles them by keys
-CONFIGS.update({a: GymConfig for a in GymConfig.choices["algo"] if a not in CONFIGS})

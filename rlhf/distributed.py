@@ -60,6 +60,13 @@ class Dist:
         self.device = self.acc.device
 
     # ------------------------------------------------------------------ splitting work
+    def check_split(self, prompts_per_step: int, minibatches: int) -> None:
+        """Every rank's share of a step's prompts splits into ``minibatches`` of whole groups."""
+        if (prompts_per_step // self.world) % minibatches or prompts_per_step % self.world:
+            raise UserError(f"prompts_per_step={prompts_per_step} must split into {self.world} processes x "
+                            f"{minibatches} minibatches of whole groups; make it a multiple of "
+                            f"{self.world * minibatches}")
+
     def shard(self, items: list) -> list:
         """This rank's contiguous share of ``items`` (the same list on every rank)."""
         if len(items) % self.world:
@@ -181,6 +188,16 @@ class Dist:
                 p.to_local().numel() if hasattr(p, "to_local") else n
         return mine / max(total, 1)
 
+    def step_stats(self, net: torch.nn.Module, trainable: list[torch.Tensor]) -> dict:
+        """Metrics of a multi-process step (none in one process): this rank's share of the weights,
+        and, where every rank holds them whole, how far the ranks' trainable weights drifted apart."""
+        row = {}
+        if self.world > 1:
+            row["dist/param_share"] = round(self.param_share(net), 4)
+        if self.world > 1 and self.replicated:  # DDP keeps the ranks' weights equal; show that it did
+            row["dist/param_max_diff"] = self.param_max_diff(trainable)
+        return row
+
     def barrier(self) -> None:
         if self.world > 1:
             self.acc.wait_for_everyone()
@@ -272,6 +289,26 @@ class Dist:
     def autocast(self):
         """The mixed-precision context accelerate was configured with (a no-op for "no")."""
         return self.acc.autocast()
+
+
+class OneProcess:
+    """``Dist`` for code called outside a run (tests, evaluation): one process, no collectives."""
+
+    world, rank, is_main, replicated = 1, 0, True, True
+
+    def sum(self, x):
+        return x
+
+    mean = max = gather = local = sum
+
+    def backward(self, loss):
+        loss.backward()
+
+    def clip_grad_norm(self, params, max_norm):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+
+
+ONE_PROCESS = OneProcess()
 
 
 def _sharding_on_cpus(acc) -> None:

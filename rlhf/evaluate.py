@@ -1,4 +1,5 @@
-"""Greedy evaluation of a run on fresh held-out prompts: the base model vs the trained adapter."""
+"""``rlhf eval`` of LM runs: greedy accuracy (or reward) of the base model vs the trained adapter
+on fresh held-out prompts; for a reward model, its pairwise accuracy on held-out pairs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,9 @@ from rlhf.config import build, config_class
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
+from rlhf.lm.reward_model import RM_DIR, RewardModel
+from rlhf.lm.rollout import collect
+from rlhf.preferences import preference_rows
 from rlhf.rewards import RewardFn, load_rewards, score
 from rlhf.tasks import make_task
 
@@ -52,8 +56,6 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
 @torch.no_grad()
 def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, progress: bool) -> float:
     """Mean total reward of greedy completions (accuracy when the reward is 0/1 correctness)."""
-    from rlhf.trainers.lm import collect
-
     total = 0.0
     batches = range(0, len(rows), cfg.eval_batch)
     for i in tqdm(batches, desc="eval " + ("trained" if adapter else "base"), disable=not progress):
@@ -62,3 +64,41 @@ def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, pr
         rewards, _ = score(fns, prompts, completions, columns)
         total += float(rewards.sum())
     return total / max(len(rows), 1)
+
+
+def evaluate_rm_cli(run_dir: str, cfg, args) -> dict:
+    """``rlhf eval`` of a reward-model run: pairwise accuracy on its held-out pairs."""
+    path = Path(run_dir) / RM_DIR
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir!r} has no trained reward model yet ({RM_DIR}/ is missing)")
+    rm = RewardModel(str(path))
+    _, rows = preference_rows(cfg, rm, args.problems, train=False)
+    return {"run_dir": str(run_dir), **heldout_accuracy(rm, rows)}
+
+
+def heldout_accuracy(rm: RewardModel, rows: list[dict]) -> dict:
+    """Pairwise accuracy on all held-out pairs and on each ``kind`` of pair (arith: near_miss,
+    sampled), with their counts."""
+    right = pairwise_right(rm, rows)
+    out = {"heldout_pairs": len(rows), "heldout_pairwise_accuracy": round(sum(right) / max(len(rows), 1), 4)}
+    kinds = sorted({r["kind"] for r in rows if "kind" in r})
+    for kind in kinds if len(kinds) > 1 else []:
+        mine = [ok for ok, r in zip(right, rows) if r.get("kind") == kind]
+        out[f"heldout_pairs_{kind}"] = len(mine)
+        out[f"heldout_accuracy_{kind}"] = round(sum(mine) / len(mine), 4)
+    return out
+
+
+@torch.no_grad()
+def pairwise_right(rm: RewardModel, rows: list[dict], batch: int = 32) -> list[bool]:
+    """For each pair: does the chosen completion score strictly above the rejected one?"""
+    was_training = rm.model.training
+    rm.model.eval()
+    right = []
+    for i in range(0, len(rows), batch):
+        chunk = rows[i:i + batch]
+        prompts = [r["prompt"] for r in chunk]
+        s = rm.score(prompts + prompts, [r["chosen"] for r in chunk] + [r["rejected"] for r in chunk])
+        right += (s[:len(chunk)] > s[len(chunk):]).tolist()
+    rm.model.train(was_training)
+    return right

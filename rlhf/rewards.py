@@ -85,7 +85,7 @@ def load_reward(name: str) -> Callable:
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith("rm:"):  # a trained reward model directory
-        from rlhf.reward_model import RewardModelFn
+        from rlhf.lm.reward_model import RewardModelFn  # here: peft loads only for recipes that name one
 
         return RewardModelFn(name[3:])
     if ":" not in name:

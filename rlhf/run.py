@@ -85,6 +85,16 @@ class Run:
         """Where ``save_atomic(name, ...)`` builds the new ``name`` before renaming it into place."""
         return self.dir / f".{name}.tmp"
 
+    def dump_tensors(self, step: int, rank: int, **tensors) -> None:
+        """``debug_tensors``: one process's tensors of one step, as debug/step{N}_rank{R}.safetensors
+        (written by every process, to compare multi-process numerics with one process's)."""
+        from safetensors.torch import save_file
+
+        out = self.dir / "debug"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().cpu().clone() for k, v in tensors.items()},
+                  str(out / f"step{step:04d}_rank{rank}.safetensors"))
+
     def plot(self, key: str = "reward", filename: str = "reward.png") -> Path | None:
         points = [(r["step"], r[key]) for r in self.history if key in r and r[key] is not None]
         if not points or not self.main:

@@ -8,9 +8,14 @@ import torch
 
 from rlhf.cli import main
 
-RECIPES = sorted(str(p) for p in Path("recipes").glob("*_arith.yaml") if not p.name.startswith("rm_"))
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+
+RECIPES = sorted(str(p) for p in RECIPE_DIR.glob("*_arith.yaml") if not p.name.startswith("rm_"))
 TINY = ["steps=2", "rewards=[arith_correct, length_penalty]", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_problems=4",
         "lora_r=2", "lora_alpha=4"]
+
+
+BASE_ACCURACY: dict = {}  # the first recipe's eval fills it, the others' evals must match it
 
 
 def run_cli(capsys, *argv):
@@ -22,6 +27,11 @@ def run_cli(capsys, *argv):
 
 def sets(*items):
     return [x for item in items for x in ("--set", item)]
+
+
+def test_the_lm_recipes_are_collected_wherever_pytest_runs():
+    assert {Path(r).stem for r in RECIPES} == {"grpo_arith", "grpo_rm_arith", "ppo_arith", "reinforce_arith",
+                                               "rloo_arith"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -46,20 +56,31 @@ def test_recipe_smoke(recipe, tiny_model, tmp_path, capsys):
     assert result["adapter_norm"] > 0  # the adapter actually moved
     code, ev, err = run_cli(capsys, "eval", str(run), "--no-progress")
     assert code == 0, err
-    assert ev["problems"] == 4 and 0 <= ev["base_accuracy"] <= 1 and 0 <= ev["trained_accuracy"] <= 1
-
+    assert ev["run_dir"] == str(run) and ev["problems"] == 4
+    # accuracy = right greedy answers / 4 held-out problems
+    assert {4 * ev["base_accuracy"], 4 * ev["trained_accuracy"]} <= {0.0, 1.0, 2.0, 3.0, 4.0}, ev
+    # the base model (adapter off) on the same seeded held-out problems scores the same in every
+    # recipe's run: eval switches the trained adapter off for it, whatever was trained
+    assert BASE_ACCURACY.setdefault("tiny", ev["base_accuracy"]) == ev["base_accuracy"]
+    code, again, err = run_cli(capsys, "eval", str(run), "--no-progress")
+    assert code == 0 and again == ev  # greedy and seeded: evaluating twice gives the same figures
 
 def test_several_epochs_and_minibatches(tiny_model, tmp_path, capsys):
-    code, result, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress",
+    code, result, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--no-progress",
                                 "--run-dir", str(tmp_path / "r"),
                                 *sets(f"model={tiny_model}", *TINY, "epochs=2", "minibatches=2", "lr=0.05"))
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["approx_kl"] is not None for r in rows)
+    # 2 steps x 2 epochs x 2 minibatches: 8 optimiser (and scheduler) steps, none skipped
+    state = torch.load(tmp_path / "r" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 8 and [r["skipped"] for r in rows] == [0, 0]
+    # every minibatch after the first sees a policy that moved (lr 0.05) since the rollout, so the
+    # step's mean KL(old || new) is positive; it would be 0 were each epoch on-policy
+    assert all(r["approx_kl"] > 0 for r in rows), [r["approx_kl"] for r in rows]
 
 
 def test_missing_model_says_how_to_get_it(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress",
+    code, _, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--no-progress",
                            "--run-dir", str(tmp_path / "r"), *sets(f"model={tmp_path}/nowhere"))
     assert code == 2
     last = err.strip().splitlines()[-1]
@@ -67,7 +88,7 @@ def test_missing_model_says_how_to_get_it(tmp_path, capsys):
 
 
 def test_bad_recipe_key_is_one_sentence(capsys):
-    code, _, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--set", "num_generations=4")
+    code, _, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--set", "num_generations=4")
     assert code == 2 and "did you mean group_size" in err and "Traceback" not in err
 
 
@@ -82,7 +103,7 @@ def test_raising_reward_keeps_earlier_checkpoint(tiny_model, tmp_path, capsys):
         "        raise RuntimeError('reward server down')\n"
         "    return [float(len(c[0]['content']) % 2) for c in completions]\n")
     run = tmp_path / "r"
-    code, _, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress", "--run-dir", str(run),
+    code, _, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--no-progress", "--run-dir", str(run),
                            *sets(f"model={tiny_model}", *TINY, "steps=4", "save_every=1",
                                  f"rewards=[{reward}:fn]"))
     assert code == 2 and "raised RuntimeError: reward server down" in err
@@ -101,7 +122,7 @@ def test_nonfinite_loss_skips_steps_then_stops(tiny_model, tmp_path, capsys, mon
 
     monkeypatch.setattr(lm, "policy_loss", nan_loss)
     run = tmp_path / "r"
-    code, _, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress", "--run-dir", str(run),
+    code, _, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--no-progress", "--run-dir", str(run),
                            *sets(f"model={tiny_model}", *TINY, "steps=5", "max_nonfinite_steps=2"))
     assert code == 2 and "not finite for 2 steps in a row" in err
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +136,7 @@ def test_ppo_paper_surrogates_on_tokens(objective, tiny_model, tmp_path, capsys)
     adaptive coefficient follows the halve/double rule around target_kl, step by step."""
     from rlhf.core import adaptive_kl_coef
 
-    code, result, err = run_cli(capsys, "train", "recipes/grpo_arith.yaml", "--no-progress",
+    code, result, err = run_cli(capsys, "train", str(RECIPE_DIR / "grpo_arith.yaml"), "--no-progress",
                                 "--run-dir", str(tmp_path / "r"),
                                 *sets(f"model={tiny_model}", *TINY, "steps=4", "epochs=2", "lr=0.05",
                                       f"objective={objective}", "penalty_coef=0.5", "target_kl=0.001"))
@@ -143,7 +164,7 @@ def test_the_objective_of_each_setting():
 
 def test_ppo_with_a_separate_critic_trains_saves_and_resumes(tiny_model, tmp_path, capsys):
     run = tmp_path / "r"
-    code, result, err = run_cli(capsys, "train", "recipes/ppo_arith.yaml", "--no-progress", "--run-dir", str(run),
+    code, result, err = run_cli(capsys, "train", str(RECIPE_DIR / "ppo_arith.yaml"), "--no-progress", "--run-dir", str(run),
                                 *sets(f"model={tiny_model}", *TINY, "critic=separate", "save_every=1"))
     assert code == 0, err
     assert (run / "adapter" / "critic" / "adapter_model.safetensors").is_file()

@@ -5,6 +5,8 @@ import pytest
 from rlhf.config import LMConfig, load_recipe
 from rlhf.errors import UserError
 
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+
 
 def test_recipe_overrides_defaults(tmp_path):
     p = tmp_path / "r.yaml"
@@ -16,7 +18,7 @@ def test_recipe_overrides_defaults(tmp_path):
 
 
 def test_shipped_recipes_load():
-    cfg = load_recipe("recipes/grpo_arith.yaml")
+    cfg = load_recipe(str(RECIPE_DIR / "grpo_arith.yaml"))
     assert cfg.algo == "grpo" and cfg.group_size >= 2
 
 

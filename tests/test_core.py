@@ -6,6 +6,7 @@ import torch
 
 from rlhf.core import (
     aggregate,
+    bradley_terry_loss,
     clipped_surrogate,
     discounted_returns,
     entropy_from_logits,
@@ -323,3 +324,18 @@ def test_linear_logprobs_equals_head_then_log_softmax(temperature):
     # by hand, one row: logits [0, ln 3] -> log-probs [ln 1/4, ln 3/4]
     lp, _ = linear_logprobs(T([[1.0]]), T([[0.0], [math.log(3.0)]]), torch.tensor([1]), chunk=1)
     close(lp, [math.log(0.75)])
+
+
+def test_bradley_terry_by_hand():
+    # margins r_chosen - r_rejected = [1, -1, 0]
+    chosen = torch.tensor([2.0, 0.0, 1.0], requires_grad=True)
+    loss, stats = bradley_terry_loss(chosen, torch.tensor([1.0, 1.0, 1.0]))
+    # -(log sigmoid(1) + log sigmoid(-1) + log sigmoid(0)) / 3 = (log(1 + e^-1) + log(1 + e) + log 2) / 3
+    expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(1)) + math.log(2)) / 3
+    # float32 logsigmoid of O(1) numbers: relative error ~1e-7 on any CPU
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert stats["accuracy"].item() == pytest.approx(1 / 3) and stats["margin"].item() == 0.0  # a tie is not right
+    loss.backward()
+    # d/d r_chosen of -log sigmoid(m) / B = -sigmoid(-m) / B = -(1 - sigmoid(m)) / 3
+    grad = [-(1 - 1 / (1 + math.exp(-m))) / 3 for m in (1.0, -1.0, 0.0)]
+    torch.testing.assert_close(chosen.grad, torch.tensor(grad), rtol=1e-6, atol=1e-7)

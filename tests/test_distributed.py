@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from rlhf.cli import main as cli_main
 
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+
 REWARD = '''
 def length_reward(prompts, completions, **kw):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
@@ -51,9 +53,10 @@ def _launch_two(args: list[str], config: str = "ddp_2proc") -> subprocess.Comple
     machine without GPUs, two CPU processes (torchrun + gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"recipes/accelerate/{config}.yaml",
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(RECIPE_DIR / "accelerate" / f"{config}.yaml"),
          "--main_process_port", str(_free_port()), "-m", "rlhf.cli", "train", *args, "--no-progress"],
-        capture_output=True, text=True, env=env, timeout=300)
+        capture_output=True, text=True, env=env, timeout=300, cwd=RECIPE_DIR.parent)  # this checkout's rlhf
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('"run_dir"') == 1  # one result line, from the main process
     return proc
@@ -79,12 +82,13 @@ def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resu
     reward.write_text(REWARD)
     sets = _overrides(tiny_model, reward, [f"algo={algo}", *extra])
     one, two = tmp_path / "one", tmp_path / "two"
-    assert cli_main(["train", "recipes/grpo_arith.yaml", *sets, "--run-dir", str(one), "--no-progress"]) == 0
+    recipe = str(RECIPE_DIR / "grpo_arith.yaml")
+    assert cli_main(["train", recipe, *sets, "--run-dir", str(one), "--no-progress"]) == 0
     if resume:  # two processes stop after step 2 (checkpoint), and two more resume to step 3
-        _launch_two(["recipes/grpo_arith.yaml", *sets, "--set", f"steps={STEPS - 1}", "--run-dir", str(two)], config)
+        _launch_two([recipe, *sets, "--set", f"steps={STEPS - 1}", "--run-dir", str(two)], config)
         proc = _launch_two(["--resume", str(two), "--set", f"steps={STEPS}"], config)
     else:
-        proc = _launch_two(["recipes/grpo_arith.yaml", *sets, "--run-dir", str(two)], config)
+        proc = _launch_two([recipe, *sets, "--run-dir", str(two)], config)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(two)
 
     rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
@@ -167,7 +171,7 @@ def test_prompts_must_split_over_processes():
         d.shard([0, 1, 2])
 
 
-@pytest.mark.parametrize("path", sorted(Path("recipes/accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((RECIPE_DIR / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
 def test_accelerate_configs_load_and_fit_the_trainer(path):
     """Every example config parses with accelerate's own loader and asks for a setup the LM
     trainer runs: a data-parallel type, processes spread evenly over machines, a known
@@ -190,7 +194,7 @@ def test_accelerate_configs_load_and_fit_the_trainer(path):
     assert cfg.mixed_precision in ("no", "bf16", "fp16")
     if cfg.num_machines > 1:
         assert cfg.main_process_ip and cfg.main_process_port
-    assert f"--config_file {path.as_posix()}" in path.read_text()
+    assert f"--config_file {path.relative_to(RECIPE_DIR.parent).as_posix()}" in path.read_text()
 
 
 def test_a_separate_critic_is_refused_under_sharding(tiny_model):

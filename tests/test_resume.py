@@ -11,6 +11,8 @@ import pytest
 
 from rlhf.cli import main
 
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+
 STEPS = 24
 ARGS = ["--no-progress", "--set", "steps=%d" % STEPS, "--set", "save_every=1", "--set", "threads=1",
         "--set", "prompts_per_step=2", "--set", "group_size=3", "--set", "max_new_tokens=5",
@@ -20,9 +22,10 @@ ARGS = ["--no-progress", "--set", "steps=%d" % STEPS, "--set", "save_every=1", "
 
 def cli(*argv, wait=True):
     cmd = [sys.executable, "-m", "rlhf.cli", *argv]
+    root = RECIPE_DIR.parent  # -m finds this checkout's rlhf, wherever pytest was started
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root)
 
 
 def metrics(run: Path) -> list[dict]:
@@ -33,10 +36,10 @@ def metrics(run: Path) -> list[dict]:
 def test_sigkill_and_resume_matches_uninterrupted(tiny_model, tmp_path):
     model = ["--set", f"model={tiny_model}"]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    done = cli("train", "recipes/grpo_arith.yaml", "--run-dir", str(full), *ARGS, *model)
+    done = cli("train", str(RECIPE_DIR / "grpo_arith.yaml"), "--run-dir", str(full), *ARGS, *model)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    proc = cli("train", "recipes/grpo_arith.yaml", "--run-dir", str(killed), *ARGS, *model, wait=False)
+    proc = cli("train", str(RECIPE_DIR / "grpo_arith.yaml"), "--run-dir", str(killed), *ARGS, *model, wait=False)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         path = killed / "metrics.jsonl"
@@ -73,5 +76,5 @@ def test_resume_errors_are_clear(tmp_path, capsys):
 
 def test_fresh_run_refuses_to_overwrite_a_run(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{}\n")
-    assert main(["train", "recipes/grpo_arith.yaml", "--run-dir", str(tmp_path)]) == 2
+    assert main(["train", str(RECIPE_DIR / "grpo_arith.yaml"), "--run-dir", str(tmp_path)]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""Learned rewards: the Bradley-Terry loss by hand, the log-ratio reward against a by-hand
-computation, reward-model runs on a tiny model (generated pairs and a preference file), and
+"""Learned rewards (the Bradley-Terry loss by hand is in tests/test_core.py): the log-ratio
+reward against a by-hand computation, reward-model runs on a tiny model (generated pairs and a preference file), and
 GRPO rewarded by such a model (recipes/grpo_rm_arith.yaml)."""
 import json
 import math
@@ -12,23 +12,12 @@ import torch
 from rewards.arith import last_integer
 from rlhf.cli import main
 from rlhf.lm.policy import length_buckets
-from rlhf.reward_model import (
-    RewardModel,
-    RewardModelFn,
-    arith_pairs,
-    bradley_terry_loss,
-    linear_lr,
-    sampled_arith_pairs,
-)
+from rlhf.lm.reward_model import RewardModel, RewardModelFn
+from rlhf.preferences import arith_pairs, sampled_arith_pairs
+from rlhf.trainers.reward_model import linear_lr
 from rlhf.tasks import FileTask, fresh_problems, split_held_out
 
-
-def test_bradley_terry_by_hand():
-    loss, stats = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
-    # -(log sigmoid(1) + log sigmoid(-1)) / 2
-    expected = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(1)))) / 2
-    assert abs(loss.item() - expected) < 1e-6
-    assert stats["accuracy"].item() == 0.5 and stats["margin"].item() == 0.0
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
 
 
 def test_linear_lr_warms_up_then_decays_to_zero():
@@ -145,7 +134,7 @@ def test_reward_model_files_share_the_file_task_split(tmp_path):
 def grpo_rewarded_by(rm_path, tiny_model, run_dir, capsys, steps: int) -> list[dict]:
     """Runs recipes/grpo_rm_arith.yaml on the tiny model with the reward model at ``rm_path``
     (and arith_correct at weight 0); its metrics rows."""
-    code = main(["train", "recipes/grpo_rm_arith.yaml", "--no-progress", "--run-dir", str(run_dir),
+    code = main(["train", str(RECIPE_DIR / "grpo_rm_arith.yaml"), "--no-progress", "--run-dir", str(run_dir),
                  "--set", f"model={tiny_model}", "--set", f"steps={steps}", "--set", "prompts_per_step=2",
                  "--set", "group_size=2", "--set", "max_new_tokens=3", "--set", "lora_r=2",
                  "--set", f"rewards=[rm:{rm_path}, {{arith_correct: 0.0}}]"])
@@ -159,17 +148,26 @@ TINY_RM = ["--set", "steps=2", "--set", "prompts_per_step=4", "--set", "lora_r=2
 
 def test_reward_model_recipe_then_grpo_rewarded_by_it(tiny_model, tmp_path, capsys):
     rm_run = tmp_path / "rm"
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(rm_run),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(rm_run),
                  "--set", f"model={tiny_model}", "--set", "eval_problems=8", *TINY_RM])
     out, err = capsys.readouterr()
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["heldout_pairs"] == 8 and 0 <= result["heldout_pairwise_accuracy"] <= 1
+    assert result["heldout_pairs"] == 8
     assert result["heldout_pairs_near_miss"] == 6 and result["heldout_pairs_sampled"] == 2  # 25% sampled
+    # the accuracy is the pair-weighted mean of the two kinds' (4-decimal rounding: 1e-4)
+    parts = 6 * result["heldout_accuracy_near_miss"] + 2 * result["heldout_accuracy_sampled"]
+    assert result["heldout_pairwise_accuracy"] == pytest.approx(parts / 8, abs=1e-4)
     assert (rm_run / "reward_model" / "adapter_config.json").is_file()
     rows = [json.loads(x) for x in (rm_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows[:2])
+    code = main(["eval", str(rm_run), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    # the saved reward model, read back, scores the run's 8 held-out pairs as the trained one did
+    ev = json.loads(out.strip().splitlines()[-1])
+    assert ev == {"run_dir": str(rm_run), **result_heldout(result)}
     code = main(["eval", str(rm_run), "--no-progress", "--problems", "4"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -189,22 +187,35 @@ def test_reward_model_on_a_preference_file(head, tiny_model, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"What is {i} + 1? ", "chosen": str(i + 1),
                                         "rejected": str(i + 2)}) + "\n" for i in range(20)))
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(tmp_path / "rm"),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(tmp_path / "rm"),
                  "--set", f"model={tiny_model}", "--set", f"task={path}", "--set", f"rm_head={head}", *TINY_RM])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["heldout_pairs"] == 2  # 10% of the file
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["heldout_pairs"] == 2  # 10% of the file
     assert json.loads((tmp_path / "rm" / "reward_model" / "reward_model.json").read_text())["head"] == head
     code = main(["eval", str(tmp_path / "rm"), "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["heldout_pairs"] == 2
+    assert json.loads(out.strip().splitlines()[-1]) == {"run_dir": str(tmp_path / "rm"), **result_heldout(result)}
+    # the same held-out pairs of the file (the recipe's seed 0 split), scored through the reward
+    # function contract (rewards: [rm:DIR]), give the accuracy the run reported
     rm_path = tmp_path / "rm" / "reward_model"
+    _, held = split_held_out([json.loads(x) for x in path.read_text().splitlines()], random.Random(0))
+    prompts = [r["prompt"] for r in held]
+    scores = RewardModelFn(str(rm_path))(prompts + prompts, [r["chosen"] for r in held] + [r["rejected"] for r in held])
+    right = sum(c > r for c, r in zip(scores[:len(held)], scores[len(held):]))
+    assert result["heldout_pairwise_accuracy"] == right / len(held)
     (step,) = grpo_rewarded_by(rm_path, tiny_model, tmp_path / "g", capsys, steps=1)
-    assert math.isfinite(step[f"rewards/rm:{rm_path}"]) and step["rewards/arith_correct"] in (0.0, 0.5, 1.0)
+    learned = step[f"rewards/rm:{rm_path}"]  # the weight-0 arith_correct adds nothing to the reward
+    assert math.isfinite(learned) and abs(step["reward"] - learned) < 1e-5
 
 
-@pytest.mark.parametrize("recipe", ["recipes/grpo_rm_arith.yaml", "recipes/grpo_arith.yaml"])
+def result_heldout(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k.startswith("heldout")}
+
+
+@pytest.mark.parametrize("recipe", [str(RECIPE_DIR / "grpo_rm_arith.yaml"), str(RECIPE_DIR / "grpo_arith.yaml")])
 def test_missing_reward_model_says_how_to_train_it(recipe, tmp_path, capsys):
     missing = tmp_path / "none" / "reward_model"
     code = main(["train", recipe, "--set", f"rewards=[rm:{missing}]", "--run-dir", str(tmp_path / "r")])
@@ -215,14 +226,14 @@ def test_missing_reward_model_says_how_to_train_it(recipe, tmp_path, capsys):
 def test_the_grpo_recipe_names_the_documented_reward_model_path():
     import yaml
 
-    rewards = yaml.safe_load(Path("recipes/grpo_rm_arith.yaml").read_text())["rewards"]
+    rewards = yaml.safe_load((RECIPE_DIR / "grpo_rm_arith.yaml").read_text())["rewards"]
     assert "rm:runs/rm_arith/reward_model" in rewards
 
 
 def test_a_preference_file_without_its_columns_is_one_clear_error(tiny_model, tmp_path, capsys):
     path = tmp_path / "pairs.csv"
     path.write_text("prompt,good,bad\nWhat is 1 + 2?,3,4\n")
-    code = main(["train", "recipes/rm_arith.yaml", "--no-progress", "--run-dir", str(tmp_path / "rm"),
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--no-progress", "--run-dir", str(tmp_path / "rm"),
                  "--set", f"model={tiny_model}", "--set", f"task={path}", *TINY_RM])
     err = capsys.readouterr().err
     assert code == 2 and "lacks columns ['chosen', 'rejected']; it needs prompt, chosen and rejected" in err
@@ -230,6 +241,6 @@ def test_a_preference_file_without_its_columns_is_one_clear_error(tiny_model, tm
 
 
 def test_an_unknown_reward_head_is_one_clear_error(tmp_path, capsys):
-    code = main(["train", "recipes/rm_arith.yaml", "--set", "rm_head=linear", "--run-dir", str(tmp_path / "r")])
+    code = main(["train", str(RECIPE_DIR / "rm_arith.yaml"), "--set", "rm_head=linear", "--run-dir", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "rm_head='linear' is not valid; choose one of log_ratio, classifier" in err

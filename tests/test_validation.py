@@ -17,7 +17,8 @@ import yaml
 from rlhf.cli import main
 from rlhf.config import CONFIGS, load_recipe, to_dict
 from rlhf.errors import UserError
-from rlhf.validation import RANGES, Range, check_rows, reward_columns
+from rlhf.preflight import check_rows, reward_columns
+from rlhf.validation import RANGES, Range
 
 ROOT = Path(__file__).resolve().parents[1]
 LM_RECIPE, GYM_RECIPE = str(ROOT / "recipes/grpo_arith.yaml"), str(ROOT / "recipes/ppo_cartpole.yaml")
@@ -235,7 +236,7 @@ def test_max_prompt_length_is_checked_where_a_family_has_it(tiny_model):
     """No family has the key today; a config that has it gets its prompts held to it."""
     from types import SimpleNamespace
 
-    from rlhf.validation import check_lengths
+    from rlhf.preflight import check_lengths
 
     rows = [{"prompt": "What is 1 + 2?"}, {"prompt": "What is 10 + 20? Answer with just the number."}]
     cfg = SimpleNamespace(model=tiny_model, max_new_tokens=4, max_prompt_length=12)

@@ -2,6 +2,7 @@
 from rlhf.core.advantages import (
     discounted_cumsum,
     discounted_returns,
+    explained_variance,
     gae,
     group_normalize,
     leave_one_out,
@@ -13,6 +14,7 @@ from rlhf.core.objectives import (
     KL_PLACEMENTS,
     adaptive_kl_coef,
     aggregate,
+    bradley_terry_loss,
     clipped_surrogate,
     entropy_from_logits,
     kl_estimate,
@@ -24,8 +26,9 @@ from rlhf.core.objectives import (
 from rlhf.core.logprobs import linear_logprobs, sample_categorical, selective_log_softmax
 
 __all__ = [
-    "discounted_cumsum", "discounted_returns", "gae", "group_normalize", "leave_one_out",
+    "discounted_cumsum", "discounted_returns", "explained_variance", "gae", "group_normalize", "leave_one_out",
     "whiten", "AGG_MODES", "KL_ESTIMATORS", "KL_PLACEMENTS", "aggregate", "clipped_surrogate",
-    "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "policy_loss", "reinforce", "value_loss",
+    "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "bradley_terry_loss",
+    "policy_loss", "reinforce", "value_loss",
     "selective_log_softmax", "sample_categorical", "linear_logprobs",
 ]

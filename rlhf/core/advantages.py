@@ -16,6 +16,7 @@ __all__ = [
     "group_normalize",
     "leave_one_out",
     "whiten",
+    "explained_variance",
 ]
 
 
@@ -136,6 +137,22 @@ def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: 
     if not shift_mean:
         out = out + mean
     return out * mask
+
+
+def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tensor, reduce=None) -> float:
+    """1 - Var(ret - V) / Var(ret) over masked tokens: 1 is a perfect critic, <= 0 a useless one.
+    ``reduce`` sums over processes (population variances, from sums of x and x^2)."""
+    reduce = reduce or (lambda x: x)
+    m = mask.to(torch.float64)
+    n = reduce(m.sum())
+
+    def var(x):
+        x = x.to(torch.float64)
+        mean = reduce((x * m).sum()) / n
+        return reduce((x * x * m).sum()) / n - mean ** 2
+
+    v = var(ret)
+    return float(1 - var(ret - values) / v) if n > 1 and v > 0 else float("nan")
 
 
 def _as_groups(rewards: Tensor, group_size: int) -> Tensor:

@@ -24,6 +24,7 @@ __all__ = [
     "AGG_MODES",
     "KL_ESTIMATORS",
     "KL_PLACEMENTS",
+    "bradley_terry_loss",
 ]
 
 AGG_MODES = ("token_mean", "seq_mean", "constant")
@@ -246,3 +247,12 @@ def policy_loss(
     if not math.isfinite(loss.item()):
         stats["nonfinite"] = torch.tensor(1.0)
     return loss, stats
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict]:
+    """Reward-model loss on preference pairs (Bradley & Terry 1952; Ouyang et al. 2022):
+    ``mean over pairs [B] of -log sigmoid(r_chosen - r_rejected)``; stats: pairwise accuracy
+    (share of pairs with ``r_chosen > r_rejected``) and the mean margin."""
+    margin = chosen - rejected
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return loss, {"accuracy": (margin > 0).float().mean().detach(), "margin": margin.mean().detach()}

@@ -1,2 +1,3 @@
-"""Gym agents on the shared loss core: REINFORCE with a baseline (reinforce), A2C, PPO, TRPO, DQN
-(Double / Dueling), SAC and tabular Q-learning on gymnasium envs."""
+"""What gym agents are made of: envs, networks, replay, recipe config, evaluation and progress.
+Their trainers (REINFORCE with a baseline, A2C, PPO, TRPO, DQN, SAC, tabular Q-learning) live in
+``rlhf/trainers/``."""

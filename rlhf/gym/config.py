@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.errors import check_choices
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
@@ -99,8 +100,5 @@ class GymConfig:
     }
 
     def validate(self) -> None:
-        # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES).
-        # Imported here: rlhf.config imports this module at its bottom to register GymConfig
-        from rlhf.config import check_choices
-
+        # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES)
         check_choices(self)

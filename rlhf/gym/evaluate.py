@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rlhf.gym.common import load_agent
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import make_env
 
@@ -31,8 +32,6 @@ def evaluate_agent(agent, cfg: GymConfig, episodes: int, progress: bool = False)
 
 
 def evaluate_cli(run_dir: str, cfg: GymConfig, args) -> dict:
-    from rlhf.gym.common import load_agent
-
     agent = load_agent(run_dir, cfg)
     out = {"run_dir": str(run_dir), "env": cfg.env, "algo": cfg.algo}
     out.update(evaluate_agent(agent, cfg, args.episodes or cfg.eval_episodes, not args.no_progress))

@@ -1,1 +1,1 @@
-"""Language-model policies: loading, LoRA, generation and token log-probs."""
+"""Language models: loading, LoRA policies, rollouts and token log-probs, and the reward model."""

@@ -235,7 +235,7 @@ class LMPolicy:
         if uniforms is not None:
             uniforms = uniforms.to(dev)
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1)
+                         position_ids=positions(prompt_mask), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(g)
         cache.layers = [InPlaceLayer(layer, max_new_tokens) for layer in cache.layers]
@@ -360,11 +360,11 @@ class PolicyNet(torch.nn.Module):
             if self.full_sequence:  # one plain pass over each row's prompt + completion
                 ids = torch.cat([prompt_ids[owner], completion_ids], 1)
                 attn = torch.cat([prompt_mask[owner], mask.to(prompt_mask.dtype)], 1)
-                res = decoder(input_ids=ids, attention_mask=attn, position_ids=_positions(attn))
+                res = decoder(input_ids=ids, attention_mask=attn, position_ids=positions(attn))
                 hidden = res.last_hidden_state[:, -c - 1:-1]  # position i predicts completion token i
             else:
                 prompt = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                 position_ids=_positions(prompt_mask), use_cache=True)
+                                 position_ids=positions(prompt_mask), use_cache=True)
                 parts, order = [], []
                 for rows, width in length_buckets(mask):
                     part = self._completions(decoder, prompt, prompt_mask, completion_ids, mask, owner[rows],
@@ -435,7 +435,7 @@ def length_buckets(mask: Tensor, min_saving: float = 0.2) -> list[tuple[Tensor, 
     return [(order[:split], int(sorted_len[split - 1])), (order[split:], longest)]
 
 
-def _positions(mask: Tensor) -> Tensor:
+def positions(mask: Tensor) -> Tensor:
     """Position ids under left padding: real tokens count from 0."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 

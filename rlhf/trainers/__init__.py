@@ -2,7 +2,9 @@
 
 Trainers: ``train(cfg, run, progress=True, resume=False) -> dict``.
 Evaluators: ``evaluate(run_dir, cfg, args) -> dict`` (what ``rlhf eval`` prints).
-Both are imported lazily, so ``rlhf train`` on a gym recipe never imports transformers.
+Both are imported lazily, by name, so ``rlhf train`` on a gym recipe never imports transformers
+(nor peft or accelerate): a start-up cost, not an import cycle; nothing here is imported by the
+modules these rows name.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from typing import Callable
 
 # (config class name, algo or None for any, trainer, evaluator)
 FAMILIES = [
-    ("LMConfig", "reward_model", "rlhf.reward_model:train_reward_model", "rlhf.reward_model:evaluate_rm_cli"),
+    ("LMConfig", "reward_model", "rlhf.trainers.reward_model:train_reward_model",
+     "rlhf.evaluate:evaluate_rm_cli"),
     ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.evaluate:evaluate_lm_cli"),
-    ("GymConfig", None, "rlhf.gym.train:train", "rlhf.gym.evaluate:evaluate_cli"),
+    ("GymConfig", None, "rlhf.trainers.gym:train", "rlhf.gym.evaluate:evaluate_cli"),
 ]
 
 

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from rlhf.core import adaptive_kl_coef, discounted_returns, gae, policy_loss, value_loss, whiten
 from rlhf.core.natural_gradient import backtracking_line_search, conjugate_gradient, max_step_scale
-from rlhf.gym.common import Progress, build_agent, clip_grad_norm
+from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import RewardScaler, VecEnv
+from rlhf.gym.progress import Progress
 from rlhf.gym.policies import ActorCritic
 
 

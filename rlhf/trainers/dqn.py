@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.core.value_learning import double_q_target, linear_schedule, td_target
-from rlhf.gym.common import Progress, build_agent, clip_grad_norm
+from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import VecEnv
+from rlhf.gym.progress import Progress
 from rlhf.gym.replay import ReplayBuffer
 
 

@@ -7,9 +7,10 @@ import copy
 import torch
 
 from rlhf.core.value_learning import sac_actor_loss, soft_q_target, temperature_loss
-from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.common import build_agent
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import VecEnv
+from rlhf.gym.progress import Progress
 from rlhf.gym.policies import TwinQ
 from rlhf.gym.replay import ReplayBuffer
 

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from rlhf.core.value_learning import linear_schedule, q_learning_update
-from rlhf.gym.common import Progress, build_agent
+from rlhf.gym.common import build_agent
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import make_env
+from rlhf.gym.progress import Progress
 
 
 def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):

@@ -1,10 +1,18 @@
-"""Entry point of the gym family: pick the algorithm's loop, train, save, evaluate."""
+"""The gym family's ``rlhf train``: pick the algorithm's loop, train, save, evaluate."""
 from __future__ import annotations
 
 from rlhf.errors import UserError
-from rlhf.gym.common import env_spec, save_agent, seed_everything
+from rlhf.gym.common import env_spec, save_agent
 from rlhf.gym.config import ON_POLICY, GymConfig
 from rlhf.gym.evaluate import evaluate_agent
+from rlhf.seeding import seed_everything
+from rlhf.trainers.dqn import train_dqn
+from rlhf.trainers.on_policy import train_on_policy
+from rlhf.trainers.sac import train_sac
+from rlhf.trainers.tabular import train_q_learning
+
+
+LOOPS = {"dqn": train_dqn, "sac": train_sac, "q_learning": train_q_learning}  # the rest: on-policy
 
 
 def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> dict:
@@ -12,16 +20,9 @@ def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> d
     if resume:
         raise UserError(f"--resume is not supported for gym runs ({cfg.algo} on {cfg.env}); "
                         "start a new run with `rlhf train RECIPE` (the saved policy is kept)")
-    seed_everything(cfg)
+    seed_everything(cfg.seed, cfg.threads)
     spec = env_spec(cfg)
-    if cfg.algo in ON_POLICY:
-        from rlhf.gym.on_policy import train_on_policy as loop
-    elif cfg.algo == "dqn":
-        from rlhf.gym.dqn import train_dqn as loop
-    elif cfg.algo == "sac":
-        from rlhf.gym.sac import train_sac as loop
-    else:
-        from rlhf.gym.tabular import train_q_learning as loop
+    loop = train_on_policy if cfg.algo in ON_POLICY else LOOPS[cfg.algo]
     agent, summary = loop(cfg, spec, run, progress)
     save_agent(run, agent)
     run.plot("return", "return.png")

@@ -1,0 +1,70 @@
+"""Sampling a rollout from the LM policy, and the no-grad passes over it that the update needs.
+
+Shapes: N = prompts * group_size rows, C completion tokens; ``logp, ref_logp, mask : [N, C]``.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf.config import LMConfig
+from rlhf.lm.policy import LMPolicy, Rollout
+
+
+@dataclass
+class RolloutPass:
+    """What the update compares the trained policy with, computed once per rollout, no grad:
+    ``ref_logp`` the reference's log-probs (None when beta = 0), ``old_logp`` / ``old_values``
+    the rollout policy's log-probs and values (None when one on-policy step needs neither),
+    all [N, C]; ``seconds`` the time the passes took."""
+
+    ref_logp: Tensor | None
+    old_logp: Tensor | None
+    old_values: Tensor | None
+    seconds: float = 0.0
+
+
+def sampling_uniforms(seed: int, prompt_ids, group_size: int, max_new_tokens: int) -> torch.Tensor:
+    """The random numbers of every draw, [len(prompt_ids) * group_size, max_new_tokens], from a
+    generator per prompt keyed by (seed, the prompt's position in the run). A completion thus
+    does not depend on which process sampled it or on what else shared its batch: one process
+    and several give the same samples (up to float rounding of the logits)."""
+    parts = []
+    for j in prompt_ids:
+        key = hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+        parts.append(torch.rand(group_size, max_new_tokens, dtype=torch.float64, generator=gen))
+    return torch.cat(parts)
+
+
+def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = False, adapter: bool = True,
+            uniforms: torch.Tensor | None = None):
+    """Sample group_size completions per prompt (greedy: one argmax completion); return the
+    rollout and what reward functions take: prompts, completions and dataset columns, one per row."""
+    g = 1 if greedy else cfg.group_size
+    prompts = [r["prompt"] for r in rows]
+    ids, attn = policy.encode_prompts(prompts)
+    roll = policy.generate(ids, attn, g, cfg.max_new_tokens, greedy=greedy, adapter=adapter, uniforms=uniforms)
+    texts = policy.decode(roll.completion_ids, roll.mask)
+    conversational = not isinstance(prompts[0], str)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
+    return roll, [p for p in prompts for _ in range(g)], completions, columns
+
+
+@torch.no_grad()
+def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
+    """No-grad passes over the rollout: the reference's log-probs (when beta > 0), and the
+    rollout policy's log-probs and values when the update needs them (several optimiser steps
+    per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
+    t = time.time()
+    ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
+    old_logp = old_values = None
+    if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
+        out = policy.forward(roll, values=cfg.algo == "ppo")
+        old_logp, old_values = out["logp"], out.get("values")
+    return RolloutPass(ref_logp, old_logp, old_values, seconds=time.time() - t)
