@@ -75,7 +75,10 @@ def _train(args) -> dict:
         run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
     if run.main:
         print(f"run directory: {run.dir}", file=sys.stderr)
-    return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+    try:
+        return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+    finally:
+        run.close()  # the run directory's lock
 
 
 def _world() -> int:

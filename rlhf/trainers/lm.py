@@ -15,7 +15,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import NAME, load_checkpoint, restore, save_checkpoint
+from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint, tmp_dir
 from rlhf.config import LMConfig
 from rlhf.core import (
     adaptive_kl_coef,
@@ -60,6 +60,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
         counters = {**counters, **restore(state, opt, sched, lambda sd: dist.load_optimizer_state(
             policy.train_net, opt, sd, ckpt))}
         run.truncate_history(counters["step"])  # steps logged after the checkpoint are redone
+    saved_at = counters["step"] if state is not None else None  # the step of the newest checkpoint
     baseline = Baseline(value=counters["baseline"])
     rows_iter = itertools.islice(task.train_rows(), counters["step"] * cfg.prompts_per_step, None)
     t_start = time.time()
@@ -111,11 +112,14 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                                 f"{run.dir}/adapter")
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save(run, policy, opt, sched, counters, dist)
+                saved_at = step + 1
     except KeyboardInterrupt:  # mid-step: keep the adapter; the last checkpoint stays consistent
         if dist.is_main and dist.replicated:  # (sharded weights would need every rank, which may be gone)
             run.save_atomic("adapter", policy.save_adapter)
         raise
-    full = save(run, policy, opt, sched, counters, dist)
+    if saved_at != counters["step"]:
+        save(run, policy, opt, sched, counters, dist)
+    full = None if dist.replicated else policy.full_trainable(dist)
     if dist.is_main:
         run.plot("reward")
     return summary(run, policy, time.time() - t_start, full)
@@ -360,19 +364,24 @@ def _frac_equal_groups(rewards: torch.Tensor, g: int) -> float:
     return float((groups.max(1).values == groups.min(1).values).float().mean())
 
 
-def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> dict | None:
-    """The adapter for users (``adapter/``) and a resumable checkpoint (``checkpoint/``),
+def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> None:
+    """A resumable checkpoint (``checkpoint/``, its adapter linked as ``adapter/`` for users),
     written by the main process; sharded weights are gathered whole first (every rank takes
-    part), and are returned."""
+    part). A save the file system refuses stops every rank with the main process's sentence."""
     full = None if dist.replicated else policy.full_trainable(dist)
     opt_state = dist.optimizer_state(policy.train_net, opt)
-    shards = dist.save_shards(run.tmp_path(NAME))  # DeepSpeed: each rank's partition, into the new checkpoint
+    step = counters["step"]
+    shards = dist.save_shards(tmp_dir(run.dir, step))  # DeepSpeed: each rank's partition, into the new checkpoint
+    error = None
     if dist.is_main:
-        run.save_atomic("adapter", lambda d: policy.save_adapter(d, full))
-        save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter", full), opt, sched, counters,
-                        optimizer_state=opt_state, fresh=not shards)
-    dist.barrier()
-    return full
+        try:
+            save_checkpoint(run, step, lambda d: policy.save_adapter(d / "adapter", full), opt, sched, counters,
+                            optimizer_state=opt_state, fresh=not shards)
+        except UserError as exc:
+            error = exc
+    error = dist.broadcast(error)
+    if error is not None:
+        raise error
 
 
 def dump_tensors(run: Run, step: int, dist: Dist, **tensors) -> None:
