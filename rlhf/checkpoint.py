@@ -114,9 +114,10 @@ def save_checkpoint(run, step: int, write_weights, opt, sched, counters: dict,
     return publish(run, step, writer, follow=LM_FOLLOW, fresh=fresh)
 
 
-def load_checkpoint(run_dir) -> tuple[Path, dict]:
-    """Return the checkpoint directory and its state (not yet applied)."""
-    ckpt = latest(run_dir, LM_FOLLOW)
+def load_checkpoint(run_dir, recover: bool = True) -> tuple[Path, dict]:
+    """Return the checkpoint directory and its state (not yet applied). ``recover=False``: read
+    only (the other processes of a run, after the main one recovered)."""
+    ckpt = latest(run_dir, LM_FOLLOW) if recover else slot(run_dir).current()
     if ckpt is None or not (ckpt / STATE_FILE).is_file():
         raise UserError(f"{str(run_dir)!r} has no checkpoint to resume from (no {NAME}/{STATE_FILE}); "
                         "checkpoints are written every save_every steps")

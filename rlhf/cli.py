@@ -68,14 +68,14 @@ def _train(args) -> dict:
         cfg, run_dir = load_recipe(args.recipe, args.overrides), args.run_dir
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
-    train = get_trainer(cfg)
-    if _world() == 1:
+    if _world() == 1:  # (before the trainer's heavy imports: a locked run directory is refused at once)
         run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
     else:
         run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
     if run.main:
         print(f"run directory: {run.dir}", file=sys.stderr)
     try:
+        train = get_trainer(cfg)
         return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
     finally:
         run.close()  # the run directory's lock

@@ -147,11 +147,14 @@ class Slot:
                 os.rename(old, self.link)
                 fsync_path(self.dir)
         if self.link.is_dir():
+            top = os.readlink(self.link) if self.link.is_symlink() else self.name
             for link, inner in self.follow.items():
-                path = self.dir / link
-                if not path.exists():  # missing or dangling
-                    log.warning("%s: re-pointing %s at the current %s", self.dir, link, self.name)
-                    point(path, f"{os.readlink(self.link) if self.link.is_symlink() else self.name}/{inner}")
+                path, target = self.dir / link, f"{top}/{inner}"
+                if not (path.is_symlink() and os.readlink(path) == target) and (self.link / inner).exists() \
+                        and (path.is_symlink() or not path.exists()):  # (a pre-versioning real directory stays)
+                    log.warning("%s: re-pointing %s at %s (a save was interrupted before it moved)",
+                                self.dir, link, target)
+                    point(path, target)
         self.collect_garbage()
         return self.current()
 
@@ -164,10 +167,13 @@ class Slot:
                 continue
             path = self.dir / entry
             log.info("%s: removing %s left by an earlier save", self.dir, entry)
-            if path.is_symlink() or not path.is_dir():
-                os.unlink(path)
-            else:
-                shutil.rmtree(path)
+            try:
+                if path.is_symlink() or not path.is_dir():
+                    os.unlink(path)
+                else:
+                    shutil.rmtree(path)
+            except OSError as exc:  # (a read-only directory: harmless, removed by a later save)
+                log.warning("%s: could not remove %s (%s)", self.dir, entry, exc.strerror)
 
     # ------------------------------------------------------------------ helpers
     def _versions(self) -> list[str]:

@@ -15,7 +15,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import load_checkpoint, restore, save_checkpoint, tmp_dir
+from rlhf.checkpoint import LM_FOLLOW, latest, load_checkpoint, restore, save_checkpoint, tmp_dir
 from rlhf.config import LMConfig
 from rlhf.core import (
     adaptive_kl_coef,
@@ -46,7 +46,10 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     seed_everything(cfg.seed, cfg.threads)
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     reward_fns = load_rewards(cfg.rewards)
-    ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
+    if resume and dist.is_main:
+        latest(run.dir, LM_FOLLOW)  # recover what a crash left behind, once, under the run's lock
+    dist.barrier()
+    ckpt, state = load_checkpoint(run.dir, recover=False) if resume else (None, None)
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
