@@ -84,7 +84,8 @@ def point(link: Path, target: str) -> None:
             shutil.rmtree(aside)
         os.rename(link, aside)
     tmp = link.with_name(f".{link.name}.link")
-    if tmp.is_symlink() or tmp.exists():
+    if os.path.lexists(tmp):
+        log.info("%s: removing %s left by an interrupted save", link.parent, tmp.name)
         os.unlink(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link)

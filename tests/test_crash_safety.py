@@ -64,18 +64,38 @@ class Steps:
             raise OSError(self.errno, os.strerror(self.errno), str(path))
 
     def install(self, monkeypatch) -> None:
+        """Wrap the file-system functions (``monkeypatch``: undone after the test). Steps that
+        change nothing are not counted (``os.makedirs`` of a directory that exists); a tree
+        removal counts twice: before it starts and after its first removal (half removed)."""
         import rlhf.run
+
+        in_rmtree = []
 
         def counted(name, fn, path_arg=True):
             def wrapper(*a, **kw):
-                self.step(name, a[0] if path_arg and a else None)
+                path = a[0] if path_arg and a else None
+                if in_rmtree:
+                    if in_rmtree[0]:
+                        in_rmtree[0] = False
+                        self.step("rmtree-half", path)
+                elif not (name == "mkdir" and os.path.isdir(path)):
+                    self.step(name, path)
                 return fn(*a, **kw)
             return wrapper
 
         for name in ("mkdir", "rename", "replace", "symlink", "unlink", "rmdir"):
             monkeypatch.setattr(os, name, counted(name, getattr(os, name)))
         monkeypatch.setattr(os, "fsync", counted("fsync", os.fsync, path_arg=False))
-        monkeypatch.setattr(shutil, "rmtree", counted("rmtree", shutil.rmtree))
+        real_rmtree = shutil.rmtree
+
+        def rmtree(path, *a, **kw):
+            self.step("rmtree", path)
+            in_rmtree.append(True)
+            try:
+                return real_rmtree(path, *a, **kw)
+            finally:
+                in_rmtree.clear()
+        monkeypatch.setattr(shutil, "rmtree", rmtree)
         real_open, real_os_open = builtins.open, os.open
 
         def open_(file, mode="r", *a, **kw):
@@ -104,9 +124,17 @@ class Steps:
 
 def in_child(fn, log: Path) -> int:
     """Run ``fn()`` in a forked copy of this process (stdout/stderr to ``log``); its exit status."""
+    return wait(start(fn, log))
+
+
+def start(fn, log: Path) -> int:
     pid = os.fork()
     if pid == 0:
         child(fn, log)
+    return pid
+
+
+def wait(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
@@ -131,18 +159,25 @@ def child(fn, log: Path) -> None:
         os._exit(status if isinstance(status, int) else 1)
 
 
-def train_in_child(argv: list[str], log: Path, steps: Steps | None = None) -> int:
+def train_in_child(argv: list[str], log: Path, steps: Steps | None = None, background: bool = False) -> int:
+    """Exit status of ``rlhf ARGV`` in a forked child (``background``: its pid, not waited for)."""
     def run():
         if steps is not None:
-            mp = pytest.MonkeyPatch()
-            steps.install(mp)
-            try:
-                return main(argv)
-            finally:
-                if steps.kill_at is None:  # counting: report the steps seen
-                    Path(str(log) + ".steps").write_text(json.dumps(steps.seen))
+            steps.install(pytest.MonkeyPatch())  # (the child's own copy of the functions)
         return main(argv)
-    return in_child(run, log)
+    return start(run, log) if background else in_child(run, log)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    """An uninterrupted run, in this process (so that every module a run imports is loaded
+    before the children fork), with its save steps counted: (metrics, adapter), steps."""
+    run = tmp_path_factory.mktemp("reference") / "full"
+    counting = Steps(run)
+    with pytest.MonkeyPatch.context() as mp:
+        counting.install(mp)
+        assert main(train_argv(tiny_model, run)) == 0
+    return outcome(run), counting.seen
 
 
 def outcome(run: Path) -> tuple[list[dict], dict]:
@@ -159,55 +194,62 @@ def assert_same(got: tuple, want: tuple, what: str) -> None:
         assert torch.equal(got[1][name], t), (what, name)
 
 
-def test_a_kill_at_every_step_of_a_save_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path):
-    full = tmp_path / "full"
-    counting = Steps(full)
-    assert train_in_child(train_argv(tiny_model, full), tmp_path / "full.log", counting) == 0, \
-        (tmp_path / "full.log").read_text()[-3000:]
-    want = outcome(full)
-    assert want[1] and any(float(t.abs().max()) > 0 for n, t in want[1].items() if "lora_B" in n)  # it trained
-    seen = json.loads(Path(str(tmp_path / "full.log") + ".steps").read_text())
-    saves = sorted({s for s, *_ in seen})
-    assert saves == [1, 2]  # save_every=1, two steps; the last step's save is not repeated
+def test_a_kill_at_every_step_of_a_save_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, reference):
+    want, seen = reference
+    assert any(float(t.abs().max()) > 0 for n, t in want[1].items() if "lora_B" in n)  # it trained
+    assert sorted({s for s, *_ in seen}) == [1, 2]  # save_every=1, two steps; the last save is not repeated
     ops = {op for *_, op, _ in seen}
-    assert {"mkdir", "fsync", "rename", "replace", "symlink", "rmtree"} <= ops and \
+    assert {"mkdir", "fsync", "rename", "replace", "symlink", "rmtree", "rmtree-half"} <= ops and \
         any(op.startswith("open-w") for op in ops), ops
 
+    # every step of the second save (one that replaces a checkpoint: each step a save can
+    # make); of the first, the steps from its rename on (before it there is nothing to resume,
+    # as at its rename: checked once)
+    rename = next(k for save, k, op, _ in seen if save == 1 and op == "rename")
+    points = [p for p in seen if p[0] == 2 or p[1] >= rename]
     t0 = time.time()
-    for save, k, op, name in seen:
-        what = f"killed before step {k} of save {save} ({op} {name})"
-        run = tmp_path / f"kill-{save}-{k}"
-        assert train_in_child(train_argv(tiny_model, run), tmp_path / "kill.log",
-                              Steps(run, kill_at=(save, k))) == KILLED, what
-        assert (run / "checkpoint").is_dir() or save == 1, what  # a complete checkpoint stays findable
-        left = [e for e in os.listdir(run) if e.startswith(".") or e.startswith("checkpoint-") and
-                (run / "checkpoint").is_symlink() and e != os.readlink(run / "checkpoint")]
-        status = train_in_child(["train", "--resume", str(run), "--no-progress"], tmp_path / "resume.log")
-        log = (tmp_path / "resume.log").read_text()
-        if save == 1 and not (run / "checkpoint").is_dir():  # killed before the first checkpoint existed
-            assert status == 2 and "no checkpoint to resume from" in log, (what, log[-2000:])
-            continue
-        assert status == 0, (what, log[-3000:])
-        assert_same(outcome(run), want, what)
-        for entry in left:  # each leftover is removed (or adopted) with a logged line
-            assert entry in log, (what, entry, log[-2000:])
-        leftovers = sorted(e for e in os.listdir(run) if e.startswith("."))
-        assert leftovers == [], (what, leftovers)
-        assert sorted(e for e in os.listdir(run) if e.startswith("checkpoint-")) == ["checkpoint-000002"], what
-    print(f"{len(seen)} kill points, {time.time() - t0:.1f} s")
+    width = max(1, min(4, os.cpu_count() or 1))  # children run side by side, one thread each
+    for i in range(0, len(points), width):
+        batch = points[i:i + width]
+        runs = [tmp_path / f"kill-{save}-{k}" for save, k, *_ in batch]
+        pids = [train_in_child(train_argv(tiny_model, run), tmp_path / f"{run.name}.log",
+                               Steps(run, kill_at=(save, k)), background=True)
+                for run, (save, k, *_) in zip(runs, batch)]
+        for pid, (save, k, op, name) in zip(pids, batch):
+            assert wait(pid) == KILLED, f"killed before step {k} of save {save} ({op} {name})"
+        lefts = [leftovers(run) for run in runs]
+        pids = [train_in_child(["train", "--resume", str(run), "--no-progress"], tmp_path / f"{run.name}.resume.log",
+                               background=True) for run in runs]
+        for pid, run, left, (save, k, op, name) in zip(pids, runs, lefts, batch):
+            what = f"killed before step {k} of save {save} ({op} {name})"
+            status, log = wait(pid), (tmp_path / f"{run.name}.resume.log").read_text()
+            if save == 1 and k == rename:  # killed before the first checkpoint existed: nothing to resume
+                assert status == 2 and "no checkpoint to resume from" in log, (what, log[-2000:])
+                continue
+            assert status == 0, (what, log[-3000:])
+            assert_same(outcome(run), want, what)
+            for entry in left:  # each leftover is removed (or adopted) with a logged line
+                assert entry in log, (what, entry, log[-2000:])
+            assert sorted(e for e in os.listdir(run) if e.startswith(".")) == [], what
+            assert sorted(e for e in os.listdir(run) if e.startswith("checkpoint-")) == ["checkpoint-000002"], what
+    print(f"{len(points)} kill points, {time.time() - t0:.1f} s")
+
+
+def leftovers(run: Path) -> list[str]:
+    """What a killed save left beside the published checkpoint: temporaries, and versions
+    the ``checkpoint`` link does not point to."""
+    link = run / "checkpoint"
+    current = os.readlink(link) if link.is_symlink() else None
+    return [e for e in os.listdir(run) if e.startswith(".") or e.startswith("checkpoint-") and e != current]
 
 
 @pytest.mark.parametrize("fail_errno", [errno.ENOSPC, errno.EROFS])
 def test_a_full_or_read_only_disk_during_a_save_stops_the_run_with_the_last_checkpoint_intact(
-        tiny_model, tmp_path, fail_errno):
+        tiny_model, tmp_path, reference, fail_errno):
     """The OSError is raised at each kind of step of the second save (the file write, an
     fsync, the directory rename, the link swap): one sentence, exit status 2, the first
     checkpoint whole and published, and a resume then ends as an uninterrupted run does."""
-    full = tmp_path / "full"
-    counting = Steps(full)
-    assert train_in_child(train_argv(tiny_model, full), tmp_path / "full.log", counting) == 0
-    want = outcome(full)
-    seen = json.loads(Path(str(tmp_path / "full.log") + ".steps").read_text())
+    want, seen = reference
     first = {op: k for save, k, op, _ in reversed(seen) if save == 2}  # each op's first step in save 2
     for op in ("open-wb", "fsync", "rename", "replace"):
         run = tmp_path / f"fail-{op}"
@@ -226,7 +268,7 @@ def test_a_full_or_read_only_disk_during_a_save_stops_the_run_with_the_last_chec
         assert_same(outcome(run), want, f"resumed after {os.strerror(fail_errno)} at {op}")
 
 
-def test_a_second_process_on_the_same_run_directory_is_refused(tiny_model, tmp_path):
+def test_a_second_process_on_the_same_run_directory_is_refused(tiny_model, tmp_path, reference):
     """The first run (a forked child, held at its second step) keeps the directory's lock; a
     real second process (``rlhf train --resume``) is refused in one sentence and writes
     nothing; the first then finishes as if alone."""
