@@ -104,7 +104,7 @@ class Run:
     def sync(self) -> None:
         """fsync the metrics, so that none a checkpoint covers can be lost after it is published."""
         if self.main and self.metrics_path.is_file():
-            self._write(lambda: fsync_path(self.metrics_path), "metrics.jsonl")
+            fsync_path(self.metrics_path)
 
     def save_atomic(self, name: str, writer, follow: dict[str, str] | None = None) -> Path:
         """Publish ``RUN_DIR/name`` crash-safely: ``writer(dir)`` fills a new directory (which
@@ -130,8 +130,8 @@ class Run:
 def publish(run: Run, slot: Slot, step: int, writer, what: str, kept: str, fresh: bool = True) -> None:
     """``slot.publish`` for the main process of ``run``: the metrics fsynced first; a file-system
     failure becomes one sentence (``kept``: what stays intact) after its temporary is removed."""
-    run.sync()
     try:
+        run.sync()
         slot.publish(step, writer, fresh=fresh)
     except Exception as exc:
         if not is_environment_error(exc, run.dir):
