@@ -310,3 +310,39 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tiny_model, tmp_p
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert torch.load(run / "checkpoint" / "state.pt", weights_only=True)["counters"]["step"] == 2
+
+
+def test_soak_sigkill_at_random_moments_until_done_matches_an_uninterrupted_run(tiny_model, tmp_path, reference):
+    """A run SIGKILLed at seeded-random moments (once its first checkpoint exists) and resumed,
+    again and again until it finishes, ends with the metrics and adapter of a run left alone."""
+    import random
+    import signal
+
+    argv = [*train_argv(tiny_model, tmp_path / "alone"), "--set", "steps=6"]
+    t0 = time.time()
+    assert main(argv) == 0
+    alone_s = time.time() - t0  # kills are timed as fractions of it: any CPU kills mid-run
+    want = outcome(tmp_path / "alone")
+    run = tmp_path / "soak"
+    argv = [*train_argv(tiny_model, run), "--set", "steps=6"]
+    rng, kills = random.Random(12), 0
+    pid = train_in_child(argv, tmp_path / "soak.log", background=True)
+    while not (run / "checkpoint").is_dir():
+        time.sleep(0.005)
+    for _ in range(5):
+        time.sleep(rng.uniform(0.05, 0.5) * alone_s)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:  # finished before this kill
+            pid = None
+            assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "soak.log").read_text()[-3000:]
+            break
+        os.kill(pid, signal.SIGKILL)
+        assert wait(pid) == -signal.SIGKILL
+        kills += 1
+        pid = train_in_child(["train", "--resume", str(run), "--no-progress"], tmp_path / "soak.log",
+                             background=True)
+    if pid is not None:
+        assert wait(pid) == 0, (tmp_path / "soak.log").read_text()[-3000:]
+    assert kills >= 1
+    assert_same(outcome(run), want, f"after {kills} kills")
+    print(f"soak: {kills} kills")
