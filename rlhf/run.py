@@ -51,10 +51,12 @@ class Run:
         except OSError as exc:
             raise UserError(f"cannot create the run directory {str(self.dir)!r} ({exc.strerror}); choose "
                             "another --run-dir or out_dir") from None
-        self._lock = lock_run_dir(self.dir)  # a second process on this directory stops here
+        self._lock = self._write(lambda: lock_run_dir(self.dir), "run.lock", "nothing else was written")
+        # (a second process on this directory stops there)
         self._refuse_a_second_run(resume)    # (one that finished while we waited for the lock)
         self._write(lambda: replace_file(self.dir / "recipe.yaml",
-                                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()), "recipe.yaml")
+                                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()), "recipe.yaml",
+                    "nothing else was written")
 
     def _refuse_a_second_run(self, resume: bool) -> None:
         if not resume and self.metrics_path.is_file():
@@ -66,14 +68,16 @@ class Run:
         unlock(self._lock)
         self._lock = None
 
-    def _write(self, write, what: str):
-        """Run ``write()``; a file-system failure (disk full, read-only) becomes one sentence."""
+    def _write(self, write, what: str, kept: str = "the last complete checkpoint is intact"):
+        """Run ``write()``; a file-system refusal (disk full, read-only) becomes one sentence."""
         try:
             return write()
+        except UserError:
+            raise
         except Exception as exc:
             if not is_environment_error(exc, self.dir):
                 raise
-            raise save_failed(exc, self.dir, what, "the last complete checkpoint is kept") from None
+            raise save_failed(exc, self.dir, what, kept) from None
 
     def truncate_history(self, step: int) -> None:
         """On resume: keep the logged rows up to ``step`` (later ones are redone)."""
@@ -133,6 +137,8 @@ def publish(run: Run, slot: Slot, step: int, writer, what: str, kept: str, fresh
     try:
         run.sync()
         slot.publish(step, writer, fresh=fresh)
+    except UserError:
+        raise
     except Exception as exc:
         if not is_environment_error(exc, run.dir):
             raise

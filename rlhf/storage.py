@@ -22,6 +22,7 @@ Every step goes through the ``os`` functions (``os.mkdir``, ``os.rename``, ``os.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -220,12 +221,17 @@ def save_failed(exc: BaseException, run_dir, what: str, kept: str) -> UserError:
                      f"directory writable, then continue with `rlhf train --resume {run_dir}`")
 
 
+# what a disk or a mount refuses: full, over quota, file too large, read-only, not permitted, I/O error
+REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
 def is_environment_error(exc: BaseException, run_dir) -> bool:
-    """Whether ``exc``, raised while writing into ``run_dir``, comes from the file system
-    rather than from a bug: an OSError, or a library's own error (torch's and safetensors'
-    writers wrap the OS's) while the disk is full or the directory is not writable."""
+    """Whether ``exc``, raised while writing into ``run_dir``, is the file system refusing the
+    write rather than a bug: an OSError with one of ``REFUSALS``, or a library's own error
+    (torch's and safetensors' writers wrap the OS's) while the disk is full or the directory
+    is not writable."""
     if isinstance(exc, OSError):
-        return True
+        return exc.errno in REFUSALS
     try:
         st = os.statvfs(run_dir)
         return st.f_bavail == 0 or not os.access(run_dir, os.W_OK)
