@@ -346,3 +346,26 @@ def test_soak_sigkill_at_random_moments_until_done_matches_an_uninterrupted_run(
     assert kills >= 1
     assert_same(outcome(run), want, f"after {kills} kills")
     print(f"soak: {kills} kills")
+
+
+def test_ctrl_c_keeps_the_mid_run_adapter_and_a_resume_goes_on_from_the_checkpoint(tiny_model, tmp_path, reference):
+    flag = tmp_path / "interrupt"
+    (tmp_path / "reward.py").write_text(
+        "import os\n"
+        "calls = []\n"
+        "def stop_at_step_3(prompts, completions, **kw):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == 3 and os.path.exists({str(flag)!r}):\n"
+        "        raise KeyboardInterrupt\n"
+        "    return [float(len(str(c))) / 10 for c in completions]\n")
+    run = tmp_path / "run"
+    argv = [*train_argv(tiny_model, run), "--set", "steps=4", "--set", "save_every=2",
+            "--set", f"rewards=[{tmp_path / 'reward.py'}:stop_at_step_3]"]
+    flag.write_text("")
+    assert main(argv) == 130
+    assert os.readlink(run / "adapter") == "adapter-000002"  # the weights when interrupted, written whole
+    assert os.readlink(run / "checkpoint") == "checkpoint-000002"
+    flag.unlink()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert os.readlink(run / "adapter") == "checkpoint-000004/adapter"
+    assert sorted(e for e in os.listdir(run) if "-0" in e) == ["checkpoint-000004"]  # the interrupted one removed
