@@ -126,10 +126,11 @@ class Slot:
         final = self._free_name(step)
         os.rename(tmp, self.dir / final)
         fsync_path(self.dir)
+        replaced = {self._target_top(self.dir / n) for n in (self.name, *self.follow)}
         point(self.link, final)
         for link, inner in self.follow.items():
             point(self.dir / link, f"{final}/{inner}")
-        self.collect_garbage()
+        self.collect_garbage(expected=replaced)
         return self.link
 
     def recover(self) -> Path | None:
@@ -160,15 +161,17 @@ class Slot:
         self.collect_garbage()
         return self.current()
 
-    def collect_garbage(self) -> None:
-        """Remove this slot's (and its followers') versions and temporaries no link points to."""
+    def collect_garbage(self, expected=()) -> None:
+        """Remove this slot's (and its followers') versions and temporaries no link points to,
+        each with a logged line (``expected``: the versions a publication just replaced, quietly)."""
         names = {self.name, *self.follow}
         keep = {self._target_top(self.dir / n) for n in names} - {None}
         for entry in sorted(os.listdir(self.dir)):
             if entry in keep or not self._owned(entry, names):
                 continue
             path = self.dir / entry
-            log.info("%s: removing %s left by an earlier save", self.dir, entry)
+            if entry not in expected:
+                log.info("%s: removing %s left by an earlier save", self.dir, entry)
             try:
                 if path.is_symlink() or not path.is_dir():
                     os.unlink(path)
