@@ -1,49 +1,128 @@
-"""Resumable checkpoints: weights, optimiser, scheduler, RNG streams and loop counters.
+"""Resumable checkpoints, for every kind of run: a directory of files published crash-safely.
 
-    RUN_DIR/checkpoint/adapter/      LoRA adapter (PEFT format, safetensors)
-    RUN_DIR/checkpoint/state.pt      optimiser + scheduler state, RNG states, counters
+    RUN_DIR/checkpoint -> checkpoint-000012/   the newest complete checkpoint (a symlink)
+    RUN_DIR/checkpoint-000012/state.pt         optimiser, scheduler, RNG streams, loop counters
+    RUN_DIR/checkpoint-000012/adapter/         LM runs: the LoRA adapter (PEFT, safetensors)
+    RUN_DIR/adapter -> checkpoint-000012/adapter
 
-The directory is written beside the old one and renamed into place, so a run killed at
-any instant (SIGKILL included) leaves either the previous checkpoint or the new one whole.
+A run killed at any instant -- SIGKILL or power cut, in the middle of a save included --
+keeps its newest complete checkpoint (``rlhf.storage`` says how); a disk that fills up or
+turns read-only during a save stops the run with one sentence and the previous checkpoint
+intact. Run directories written before versioned checkpoints (a real ``checkpoint/``
+directory) are read as they are and converted by their next save.
+
+Any trainer uses the same three calls::
+
+    publish(run, step, writer, follow={"policy": "policy"})   # writer(dir) writes the files
+    directory = latest(run.dir, follow=...)                   # on --resume; None: none saved
+    state = read_state(directory)                             # what write_state(dir, ...) wrote
+
 ``state.pt`` holds only tensors and plain Python values and is read with
 ``torch.load(weights_only=True)``: loading it executes no code.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import random
 from pathlib import Path
 
 import torch
 
 from rlhf.errors import UserError
+from rlhf.storage import Slot
 
 NAME = "checkpoint"
+STATE_FILE = "state.pt"
+LM_FOLLOW = {"adapter": "adapter"}  # RUN_DIR/adapter: the newest checkpoint's adapter
 
 
-def save_checkpoint(run, write_weights, opt, sched, counters: dict, optimizer_state: dict | None = None,
-                    fresh: bool = True) -> None:
+def slot(run_dir, follow: dict[str, str] | None = None) -> Slot:
+    return Slot(run_dir, NAME, follow)
+
+
+def tmp_dir(run_dir, step: int) -> Path:
+    """Where checkpoint ``step`` is built, the same path in every process (sharded saves write
+    their parts there before the main process calls ``publish(..., fresh=False)``)."""
+    return slot(run_dir).tmp_path(step)
+
+
+def publish(run, step: int, writer, follow: dict[str, str] | None = None, fresh: bool = True) -> Path:
+    """Main process: the checkpoint of ``step``, written by ``writer(dir)`` into a new directory,
+    published as ``RUN_DIR/checkpoint`` (``follow``: links re-pointed into it, e.g.
+    ``{"adapter": "adapter"}``). Raises UserError if the file system refuses (disk full,
+    read-only); the previous checkpoint is then intact."""
+    from rlhf.run import publish as run_publish
+
+    s = slot(run.dir, follow)
+    run_publish(run, s, step, writer, what=f"the checkpoint of step {step}",
+                kept="the previous checkpoint is intact", fresh=fresh)
+    return s.link
+
+
+def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
+    """The newest complete checkpoint after recovering from a crash (``Slot.recover``: a
+    leftover temporary or old directory is removed or restored, with a logged line). Call it
+    with the run's lock held (a ``Run`` holds it). None when no checkpoint was saved."""
+    return slot(run_dir, follow).recover()
+
+
+def write_state(directory: Path, state: dict) -> None:
+    """``directory/state.pt``: tensors and plain values (``read_state`` loads no code)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with open(Path(directory) / STATE_FILE, "wb") as f:  # fsynced by the publication
+        f.write(buf.getvalue())
+
+
+def read_state(directory: Path) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, weights_only=True)
+
+
+def rng_state() -> dict:
+    """The global random streams (torch, Python; numpy's where numpy is loaded)."""
+    import sys
+
+    out = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    if "numpy" in sys.modules:
+        kind, keys, pos, has_gauss, gauss = sys.modules["numpy"].random.get_state()
+        out["numpy_rng"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(_as_tuple(state["python_rng"]))
+    if "numpy_rng" in state:
+        import numpy as np
+
+        s = state["numpy_rng"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
+
+
+# ---------------------------------------------------------------------- LM policy-gradient runs
+def save_checkpoint(run, step: int, write_weights, opt, sched, counters: dict,
+                    optimizer_state: dict | None = None, fresh: bool = True) -> Path:
     """``optimizer_state``: written instead of ``opt.state_dict()`` (a sharded optimiser's state
-    gathered whole); ``fresh=False``: the temporary directory already holds files written by
-    every rank (DeepSpeed's), kept in the checkpoint."""
+    gathered whole); ``fresh=False``: the temporary directory (``tmp_dir``) already holds files
+    written by every rank (DeepSpeed's), kept in the checkpoint."""
     def writer(tmp: Path) -> None:
-        tmp.mkdir(parents=True, exist_ok=not fresh)
         write_weights(tmp)
-        torch.save({"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
-                    "scheduler": sched.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                    "counters": counters}, tmp / "state.pt")
+        write_state(tmp, {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
+                          "scheduler": sched.state_dict(), **rng_state(), "counters": counters})
 
-    run.save_atomic(NAME, writer, fresh=fresh)
+    return publish(run, step, writer, follow=LM_FOLLOW, fresh=fresh)
 
 
-def load_checkpoint(run_dir) -> tuple[Path, dict]:
-    """Return the checkpoint directory and its state (not yet applied)."""
-    ckpt = Path(run_dir) / NAME
-    if not (ckpt / "state.pt").is_file():
-        raise UserError(f"{run_dir!r} has no checkpoint to resume from (no {NAME}/state.pt); "
+def load_checkpoint(run_dir, recover: bool = True) -> tuple[Path, dict]:
+    """Return the checkpoint directory and its state (not yet applied). ``recover=False``: read
+    only (the other processes of a run, after the main one recovered)."""
+    ckpt = latest(run_dir, LM_FOLLOW) if recover else slot(run_dir).current()
+    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+        raise UserError(f"{str(run_dir)!r} has no checkpoint to resume from (no {NAME}/{STATE_FILE}); "
                         "checkpoints are written every save_every steps")
-    return ckpt, torch.load(ckpt / "state.pt", weights_only=True)
+    return ckpt, read_state(ckpt)
 
 
 def restore(state: dict, opt, sched, load_optimizer=None) -> dict:
@@ -51,8 +130,7 @@ def restore(state: dict, opt, sched, load_optimizer=None) -> dict:
     how to apply the optimiser's state where ``opt.load_state_dict`` cannot (sharded)."""
     (load_optimizer or opt.load_state_dict)(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(_as_tuple(state["python_rng"]))
+    set_rng_state(state)
     return state["counters"]
 
 
@@ -60,13 +138,24 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def load_lm_checkpoint(run_dir, dist) -> tuple[Path, dict]:
+    """``--resume`` of an LM run: the main process recovers what a crash left behind (once,
+    under the run's lock), then every process reads the newest complete checkpoint."""
+    if dist.is_main:
+        latest(run_dir, LM_FOLLOW)
+    dist.barrier()
+    return load_checkpoint(run_dir, recover=False)
+
+
 class LMSaver:
-    """When and how an LM run saves: the adapter for users (``adapter/``) and a resumable
-    checkpoint (``checkpoint/``), written by the main process; sharded weights are gathered
-    whole first (every rank takes part). ``policy`` holds the adapter, ``dist`` the processes."""
+    """When and how an LM run saves: a resumable checkpoint (``checkpoint/``, its adapter
+    linked as ``adapter/`` for users), written by the main process; sharded weights are
+    gathered whole first (every rank takes part). ``policy`` holds the adapter, ``dist`` the
+    processes. A save the file system refuses stops every rank with the main process's sentence."""
 
     def __init__(self, run, policy, opt, sched, dist):
         self.run, self.policy, self.opt, self.sched, self.dist = run, policy, opt, sched, dist
+        self.saved_at: int | None = None  # the step of the newest checkpoint
 
     def resume(self, ckpt: Path, state: dict) -> dict:
         """Apply a checkpoint's optimiser, scheduler and RNG state; return its loop counters.
@@ -74,20 +163,34 @@ class LMSaver:
         counters = restore(state, self.opt, self.sched, lambda sd: self.dist.load_optimizer_state(
             self.policy.train_net, self.opt, sd, ckpt))
         self.run.truncate_history(counters["step"])
+        self.saved_at = counters["step"]
         return counters
 
-    def save(self, counters: dict) -> dict | None:
-        """Write adapter and checkpoint; returns the gathered weights of a sharded policy."""
+    def save(self, counters: dict) -> None:
+        """Write the checkpoint of ``counters["step"]`` (every rank calls this)."""
         run, policy, dist = self.run, self.policy, self.dist
         full = None if dist.replicated else policy.full_trainable(dist)
         opt_state = dist.optimizer_state(policy.train_net, self.opt)
-        shards = dist.save_shards(run.tmp_path(NAME))  # DeepSpeed: each rank's partition, into the new checkpoint
+        step = counters["step"]
+        shards = dist.save_shards(tmp_dir(run.dir, step))  # DeepSpeed: each rank's partition, into the new checkpoint
+        error = None
         if dist.is_main:
-            run.save_atomic("adapter", lambda d: policy.save_adapter(d, full))
-            save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter", full), self.opt, self.sched,
-                            counters, optimizer_state=opt_state, fresh=not shards)
-        dist.barrier()
-        return full
+            try:
+                save_checkpoint(run, step, lambda d: policy.save_adapter(d / "adapter", full), self.opt,
+                                self.sched, counters, optimizer_state=opt_state, fresh=not shards)
+            except UserError as exc:
+                error = exc
+        error = dist.broadcast(error)
+        if error is not None:
+            raise error
+        self.saved_at = step
+
+    def final(self, counters: dict) -> dict | None:
+        """The end of the run: save unless the last step was just saved; returns the gathered
+        weights of a sharded policy (None when every rank holds them whole)."""
+        if self.saved_at != counters["step"]:
+            self.save(counters)
+        return None if self.dist.replicated else self.policy.full_trainable(self.dist)
 
     def after_step(self, counters: dict, save_every: int, max_nonfinite_steps: int) -> None:
         """Save every ``save_every`` steps; after ``max_nonfinite_steps`` non-finite losses in a

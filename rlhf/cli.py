@@ -71,20 +71,22 @@ def _train(args) -> dict:
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
     preflight(cfg)  # model files, data, env: checked before a run directory is touched
-    train = get_trainer(cfg)
     fresh = not args.resume and _new_dir(cfg, run_dir)
-    if _world() == 1:
+    if _world() == 1:  # (before the trainer's heavy imports: a locked run directory is refused at once)
         run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
     else:
         run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
     if run.main:
         print(f"run directory: {run.dir}", file=sys.stderr)
     try:
+        train = get_trainer(cfg)
         return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
     except UserError:
         if fresh and run.main:
             _remove_unstarted(run)
         raise
+    finally:
+        run.close()  # the run directory's lock
 
 
 def _new_dir(cfg, run_dir) -> bool:

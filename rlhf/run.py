@@ -2,13 +2,18 @@
 
     runs/<name>/recipe.yaml      resolved config (every key, defaults included)
     runs/<name>/metrics.jsonl    one JSON object per step
-    runs/<name>/adapter/         LoRA adapter in PEFT format (written atomically)
+    runs/<name>/adapter/         LoRA adapter in PEFT format (a link into the newest checkpoint)
     runs/<name>/reward.png       reward over steps
+    runs/<name>/run.lock         held (flock) by the process training the run
+
+Saved directories are published crash-safely (``rlhf.storage``): a run killed at any instant
+keeps its last complete save. One process at a time trains a run directory (the lock).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +22,7 @@ import yaml
 
 from rlhf.config import to_dict
 from rlhf.errors import UserError
+from rlhf.storage import Slot, fsync_path, is_environment_error, lock_run_dir, replace_file, save_failed, unlock
 
 
 class Run:
@@ -36,54 +42,87 @@ class Run:
         self.dir = Path(run_dir)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        self._lock = None
         if not main:
             return
+        self._refuse_a_second_run(resume)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the run directory {str(self.dir)!r} ({exc.strerror}); choose "
+                            "another --run-dir or out_dir") from None
+        self._lock = self._write(lambda: lock_run_dir(self.dir), "run.lock", "nothing else was written")
+        # (a second process on this directory stops there)
+        self._refuse_a_second_run(resume)    # (one that finished while we waited for the lock)
+        self._write(lambda: replace_file(self.dir / "recipe.yaml",
+                                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()), "recipe.yaml",
+                    "nothing else was written")
+
+    def _refuse_a_second_run(self, resume: bool) -> None:
         if not resume and self.metrics_path.is_file():
             raise UserError(f"run directory {str(self.dir)!r} already holds a run; continue it with "
                             f"`rlhf train --resume {self.dir}` or choose another --run-dir")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def close(self) -> None:
+        """Release the run directory's lock (the OS releases it anyway when the process ends)."""
+        unlock(self._lock)
+        self._lock = None
+
+    def _write(self, write, what: str, kept: str = "the last complete checkpoint is intact"):
+        """Run ``write()``; a file-system refusal (disk full, read-only) becomes one sentence."""
+        try:
+            return write()
+        except UserError:
+            raise
+        except Exception as exc:
+            if not is_environment_error(exc, self.dir):
+                raise
+            raise save_failed(exc, self.dir, what, kept) from None
 
     def truncate_history(self, step: int) -> None:
         """On resume: keep the logged rows up to ``step`` (later ones are redone)."""
         rows = []
         if self.metrics_path.is_file():
-            rows = [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a crash: after the checkpoint, redone
+                    break
         self.history = [r for r in rows if r.get("step", 0) <= step]
         if not self.main:
             return
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(self.metrics_path)
+        text = "".join(json.dumps(r) + "\n" for r in self.history)
+        self._write(lambda: replace_file(self.metrics_path, text.encode()), "metrics.jsonl")
 
     def log(self, row: dict) -> None:
         row = {k: _plain(v) for k, v in row.items()}
         self.history.append(row)
         if not self.main:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
-    def save_atomic(self, name: str, writer, fresh: bool = True) -> Path:
-        """Call ``writer(tmp_dir)`` then rename into place, so a crash never leaves half a save.
-        ``fresh=False``: keep what other processes already wrote into ``tmp_dir`` (``tmp_path``)."""
-        final, tmp = self.dir / name, self.tmp_path(name)
+        def append():
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        self._write(append, "metrics.jsonl")
+
+    def sync(self) -> None:
+        """fsync the metrics, so that none a checkpoint covers can be lost after it is published."""
+        if self.main and self.metrics_path.is_file():
+            fsync_path(self.metrics_path)
+
+    def save_atomic(self, name: str, writer, follow: dict[str, str] | None = None) -> Path:
+        """Publish ``RUN_DIR/name`` crash-safely: ``writer(dir)`` fills a new directory (which
+        does not exist yet: ``dir.mkdir()`` or a library's ``save_pretrained(dir)``), which
+        becomes the new version of ``name`` (``rlhf.storage.Slot``); a run killed at any
+        instant keeps the old version or the new one whole. A full disk or read-only directory:
+        one sentence, the old version kept. ``follow``: links re-pointed into the new version."""
+        slot = Slot(self.dir, name, follow)
         if not self.main:
-            return final
-        if fresh:
-            shutil.rmtree(tmp, ignore_errors=True)
-        writer(tmp)
-        old = self.dir / f".{name}.old"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def tmp_path(self, name: str) -> Path:
-        """Where ``save_atomic(name, ...)`` builds the new ``name`` before renaming it into place."""
-        return self.dir / f".{name}.tmp"
+            return slot.link
+        step = self.history[-1].get("step", 0) if self.history else 0
+        publish(self, slot, step, lambda d: (os.rmdir(d), writer(d)), what=name,
+                kept=f"the previous {name} is kept")
+        return slot.link
 
     def dump_tensors(self, step: int, rank: int, **tensors) -> None:
         """``debug_tensors``: one process's tensors of one step, as debug/step{N}_rank{R}.safetensors
@@ -100,6 +139,21 @@ class Run:
         if not points or not self.main:
             return None
         return plot_curves({self.dir.name: points}, key, self.dir / filename)
+
+
+def publish(run: Run, slot: Slot, step: int, writer, what: str, kept: str, fresh: bool = True) -> None:
+    """``slot.publish`` for the main process of ``run``: the metrics fsynced first; a file-system
+    failure becomes one sentence (``kept``: what stays intact) after its temporary is removed."""
+    try:
+        run.sync()
+        slot.publish(step, writer, fresh=fresh)
+    except UserError:
+        raise
+    except Exception as exc:
+        if not is_environment_error(exc, run.dir):
+            raise
+        shutil.rmtree(slot.tmp_path(step), ignore_errors=True)
+        raise save_failed(exc, run.dir, what, kept) from None
 
 
 def plot_curves(curves: dict[str, list[tuple[float, float]]], ylabel: str, path: Path) -> Path:

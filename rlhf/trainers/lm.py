@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.checkpoint import LMSaver, load_checkpoint
+from rlhf.checkpoint import LMSaver, load_lm_checkpoint
 from rlhf.config import LMConfig
 from rlhf.core import (
     adaptive_kl_coef,
@@ -46,7 +46,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     seed_everything(cfg.seed, cfg.threads)
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
-    ckpt, saved = load_checkpoint(run.dir) if resume else (None, None)
+    ckpt, saved = load_lm_checkpoint(run.dir, dist) if resume else (None, None)
     policy, opt, sched = build(cfg, dist, ckpt)
     saver = LMSaver(run, policy, opt, sched, dist)
     state = LoopState(penalty_coef=cfg.penalty_coef)
@@ -87,7 +87,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
             saver.after_step(asdict(state), cfg.save_every, cfg.max_nonfinite_steps)
-    full = saver.save(asdict(state))
+    full = saver.final(asdict(state))
     if dist.is_main:
         run.plot("reward")
     return summary(run, policy, time.time() - t_start, full)
