@@ -119,10 +119,28 @@ class LMConfig:
         if self.algo == "reinforce" and self.objective != "clip":
             raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
                             "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
+        steps = self.epochs * self.minibatches  # optimiser steps per rollout
+        if self.algo == "reinforce" and steps > 1:
+            raise UserError(f"algo reinforce with epochs={self.epochs} x minibatches={self.minibatches} > 1 "
+                            "trains off-policy without importance weights after the first step; use algo "
+                            "grpo, rloo or ppo for several update steps per rollout, or epochs=1 and "
+                            "minibatches=1")
+        if self.algo in ("grpo", "rloo", "ppo") and self.objective in ONE_STEP_PLAIN_PG and steps == 1:
+            raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs=1, "
+                            f"minibatches=1) is plain policy gradient: {ONE_STEP_PLAIN_PG[self.objective]}; "
+                            "set epochs or minibatches > 1 (or objective: clip)")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 
 
+# Ratio objectives that reduce to plain policy gradient when a rollout makes one optimiser step
+# (its only step sees pi = pi_old: the ratio is 1 and the KL(pi_old || pi) penalty's gradient is 0)
+ONE_STEP_PLAIN_PG = {
+    "kl_penalty": "the ratio is 1 and the KL(pi_old || pi) penalty has zero gradient at its only step",
+    "adaptive_kl": "the ratio is 1, the KL(pi_old || pi) penalty has zero gradient at its only step, "
+                   "and the controller would steer a coefficient that does nothing",
+    "none": "the importance ratio is 1 at its only step",
+}
 # Default KL estimator of each placement. In the loss, k3+ (ratio-weighted k3, TRL's bias
 # correction): on-policy its per-sample gradient is k2's, log(pi/ref) * grad log pi, so both
 # descend KL(pi||ref) with the same variance; after the first of several minibatches (samples
