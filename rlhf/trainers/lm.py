@@ -208,8 +208,7 @@ def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: L
     elif cfg.algo == "rloo":
         adv = leave_one_out(rewards, cfg.group_size, valid=valid)
     else:  # reinforce
-        adv = rewards - baseline(rewards, valid)
-        adv = adv if valid is None else adv * valid
+        adv = rewards - baseline(rewards) if valid is None else (rewards - baseline(rewards, valid)) * valid
     return dist.local(adv), None, {}
 
 
