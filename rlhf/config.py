@@ -42,7 +42,7 @@ class LMConfig:
     weight_decay: float = 0.0            # AdamW weight decay
     warmup_steps: int = 0                # linear LR warm-up, then constant
     max_grad_norm: float = 1.0           # gradient clipping (0 disables)
-    epochs: int = 1                      # update epochs per rollout (>1 needs the clipped ratio)
+    epochs: int = 1                      # update epochs per rollout (>1 needs a ratio objective: not reinforce)
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
     beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
     kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
@@ -60,9 +60,11 @@ class LMConfig:
     whiten_advantages: bool = True       # ppo: normalise token advantages over the batch
     objective: str = "clip"              # surrogate (PPO paper): clip | kl_penalty (fixed penalty_coef)
                                          # | adaptive_kl (penalty_coef halves/doubles around target_kl)
-                                         # | none (unclipped ratio); algo reinforce uses plain REINFORCE
+                                         # | none (unclipped ratio); all but clip need epochs x minibatches
+                                         # > 1 (one step: ratio 1). algo reinforce uses plain REINFORCE
     penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: beta on KL(pi_old || pi)
-    target_kl: float = 0.01              # adaptive_kl: the KL per token the controller steers to
+    target_kl: float = 0.01              # adaptive_kl: the KL(pi_old || pi) per token after the update that
+                                         # the controller steers to (logged: kl_after_update)
     clip_low: float = 0.2                # PPO clip epsilon below 1
     clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)

@@ -45,7 +45,8 @@ class GymConfig:
     gae_lambda: float = 0.95             # GAE lambda (reinforce uses Monte-Carlo returns)
     epochs: int = 4                      # update epochs per rollout (ppo)
     minibatch_size: int = 256            # samples per optimiser step (ppo, trpo critic)
-    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl
+    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl (the last two need
+                                         # more than one optimiser step per rollout)
     clip_range: float = 0.2              # ppo clip epsilon
     clip_schedule: str = "constant"      # constant | linear (clip epsilon decays with lr)
     clip_vloss: float | None = None      # value clipping epsilon (None: no value clipping)
