@@ -42,7 +42,7 @@ class LMConfig:
     weight_decay: float = 0.0            # AdamW weight decay
     warmup_steps: int = 0                # linear LR warm-up, then constant
     max_grad_norm: float = 1.0           # gradient clipping (0 disables)
-    epochs: int = 1                      # update epochs per rollout (>1 needs the clipped ratio)
+    epochs: int = 1                      # update epochs per rollout (>1 needs a ratio objective: not reinforce)
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
     beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
     kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
@@ -60,9 +60,11 @@ class LMConfig:
     whiten_advantages: bool = True       # ppo: normalise token advantages over the batch
     objective: str = "clip"              # surrogate (PPO paper): clip | kl_penalty (fixed penalty_coef)
                                          # | adaptive_kl (penalty_coef halves/doubles around target_kl)
-                                         # | none (unclipped ratio); algo reinforce uses plain REINFORCE
+                                         # | none (unclipped ratio); all but clip need epochs x minibatches
+                                         # > 1 (one step: ratio 1). algo reinforce uses plain REINFORCE
     penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: beta on KL(pi_old || pi)
-    target_kl: float = 0.01              # adaptive_kl: the KL per token the controller steers to
+    target_kl: float = 0.01              # adaptive_kl: the KL(pi_old || pi) per token after the update that
+                                         # the controller steers to (logged: kl_after_update)
     clip_low: float = 0.2                # PPO clip epsilon below 1
     clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
@@ -119,10 +121,28 @@ class LMConfig:
         if self.algo == "reinforce" and self.objective != "clip":
             raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
                             "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
+        steps = self.epochs * self.minibatches  # optimiser steps per rollout
+        if self.algo == "reinforce" and steps > 1:
+            raise UserError(f"algo reinforce with epochs={self.epochs} x minibatches={self.minibatches} > 1 "
+                            "trains off-policy without importance weights after the first step; use algo "
+                            "grpo, rloo or ppo for several update steps per rollout, or epochs=1 and "
+                            "minibatches=1")
+        if self.algo in ("grpo", "rloo", "ppo") and self.objective in ONE_STEP_PLAIN_PG and steps == 1:
+            raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs=1, "
+                            f"minibatches=1) is plain policy gradient: {ONE_STEP_PLAIN_PG[self.objective]}; "
+                            "set epochs or minibatches > 1 (or objective: clip)")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
 
 
+# Ratio objectives that reduce to plain policy gradient when a rollout makes one optimiser step
+# (its only step sees pi = pi_old: the ratio is 1 and the KL(pi_old || pi) penalty's gradient is 0)
+ONE_STEP_PLAIN_PG = {
+    "kl_penalty": "the ratio is 1 and the KL(pi_old || pi) penalty has zero gradient at its only step",
+    "adaptive_kl": "the ratio is 1, the KL(pi_old || pi) penalty has zero gradient at its only step, "
+                   "and the controller would steer a coefficient that does nothing",
+    "none": "the importance ratio is 1 at its only step",
+}
 # Default KL estimator of each placement. In the loss, k3+ (ratio-weighted k3, TRL's bias
 # correction): on-policy its per-sample gradient is k2's, log(pi/ref) * grad log pi, so both
 # descend KL(pi||ref) with the same variance; after the first of several minibatches (samples

@@ -61,7 +61,7 @@ def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, pr
     for i in tqdm(batches, desc="eval " + ("trained" if adapter else "base"), disable=not progress):
         chunk = rows[i:i + cfg.eval_batch]
         _, prompts, completions, columns = collect(policy, chunk, cfg, greedy=True, adapter=adapter)
-        rewards, _ = score(fns, prompts, completions, columns)
+        rewards, _, _ = score(fns, prompts, completions, columns)  # an unscored sample counts 0
         total += float(rewards.sum())
     return total / max(len(rows), 1)
 

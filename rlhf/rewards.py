@@ -116,12 +116,16 @@ def load_reward(name: str) -> Callable:
 
 
 def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns: dict[str, list]
-          ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of all reward functions, shape [N]; plus the mean of each one for logging
-    (and, for functions under a timeout, ``NAME/timeouts``: the fraction of samples stopped)."""
+          ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+    """Weighted sum of all reward functions, shape [N]; the mean of each one for logging (and,
+    for functions under a timeout, ``NAME/timeouts``: the fraction of samples stopped); and
+    ``scored`` [N] bool, False where every function returned None (or timed out). Such a row
+    scores 0 here but has no reward: trainers give it advantage 0 and leave it out of the batch
+    statistics (TRL does the same); ``all_none`` in the means is the fraction of such rows."""
     import torch
 
     total = torch.zeros(len(completions))
+    scored = torch.zeros(len(completions), dtype=torch.bool)
     means = {}
     for rf in reward_fns:
         if rf.pool is not None:
@@ -133,7 +137,9 @@ def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns:
         present = [v for v in values if v is not None]
         means[rf.name] = sum(present) / len(present) if present else float("nan")
         total += torch.tensor([0.0 if v is None else rf.weight * v for v in values])
-    return total, means
+        scored |= torch.tensor([v is not None for v in values], dtype=torch.bool)
+    means["all_none"] = float((~scored).float().mean()) if len(completions) else 0.0
+    return total, means, scored
 
 
 def _call(rf: RewardFn, prompts, completions, columns) -> list[float | None]:

@@ -148,7 +148,7 @@ def test_ppo_paper_surrogates_on_tokens(objective, tiny_model, tmp_path, capsys)
         coefs = [r["penalty_coef"] for r in rows]
         assert coefs[0] == 0.5
         for prev, nxt in zip(rows, coefs[1:]):
-            assert nxt == pytest.approx(adaptive_kl_coef(prev["penalty_coef"], prev["approx_kl"], 0.001), rel=1e-3)
+            assert nxt == pytest.approx(adaptive_kl_coef(prev["penalty_coef"], prev["kl_after_update"], 0.001), rel=1e-3)
 
 
 def test_the_objective_of_each_setting():

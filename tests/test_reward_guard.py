@@ -32,10 +32,10 @@ def test_workers_score_exactly_as_in_process(tmp_path, monkeypatch):
     completions = ["68", " 12.", "it is 68", "x", prog, "print(5)"]
     columns = {"answer": ["68", "12", "68", "3", "1", "2"],
                "tests": [[{"input": "2", "output": "4"}, {"input": "0", "output": "1"}]] * 6}
-    ref_total, ref_means = score(load_rewards(specs), ["p"] * 6, completions, columns)
+    ref_total, ref_means, _ = score(load_rewards(specs), ["p"] * 6, completions, columns)
     pooled = load_rewards(specs, workers=2)
     assert all(rf.pool is pooled[0].pool is not None for rf in pooled)
-    total, means = score(pooled, ["p"] * 6, completions, columns)
+    total, means, _ = score(pooled, ["p"] * 6, completions, columns)
     assert torch.equal(total, ref_total)  # same code on the same inputs: bit-identical
     assert means == ref_means and means["code_tests"] == pytest.approx(1 / 12)
     pooled[0].pool.close()
@@ -47,7 +47,7 @@ def test_a_slow_sample_is_stopped_named_and_scores_none(tmp_path, capsys):
     fns = load_rewards([f"{f}:fn", "arith_correct"], timeout_s=1.0, workers=2)
     for _ in range(2):  # the killed worker is replaced: the next batch is scored the same way
         t = time.monotonic()
-        total, means = score(fns, ["p"] * 4, ["68", "hang", "abc", "hang"], {"answer": ["68"] * 4})
+        total, means, _ = score(fns, ["p"] * 4, ["68", "hang", "abc", "hang"], {"answer": ["68"] * 4})
         took = time.monotonic() - t
         # startup is excluded from a sample's time; one worker is restarted mid-batch (~0.5 s, more
         # on a loaded machine): the bound only has to tell a stopped sample from a 60 s spin

@@ -21,7 +21,7 @@ def test_weighted_sum_and_none(tmp_path):
     f = tmp_path / "my_rewards.py"
     f.write_text("def half(prompts, completions, **kw):\n    return [None if c == 'x' else 0.5 for c in completions]\n")
     fns = load_rewards(["arith_correct", {f"{f}:half": 2.0}])
-    total, means = score(fns, ["p"] * 3, ["68", "1", "x"], {"answer": ["68", "68", "68"]})
+    total, means, _ = score(fns, ["p"] * 3, ["68", "1", "x"], {"answer": ["68", "68", "68"]})
     assert total.tolist() == [2.0, 1.0, 0.0]
     assert means["arith_correct"] == pytest.approx(1 / 3) and means[f"{f}:half"] == 0.5
 
@@ -33,7 +33,7 @@ def test_trl_style_function_plugs_in_unchanged(tmp_path):
         "def reward_len(completions, **kwargs):\n"
         "    return [-abs(20 - len(c[0]['content'])) for c in completions]\n")
     fns = load_rewards([f"{f}:reward_len"])
-    total, _ = score(fns, [[{"role": "user", "content": "q"}]], [msgs("a" * 18)], {"answer": ["1"]})
+    total, _, _ = score(fns, [[{"role": "user", "content": "q"}]], [msgs("a" * 18)], {"answer": ["1"]})
     assert total.tolist() == [-2.0]
 
 

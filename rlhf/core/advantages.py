@@ -97,30 +97,49 @@ def gae(
 
 
 def group_normalize(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, valid: Tensor | None = None
 ) -> Tensor:
     """GRPO's advantage (Shao et al. 2024): ``A_i = (r_i - mean_group) / (std + eps)``.
 
     rewards: [N] with N = prompts * group_size, each prompt's completions contiguous.
     scale: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
     "none" only centres (Dr. GRPO). std is Bessel-corrected, as in TRL.
+    valid: [N] bool, False for rows without a reward (no reward function scored them): their
+    advantage is 0 and the means and stds are over the valid rows only (TRL's nanmean / nanstd).
+    A group with fewer than 2 valid rows has no std; its one valid row is its own mean (A = 0).
     """
     groups = _as_groups(rewards, group_size)
-    centred = groups - groups.mean(dim=1, keepdim=True)
+    v = _valid_groups(valid, groups)
+    groups = _zero_invalid(groups, v)
+    n = v.sum(dim=1, keepdim=True)
+    mean = groups.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = (groups - mean) * v
     if scale == "group":
-        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+        std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + eps)
     elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+        m = v.reshape(-1)
+        n_all = m.sum()
+        flat = groups.reshape(-1)
+        batch_mean = flat.sum() / n_all.clamp(min=1)
+        batch_std = ((((flat - batch_mean) * m) ** 2).sum() / (n_all - 1).clamp(min=1)).sqrt()
+        centred = centred / (batch_std + eps)
     elif scale != "none":
         raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     return centred.reshape(-1)
 
 
-def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
-    """RLOO baseline (Kool et al. 2019): ``A_i = r_i - mean_{j != i} r_j``. rewards: [N]."""
+def leave_one_out(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+    """RLOO baseline (Kool et al. 2019): ``A_i = r_i - mean_{j != i} r_j``. rewards: [N].
+    valid: [N] bool, False for rows without a reward: their advantage is 0 and the baseline of a
+    valid row is the mean of the group's *other valid* rows (TRL); a valid row with no valid
+    sibling has no baseline and gets A = 0."""
     groups = _as_groups(rewards, group_size)
-    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - baseline).reshape(-1)
+    v = _valid_groups(valid, groups)
+    groups = _zero_invalid(groups, v)
+    others = v.sum(dim=1, keepdim=True) - v  # valid siblings of each row
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / others.clamp(min=1)
+    return ((groups - baseline) * v * (others > 0)).reshape(-1)
 
 
 def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8,
@@ -153,6 +172,20 @@ def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tens
 
     v = var(ret)
     return float(1 - var(ret - values) / v) if n > 1 and v > 0 else float("nan")
+
+
+def _valid_groups(valid: Tensor | None, groups: Tensor) -> Tensor:
+    """The valid mask [G, group_size] in the rewards' dtype (all ones when ``valid`` is None)."""
+    if valid is None:
+        return torch.ones_like(groups)
+    if valid.shape != (groups.numel(),):
+        raise ValueError(f"valid must be [N] = [{groups.numel()}], got shape {tuple(valid.shape)}")
+    return valid.reshape(groups.shape).to(groups.dtype)
+
+
+def _zero_invalid(groups: Tensor, v: Tensor) -> Tensor:
+    """The rewards with invalid rows set to 0 (whatever they held, NaN included: 0 * NaN is NaN)."""
+    return torch.where(v > 0, groups, torch.zeros_like(groups))
 
 
 def _as_groups(rewards: Tensor, group_size: int) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.errors import check_choices
+from rlhf.errors import UserError, check_choices
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
@@ -45,7 +45,8 @@ class GymConfig:
     gae_lambda: float = 0.95             # GAE lambda (reinforce uses Monte-Carlo returns)
     epochs: int = 4                      # update epochs per rollout (ppo)
     minibatch_size: int = 256            # samples per optimiser step (ppo, trpo critic)
-    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl
+    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl (the last two need
+                                         # more than one optimiser step per rollout)
     clip_range: float = 0.2              # ppo clip epsilon
     clip_schedule: str = "constant"      # constant | linear (clip epsilon decays with lr)
     clip_vloss: float | None = None      # value clipping epsilon (None: no value clipping)
@@ -102,3 +103,14 @@ class GymConfig:
     def validate(self) -> None:
         # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES)
         check_choices(self)
+        if self.algo == "ppo" and self.objective != "clip" and self.ppo_steps_per_rollout() == 1:
+            raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs="
+                            f"{self.epochs}, minibatch_size={self.minibatch_size} >= n_steps x n_envs = "
+                            f"{self.n_steps * self.n_envs}) is plain policy gradient: the ratio is 1 and the "
+                            "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs > 1 or "
+                            "minibatch_size < n_steps x n_envs (or objective: clip)")
+
+    def ppo_steps_per_rollout(self) -> int:
+        """Optimiser steps ppo makes per rollout: epochs x whole minibatches (the remainder is dropped)."""
+        n = self.n_steps * self.n_envs
+        return self.epochs * (n // min(self.minibatch_size, n))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from rlhf.config import LMConfig
+from rlhf.core import kl_estimate
 from rlhf.lm.policy import LMPolicy, Rollout
 
 
@@ -68,3 +69,15 @@ def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
         out = policy.forward(roll, values=cfg.algo == "ppo")
         old_logp, old_values = out["logp"], out.get("values")
     return RolloutPass(ref_logp, old_logp, old_values, seconds=time.time() - t)
+
+
+@torch.no_grad()
+def kl_after_update(policy: LMPolicy, roll: Rollout, old_logp: Tensor, mask: Tensor, reduce=None) -> float:
+    """KL(pi_old || pi) per token on the rollout, pi the policy as the update left it: what the
+    adaptive-KL controller measures (PPO paper, sec. 4). One no-grad forward over the rollout;
+    per token the k3 estimate ``rho - 1 - log rho``, ``rho = pi / pi_old``, whose expectation
+    over tokens sampled by pi_old is KL(pi_old || pi); averaged over ``mask`` tokens (``reduce``
+    sums over processes: the mean is the whole batch's)."""
+    reduce = reduce or (lambda t: t)
+    kl = kl_estimate(old_logp, policy.forward(roll)["logp"], "k3") * mask
+    return float(reduce(kl.sum()) / reduce(mask.sum()).clamp(min=1))

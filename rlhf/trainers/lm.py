@@ -33,7 +33,7 @@ from rlhf.core import (
 from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
-from rlhf.lm.rollout import RolloutPass, collect, rollout_pass, sampling_uniforms
+from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, rollout_pass, sampling_uniforms
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
@@ -65,12 +65,13 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                 roll, prompts, completions, columns = collect(policy, dist.shard(rows), cfg,
                                                               uniforms=rank_uniforms(cfg, step, dist))
             t1 = time.time()
-            local_rewards, reward_means = score(reward_fns, prompts, completions, columns)  # score
+            local_rewards, reward_means, local_scored = score(reward_fns, prompts, completions, columns)  # score
             rewards = dist.gather(local_rewards.to(policy.device))  # every rank's, in rank order
+            scored = dist.gather(local_scored.to(policy.device, torch.float32)) > 0
             t2 = time.time()
             with dist.autocast():
                 passes = rollout_pass(policy, roll, cfg)             # ref / old log-probs, values
-            adv, ret, adv_stats = advantages(rewards, roll, passes, cfg, baseline, dist)  # advantages
+            adv, ret, adv_stats = advantages(rewards, roll, passes, cfg, baseline, dist, scored)  # advantages
             stats, loss_part = update(policy, opt, sched, roll, adv, ret, passes, cfg, dist,  # update
                                       state.penalty_coef)
             stats["time/ref_s"] = passes.seconds
@@ -121,7 +122,7 @@ class LoopState:
     def after(self, stats: dict, baseline: float | None, cfg: LMConfig) -> LoopState:
         coef = self.penalty_coef
         if cfg.objective == "adaptive_kl":  # the PPO paper's controller, once per rollout
-            coef = adaptive_kl_coef(coef, stats["approx_kl"], cfg.target_kl)
+            coef = adaptive_kl_coef(coef, stats["kl_after_update"], cfg.target_kl)
         return LoopState(step=self.step + 1, baseline=baseline, penalty_coef=coef,
                          bad_steps=self.bad_steps + 1 if stats["skipped"] else 0)
 
@@ -155,7 +156,13 @@ class Baseline:
     def __init__(self, decay: float = 0.9, value: float | None = None):
         self.decay, self.value = decay, value
 
-    def __call__(self, rewards: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rewards: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The baseline for ``rewards`` [N], then the update with their mean over ``valid`` rows
+        (all by default); a batch with no valid row leaves the baseline as it was."""
+        if valid is not None:
+            if not valid.any():
+                return torch.tensor(0.0 if self.value is None else self.value)
+            rewards = rewards[valid]
         mean = float(rewards.mean())
         b = mean if self.value is None else self.value
         self.value = mean if self.value is None else self.decay * b + (1 - self.decay) * mean
@@ -163,12 +170,19 @@ class Baseline:
 
 
 def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: LMConfig, baseline: Baseline,
-               dist: Dist | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+               dist: Dist | None = None, scored: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     """Advantages of this rank's rows: one per completion [N] (grpo, rloo, reinforce) or per
     token [N, C] (ppo, with the value targets ``ret``), and their stats (ppo: the critic's
-    explained variance). ``rewards`` holds every rank's rows (rank order), so batch statistics
-    are the whole batch's. KL placed in the reward is subtracted here."""
+    explained variance). ``rewards`` and ``scored`` hold every rank's rows (rank order), so batch
+    statistics are the whole batch's. KL placed in the reward is subtracted here.
+    ``scored`` [N] bool (default all True): a row no reward function scored has no reward, so its
+    advantage is 0 and it stays out of every statistic (group mean/std, leave-one-out, the
+    REINFORCE baseline, PPO's whitening; PPO's value target there is the critic's own rollout
+    value: no regression signal). Its tokens stay in the loss and its normaliser, as in TRL: a
+    row with advantage 0, like a group whose rewards are all equal, still carries the KL term."""
     dist = dist or ONE_PROCESS
+    valid = None if scored is None or bool(scored.all()) else scored.bool()
     kl = None
     if cfg.kl_placement == "reward" and passes.ref_logp is not None:
         logp = passes.old_logp if passes.old_logp is not None else roll.rollout_logp
@@ -180,17 +194,21 @@ def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: L
         if kl is not None:
             token_rewards = token_rewards - cfg.beta * kl
         adv, ret = gae(token_rewards, passes.old_values, cfg.gamma, cfg.lam, mask=roll.mask)
+        keep = roll.mask
+        if valid is not None:
+            keep = roll.mask * dist.local(valid)[:, None].to(roll.mask.dtype)
+            adv, ret = adv * keep, torch.where(keep > 0, ret, passes.old_values * roll.mask)
         if cfg.whiten_advantages:
-            adv = whiten(adv, roll.mask, reduce=dist.sum)
-        return adv, ret, {"explained_variance": explained_variance(passes.old_values, ret, roll.mask, dist.sum)}
+            adv = whiten(adv, keep, reduce=dist.sum)
+        return adv, ret, {"explained_variance": explained_variance(passes.old_values, ret, keep, dist.sum)}
     if kl is not None:
         rewards = rewards - cfg.beta * dist.gather(kl.sum(1))
     if cfg.algo == "grpo":
-        adv = group_normalize(rewards, cfg.group_size, cfg.scale_rewards)
+        adv = group_normalize(rewards, cfg.group_size, cfg.scale_rewards, valid=valid)
     elif cfg.algo == "rloo":
-        adv = leave_one_out(rewards, cfg.group_size)
-    else:
-        adv = rewards - baseline(rewards)  # reinforce
+        adv = leave_one_out(rewards, cfg.group_size, valid=valid)
+    else:  # reinforce
+        adv = rewards - baseline(rewards) if valid is None else (rewards - baseline(rewards, valid)) * valid
     return dist.local(adv), None, {}
 
 
@@ -206,7 +224,10 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     processes each rank's minibatch is its share of the global one; the loss is normalised by
     the global minibatch's tokens (or sequences) and scaled by the number of processes, so
     DDP's gradient average equals the one-process gradient of the global minibatch. Returns
-    the step's stats and this rank's share of the first minibatch's loss (``debug_tensors``)."""
+    the step's stats and this rank's share of the first minibatch's loss (``debug_tensors``).
+    ``approx_kl`` is the mean of the minibatches' KL(pi_old || pi) *before* each step (CleanRL's
+    debug variable); with ``objective: adaptive_kl``, ``kl_after_update`` is the KL after the last
+    step, on the whole rollout (one more no-grad forward): what the controller is fed."""
     dist = dist or ONE_PROCESS
     mask = roll.mask * (~roll.truncated)[:, None] if cfg.mask_truncated else roll.mask
     n_groups = roll.prompt_ids.shape[0]
@@ -250,6 +271,10 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     out = {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
                  v if key == "grad_norm" else dist.mean(v)) for key, v in out.items()}
     out["skipped"] = skipped
+    if cfg.objective == "adaptive_kl":  # the controller's input: the policy's move over the whole update
+        old = passes.old_logp if passes.old_logp is not None else roll.rollout_logp
+        with dist.autocast():
+            out["kl_after_update"] = kl_after_update(policy, roll, old, mask, dist.sum)
     # tokens one policy forward runs: each prompt once, each length bucket of completions
     out["tokens/train"] = dist.sum(float(roll.prompt_ids.numel()
                                          + sum(len(r) * w for r, w in length_buckets(roll.mask))))

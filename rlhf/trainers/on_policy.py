@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf.core import adaptive_kl_coef, discounted_returns, gae, policy_loss, value_loss, whiten
+from rlhf.core import adaptive_kl_coef, discounted_returns, gae, kl_estimate, policy_loss, value_loss, whiten
 from rlhf.core.natural_gradient import backtracking_line_search, conjugate_gradient, max_step_scale
 from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
@@ -160,11 +160,20 @@ class Updater:
                                                 cfg.norm_adv and not full, log_entropy=last)
                 step(self.opt, loss, self.params, cfg.max_grad_norm)
                 kls.append(stats["approx_kl"])
-        stats["approx_kl"] = torch.stack(kls).mean()
-        if cfg.objective == "adaptive_kl":
-            self.beta = adaptive_kl_coef(self.beta, float(stats["approx_kl"]), cfg.target_kl)
+        stats["approx_kl"] = torch.stack(kls).mean()  # before each step: CleanRL's debug variable
+        if cfg.objective == "adaptive_kl":  # the controller measures the whole update's move
+            stats["kl_after_update"] = self.kl_after_update(b)
+            self.beta = adaptive_kl_coef(self.beta, float(stats["kl_after_update"]), cfg.target_kl)
         stats["kl_beta"] = torch.tensor(self.beta)
         return stats
+
+    @torch.no_grad()
+    def kl_after_update(self, b: Batch) -> Tensor:
+        """KL(pi_old || pi) on the rollout after the last update step, the adaptive-KL
+        controller's input: the mean k3 estimate ``rho - 1 - log rho`` (``rho = pi / pi_old``) over
+        the rollout's actions, sampled by pi_old, so its expectation is KL(pi_old || pi)."""
+        logp = self.policy.log_prob(self.policy.dist_params(b.obs), b.actions)
+        return kl_estimate(b.logp, logp, "k3").mean()
 
     def trpo(self, b: Batch, clip: float) -> dict:
         """Natural-gradient step on the importance-sampled surrogate under mean KL <= target_kl,
