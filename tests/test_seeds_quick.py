@@ -136,3 +136,20 @@ def test_ppo_surrogates_normalisation_by_hand():
     assert s[a]["mean"] == pytest.approx((0.5 + 1.5 + 0.5) / 3) and s[a]["n"] == 3
     assert s[b]["mean"] == pytest.approx((0.25 + 1.0) / 2)
     assert s[ppo.SETTINGS[2][0]]["mean"] is None
+
+
+def test_ppo_surrogates_rank_agreement_by_hand():
+    ppo = load("ppo_surrogates")
+    # ties share their mean rank: [3, 1, 3] -> [1.5, 0, 1.5]
+    assert list(ppo._ranks(__import__("numpy").array([3.0, 1.0, 3.0]))) == [1.5, 0.0, 1.5]
+    paper = {label: p for label, p, _ in ppo.SETTINGS}
+    assert ppo.rank_agreement({k: {"mean": v} for k, v in paper.items()}) == pytest.approx(1.0)
+    assert ppo.rank_agreement({k: {"mean": -v} for k, v in paper.items()}) == pytest.approx(-1.0)
+
+
+def test_paper_mujoco_recipe_loads_with_the_papers_settings():
+    from rlhf.config import load_recipe
+
+    cfg = load_recipe(str(ROOT / "recipes" / "ppo_mujoco.yaml"))
+    assert (cfg.algo, cfg.n_envs, cfg.n_steps, cfg.epochs, cfg.minibatch_size) == ("ppo", 1, 2048, 10, 64)
+    assert (cfg.lr, cfg.gamma, cfg.gae_lambda, cfg.ent_coef, cfg.max_grad_norm) == (3e-4, 0.99, 0.95, 0.0, 0.0)

@@ -148,8 +148,17 @@ def rank_agreement(summary: dict[str, dict]) -> float:
     """Spearman rank correlation between the paper's 11 scores and ours."""
     ours = np.array([summary[label]["mean"] for label, _, _ in SETTINGS], dtype=float)
     paper = np.array([p for _, p, _ in SETTINGS], dtype=float)
-    rank = lambda x: np.argsort(np.argsort(x)).astype(float)  # noqa: E731  (no ties in practice)
-    return float(np.corrcoef(rank(ours), rank(paper))[0, 1])
+    return float(np.corrcoef(_ranks(ours), _ranks(paper))[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank (the paper has two 0.71s and two 0.71-ish)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x), dtype=float)
+    for v in np.unique(x):
+        ranks[x == v] = ranks[x == v].mean()
+    return ranks
 
 
 def save(path: Path, data: dict) -> None:
@@ -170,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="write the bar chart here (PNG)")
     ap.add_argument("--inputs", nargs="*", default=[],
                     help="other result files (e.g. of runs made in parallel) merged in before planning")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished runs")
     args = ap.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
     for key in ("envs", "seeds", "steps"):
@@ -186,19 +196,40 @@ def main(argv: list[str] | None = None) -> int:
         more = json.loads(Path(extra).read_text())
         data["random"].update(more["random"])
         data["rows"] += more["rows"]
+    key = lambda r: (r["env"], r["setting"], r["seed"], r["steps"])  # noqa: E731
+    data["rows"] = list({key(r): r for r in data["rows"]}.values())  # a triple once, the latest run
     data["plan"] = plan
     runs_dir = args.runs_dir or tempfile.mkdtemp(prefix="ppo_surrogates_")
     for env in plan["envs"]:
         if env not in data["random"]:
             data["random"][env] = random_score(env, 3 if args.quick else 20)
-    done = {(r["env"], r["setting"], r["seed"], r["steps"]) for r in data["rows"]}
+    done = {key(r) for r in data["rows"]}
     steps = {env: plan["steps"] or ENVS[env][2] for env in plan["envs"]}
     jobs = [{"env": env, "setting": i, "seed": seed, "steps": steps[env], "quick": args.quick,
              "eval_episodes": 1 if args.quick else 5, "runs_dir": runs_dir}
             for seed in plan["seeds"] for env in plan["envs"] for i in range(len(SETTINGS))]
-    jobs = [j for j in jobs if (j["env"], SETTINGS[j["setting"]][0], j["seed"], j["steps"]) not in done]
+    jobs = [j for j in jobs if (j["env"], SETTINGS[j["setting"]][0], j["seed"], j["steps"]) not in done
+            and not args.report_only]
+    run_jobs(jobs, 1 if args.quick else args.workers, data, out)
+    rows = [r for r in data["rows"] if r["env"] in plan["envs"] and r["steps"] == steps[r["env"]]]
+    summary = normalise(rows, data["random"])
+    data["summary"] = summary
+    data["spearman_vs_paper"] = rank_agreement(summary) if all(
+        summary[label]["mean"] is not None for label, _, _ in SETTINGS) else None
+    data["cpu_s_total"] = round(sum(r["cpu_s"] for r in rows), 1)
+    save(out, data)
+    print(table(summary, plan["envs"]))
+    rho = data["spearman_vs_paper"]
+    print(f"Spearman rank correlation with the paper: {'-' if rho is None else f'{rho:.2f}'}; "
+          f"training CPU {data['cpu_s_total']:.0f} s over {len(rows)} runs")
+    if args.plot:
+        plot(summary, plan["envs"], args.plot)
+    return 0
+
+
+def run_jobs(jobs: list[dict], workers: int, data: dict, out: Path) -> None:
+    """Train ``jobs`` (``workers`` processes at a time), saving ``data`` after every run."""
     start = time.time()
-    workers = 1 if args.quick else args.workers
     pool = get_context("spawn").Pool(workers) if workers > 1 else None
     results = pool.imap_unordered(one_run, jobs) if pool else map(one_run, jobs)
     try:
@@ -210,19 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pool:
             pool.close()
-    rows = [r for r in data["rows"] if r["env"] in plan["envs"] and r["steps"] == steps[r["env"]]]
-    summary = normalise(rows, data["random"])
-    data["summary"] = summary
-    data["spearman_vs_paper"] = rank_agreement(summary) if all(
-        summary[label]["mean"] is not None for label, _, _ in SETTINGS) else None
-    data["cpu_s_total"] = round(sum(r["cpu_s"] for r in rows), 1)
-    save(out, data)
-    print(table(summary, plan["envs"]))
-    print(f"Spearman rank correlation with the paper: {data['spearman_vs_paper']:.2f}; "
-          f"training CPU {data['cpu_s_total']:.0f} s over {len(rows)} runs")
-    if args.plot:
-        plot(summary, plan["envs"], args.plot)
-    return 0
 
 
 def plot(summary: dict, envs: list[str], path: str) -> None:
