@@ -26,9 +26,9 @@ def load(name: str):
     return module
 
 
-def run_quick(name: str, out: Path) -> dict:
+def run_quick(name: str, out: Path, *extra: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SEEDS / f"{name}.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(SEEDS / f"{name}.py"), "--quick", "--out", str(out), *extra],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
@@ -98,7 +98,7 @@ def test_classification_reinforce_gradient_is_leave_one_out_policy_gradient():
 def test_ppo_surrogates_quick_runs_all_eleven_settings(tmp_path):
     pytest.importorskip("gymnasium")
     ppo = load("ppo_surrogates")
-    res = run_quick("ppo_surrogates", tmp_path / "p.json")
+    res = run_quick("ppo_surrogates", tmp_path / "p.json", "--runs-dir", str(tmp_path / "runs"))
     labels = [label for label, _, _ in ppo.SETTINGS]
     assert sorted(r["setting"] for r in res["rows"]) == sorted(labels)  # each exactly once
     assert set(res["summary"]) == set(labels)
