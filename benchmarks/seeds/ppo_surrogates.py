@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="write the bar chart here (PNG)")
     ap.add_argument("--inputs", nargs="*", default=[],
                     help="other result files (e.g. of runs made in parallel) merged in before planning")
+    ap.add_argument("--settings", nargs="*", type=int, help="indices into SETTINGS to run (default: all 11)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tabulate the finished runs")
     args = ap.parse_args(argv)
     plan = dict(QUICK if args.quick else FULL)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = {env: plan["steps"] or ENVS[env][2] for env in plan["envs"]}
     jobs = [{"env": env, "setting": i, "seed": seed, "steps": steps[env], "quick": args.quick,
              "eval_episodes": 1 if args.quick else 5, "runs_dir": runs_dir}
-            for seed in plan["seeds"] for env in plan["envs"] for i in range(len(SETTINGS))]
+            for seed in plan["seeds"] for env in plan["envs"] for i in (args.settings or range(len(SETTINGS)))]
     jobs = [j for j in jobs if (j["env"], SETTINGS[j["setting"]][0], j["seed"], j["steps"]) not in done
             and not args.report_only]
     run_jobs(jobs, 1 if args.quick else args.workers, data, out)
