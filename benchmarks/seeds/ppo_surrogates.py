@@ -109,38 +109,47 @@ def random_score(env_id: str, episodes: int = 20) -> float:
 
 def normalise(rows: list[dict], randoms: dict[str, float]) -> dict[str, dict]:
     """Per env: (score - random) / (best setting's seed-mean - random); then the mean over
-    envs and seeds of each setting. Returns {setting: {"mean", "per_env": {env: mean}}}."""
+    envs and seeds of each setting. An env where no setting beats random has no such scale:
+    it is left out of the means (its ``per_env`` entry is None) and listed under "excluded".
+    Returns {setting: {"mean", "n", "per_env": {env: normalised mean}, "raw": {env: mean}}}."""
     envs = sorted({r["env"] for r in rows})
-    out: dict[str, dict] = {label: {"per_env": {}, "values": []} for label, _, _ in SETTINGS}
+    out: dict[str, dict] = {label: {"per_env": {}, "raw": {}, "values": []} for label, _, _ in SETTINGS}
+    excluded = []
     for env in envs:
         env_rows = [r for r in rows if r["env"] == env]
         means = {}
         for label, _, _ in SETTINGS:
             scores = [r["score"] for r in env_rows if r["setting"] == label]
             if scores:
-                means[label] = float(np.mean(scores))
+                means[label] = out[label]["raw"][env] = float(np.mean(scores))
         best, rnd = max(means.values()), randoms[env]
-        scale = best - rnd if best != rnd else 1.0
+        if best <= rnd:
+            excluded.append(env)
+            for label in means:
+                out[label]["per_env"][env] = None
+            continue
         for r in env_rows:
-            v = (r["score"] - rnd) / scale
-            out[r["setting"]]["values"].append(v)
+            out[r["setting"]]["values"].append((r["score"] - rnd) / (best - rnd))
         for label, m in means.items():
-            out[label]["per_env"][env] = (m - rnd) / scale
+            out[label]["per_env"][env] = (m - rnd) / (best - rnd)
     for label in out:
         vals = out[label].pop("values")
         out[label]["mean"] = float(np.mean(vals)) if vals else None
         out[label]["n"] = len(vals)
+    out["excluded"] = excluded
     return out
 
 
-def table(summary: dict[str, dict], envs: list[str]) -> str:
-    head = "| setting | paper | ours (mean) | " + " | ".join(envs) + " |"
-    lines = [head, "|" + " --- |" * (3 + len(envs))]
+def table(summary: dict[str, dict], envs: list[str], randoms: dict[str, float]) -> str:
+    """Markdown: the paper's score, our mean normalised score, then per env the normalised
+    score and (in brackets) the raw mean return of the last 100 training episodes."""
+    cols = [f"{e} (random {randoms[e]:.0f})" for e in envs]
+    lines = ["| setting | paper | ours | " + " | ".join(cols) + " |", "|" + " --- |" * (3 + len(envs))]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for label, paper, _ in SETTINGS:
         s = summary[label]
-        per = " | ".join(f"{s['per_env'][e]:.2f}" if e in s["per_env"] else "-" for e in envs)
-        mean = f"{s['mean']:.2f}" if s["mean"] is not None else "-"
-        lines.append(f"| {label} | {paper:.2f} | {mean} | {per} |")
+        per = " | ".join(f"{fmt(s['per_env'].get(e))} ({s['raw'][e]:.0f})" if e in s["raw"] else "-" for e in envs)
+        lines.append(f"| {label} | {paper:.2f} | {fmt(s['mean'])} | {per} |")
     return "\n".join(lines)
 
 
@@ -219,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[label]["mean"] is not None for label, _, _ in SETTINGS) else None
     data["cpu_s_total"] = round(sum(r["cpu_s"] for r in rows), 1)
     save(out, data)
-    print(table(summary, plan["envs"]))
+    print(table(summary, plan["envs"], data["random"]))
+    if summary["excluded"]:
+        print(f"left out of the means (no setting beat random): {', '.join(summary['excluded'])}")
     rho = data["spearman_vs_paper"]
     print(f"Spearman rank correlation with the paper: {'-' if rho is None else f'{rho:.2f}'}; "
           f"training CPU {data['cpu_s_total']:.0f} s over {len(rows)} runs")
@@ -254,10 +265,12 @@ def plot(summary: dict, envs: list[str], path: str) -> None:
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(11, 4.5))
     ax.bar(x - 0.2, [p for _, p, _ in SETTINGS], 0.4, label="PPO paper (7 MuJoCo envs, 1M steps)", color="0.6")
-    ax.bar(x + 0.2, [summary[label]["mean"] for label in labels], 0.4,
-           label=f"ours ({', '.join(envs)})", color="tab:blue")
-    for k, env in enumerate(envs):
-        ax.scatter(x + 0.2, [summary[label]["per_env"].get(env, math.nan) for label in labels], s=12,
+    nan = lambda v: math.nan if v is None else v  # noqa: E731
+    kept = [e for e in envs if e not in summary["excluded"]]
+    ax.bar(x + 0.2, [nan(summary[label]["mean"]) for label in labels], 0.4,
+           label=f"ours ({', '.join(kept)})", color="tab:blue")
+    for k, env in enumerate(kept):
+        ax.scatter(x + 0.2, [nan(summary[label]["per_env"].get(env)) for label in labels], s=12,
                    marker="ox^"[k % 3], color="k", zorder=3, label=f"ours, {env} only")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
