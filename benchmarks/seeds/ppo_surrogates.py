@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Spearman rank correlation with the paper: {'-' if rho is None else f'{rho:.2f}'}; "
           f"training CPU {data['cpu_s_total']:.0f} s over {len(rows)} runs")
     if args.plot:
-        plot(summary, plan["envs"], args.plot)
+        plot(summary, plan["envs"], args.plot, steps)
     return 0
 
 
@@ -255,7 +255,7 @@ def run_jobs(jobs: list[dict], workers: int, data: dict, out: Path) -> None:
             pool.close()
 
 
-def plot(summary: dict, envs: list[str], path: str) -> None:
+def plot(summary: dict, envs: list[str], path: str, steps: dict[str, int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +268,7 @@ def plot(summary: dict, envs: list[str], path: str) -> None:
     nan = lambda v: math.nan if v is None else v  # noqa: E731
     kept = [e for e in envs if e not in summary["excluded"]]
     ax.bar(x + 0.2, [nan(summary[label]["mean"]) for label in labels], 0.4,
-           label=f"ours ({', '.join(kept)})", color="tab:blue")
+           label=f"ours ({', '.join(f'{e}, {steps[e]:,} steps' for e in kept)})", color="tab:blue")
     for k, env in enumerate(kept):
         ax.scatter(x + 0.2, [nan(summary[label]["per_env"].get(env)) for label in labels], s=12,
                    marker="ox^"[k % 3], color="k", zorder=3, label=f"ours, {env} only")
