@@ -34,7 +34,7 @@ from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
-from rlhf.tasks import make_task
+from rlhf.tasks import task_from_config
 
 
 def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
@@ -44,7 +44,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                         f"{cfg.minibatches} minibatches of whole groups; make it a multiple of "
                         f"{dist.world * cfg.minibatches}")
     seed_everything(cfg.seed, cfg.threads)
-    task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
+    task = task_from_config(cfg)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
     policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -52,6 +52,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
                       gradient_checkpointing=cfg.gradient_checkpointing)
+    policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)  # device; DDP, FSDP2 or DeepSpeed under accelerate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -94,6 +96,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             loss_part = stats.pop("loss_part")
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **ctx.get("stats", {})},
                               cfg, lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
+            if cfg.max_prompt_length:  # prompts cut to their last max_prompt_length tokens, so far
+                row["prompts_truncated"] = dist.sum(policy.prompts_truncated)
             if dist.world > 1:
                 row["dist/param_share"] = round(dist.param_share(policy.net), 4)  # of the weights, on this rank
             if dist.world > 1 and dist.replicated:  # DDP keeps the ranks' weights equal; show that it did
