@@ -178,7 +178,9 @@ KL_REFUSED = {
 ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
            "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
            "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
-           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg"}
+           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
+           "dataset_name": "task", "dataset_config": "task_config", "dataset_train_split": "task_split",
+           "dataset_test_split": "eval_split"}
 # names whose nearest knob here means something else: what to do instead
 NOT_EQUIVALENT = {
     "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
@@ -243,8 +245,8 @@ def build(cls, values: dict):
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             alias = ALIASES.get(key) or next((v for k, v in ALIASES.items()
                                               if difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
-            if alias in names and alias not in close:
-                close.insert(0, alias)
+            if alias in names:  # the true equivalent first
+                close = [alias] + [c for c in close if c != alias]
             hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
             raise UserError(f"unknown recipe key {key!r}; {hint}")
         kwargs[key] = _coerce(key, value, hints[key])

@@ -162,3 +162,11 @@ def test_chat_template_kwargs_and_max_prompt_length(tiny_model):
     assert ids[0].tolist() == full[0][-n:] and attn[0].tolist() == [1] * n
     assert ids[1, attn[1].bool()].tolist() == full[1] and attn[1, 0] == 0  # left-padded
     assert (policy.prompts_truncated, policy.prompts_seen) == (1, 2)
+
+
+@pytest.mark.parametrize("trl_key, ours", [("dataset_name", "task"), ("dataset_config", "task_config"),
+                                           ("dataset_train_split", "task_split"),
+                                           ("dataset_test_split", "eval_split")])
+def test_trl_dataset_keys_point_to_ours(trl_key, ours):
+    with pytest.raises(UserError, match=f"unknown recipe key '{trl_key}'; did you mean {ours}"):
+        load_recipe(None, [f"{trl_key}=openai/gsm8k"])
