@@ -169,3 +169,15 @@ def test_completions_end_at_the_first_stop_string(tiny_model):
     # rewards see the decoded kept tokens: text up to and including the stop string
     assert sum(t.endswith(stop) for t in policy.decode(roll.completion_ids, roll.mask)) == stopped_rows
     torch.testing.assert_close(policy.logp(roll), roll.rollout_logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("item, match", [
+    ("top_p=0", "0 < top_p <= 1"), ("top_k=-1", "top_k >= 0"), ("min_p=1.5", "0 <= min_p <= 1"),
+    ('stop=[""]', "stop must be a list of non-empty strings"), ("max_prompt_length=-1", "max_prompt_length"),
+])
+def test_bad_generation_keys_are_one_sentence(item, match):
+    from rlhf.config import load_recipe
+    from rlhf.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        load_recipe(None, [item])

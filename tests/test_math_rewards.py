@@ -91,3 +91,34 @@ def test_generator_writes_consistent_gsm8k_rows(tmp_path):
         assert reference_answer(row["answer"]) == steps[-1][1]
     assert math_correct(None, [f"<think>x</think> #### {reference_answer(r['answer'])}" for r in rows],
                         [r["answer"] for r in rows]) == [1.0] * len(rows)
+
+
+def test_gsm8k_recipe_runs_on_a_local_file_with_generation_options(tiny_model, tmp_path, capsys):
+    """recipes/grpo_gsm8k.yaml end to end through the CLI on a GSM8K-format file, with
+    top_p, a stop string and max_prompt_length on; then rlhf eval on its held-out 10%."""
+    import json
+
+    from rlhf.cli import main
+
+    spec = importlib.util.spec_from_file_location(
+        "make_gsm8k_like", Path(__file__).parents[1] / "benchmarks" / "make_gsm8k_like.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    data = tmp_path / "gsm8k_like.jsonl"
+    gen.main(["--n", "40", "--out", str(data)])
+    sets = [f"model={tiny_model}", f"task={data}", "steps=2", "prompts_per_step=2", "group_size=2",
+            "max_new_tokens=6", "lora_r=2", "lora_alpha=4", "top_p=0.9", 'stop=["\\n\\n"]',
+            "max_prompt_length=48", "eval_problems=3"]
+    code = main(["train", "recipes/grpo_gsm8k.yaml", "--no-progress", "--run-dir", str(tmp_path / "run"),
+                 *[x for s in sets for x in ("--set", s)]])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert {"rewards/math_correct", "rewards/think_format"} <= set(rows[0])
+    # the system prompt alone is longer than 48 tokens: every prompt is cut (2 per step)
+    assert [r["prompts_truncated"] for r in rows] == [2, 4]
+    assert all(r["logp_gap_rollout_trainer"] < 1e-4 for r in rows)  # bound: tests/test_generation_options.py
+    assert main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["problems"] == 3 and 0 <= ev["trained_reward"] <= 1.2
