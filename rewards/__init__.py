@@ -6,8 +6,11 @@ for conversational prompts. ``None`` means "not applicable to this sample".
 """
 from rewards.arith import arith_correct, arith_format, last_integer
 from rewards.code import code_tests
+from rewards.math import math_correct, think_format
 from rewards.text import length_penalty
 
-REGISTRY = {f.__name__: f for f in (arith_correct, arith_format, code_tests, length_penalty)}
+REGISTRY = {f.__name__: f for f in (arith_correct, arith_format, code_tests, length_penalty,
+                                         math_correct, think_format)}
 
-__all__ = ["REGISTRY", "arith_correct", "arith_format", "code_tests", "last_integer", "length_penalty"]
+__all__ = ["REGISTRY", "arith_correct", "arith_format", "code_tests", "last_integer", "length_penalty", "math_correct",
+           "think_format"]

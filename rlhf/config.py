@@ -25,8 +25,21 @@ class LMConfig:
     algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
                                          # | reward_model (Bradley-Terry on preference pairs)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
-    task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
-    eval_task: str | None = None         # held-out file for a file task (default: 10% split)
+    task: str = "arith"                  # "arith" (generated), a .jsonl/.json/.csv/.parquet file, a dataset
+                                         # directory (save_to_disk, or data files + README.md), or a Hub id
+    task_config: str | None = None       # the dataset's config name (load_dataset's name=; gsm8k: main)
+    task_split: str = "train"            # split to train on (a single file's only split is train)
+    eval_task: str | None = None         # held-out dataset, same forms as task (default: 10% of task's rows)
+    eval_split: str | None = None        # held-out split of eval_task, or of task when eval_task is unset
+                                         # (e.g. test; default: task_split for eval_task, else the 10% split)
+    columns: dict = field(default_factory=dict)  # our column: the dataset's, e.g. {prompt: question}; answer
+                                         # and reward columns too (rewards get columns by our names)
+    prompt_template: str | None = None   # str.format over a row's columns, e.g. "{question}\nThink first."
+    system_prompt: str | None = None     # system message before each prompt (makes text prompts chats)
+    chat: bool = False                   # send text prompts as a user message through the chat template
+    chat_template_kwargs: dict = field(default_factory=dict)  # extra apply_chat_template arguments,
+                                         # e.g. {enable_thinking: false} for Qwen3
+    max_prompt_length: int = 0           # keep the last N prompt tokens (0: all); the count cut is logged
     rewards: list = field(default_factory=lambda: ["arith_correct"])  # names or {name: weight}
     reward_timeout_s: float = 0.0        # >0: a sample taking longer in one reward function scores None for
                                          # it, with one line naming both, and the run goes on (0: no limit)
@@ -38,6 +51,13 @@ class LMConfig:
     group_size: int = 8                  # completions sampled per prompt (GRPO needs >= 2)
     max_new_tokens: int = 24             # completion length cap
     temperature: float = 1.0             # sampling temperature (log-probs use it too)
+    top_k: int = 0                       # sample among the k most likely tokens (0: all)
+    top_p: float = 1.0                   # then the fewest most likely tokens whose probability sums to >= top_p
+    min_p: float = 0.0                   # then drop tokens less likely than min_p x the most likely one.
+                                         # Log-probs, ratios and KL use this truncated distribution,
+                                         # renormalised (the reference: its full one, so KL stays finite)
+    stop: list = field(default_factory=list)  # stop strings: a completion ends with (includes) the first
+                                         # one; tokens after the one that completes it are masked
     lr: float = 2e-4                     # AdamW learning rate of the adapter
     weight_decay: float = 0.0            # AdamW weight decay
     warmup_steps: int = 0                # linear LR warm-up, then constant
@@ -133,6 +153,8 @@ class LMConfig:
                             "set epochs or minibatches > 1 (or objective: clip)")
         if self.temperature <= 0:
             raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise UserError(f"stop must be a list of non-empty strings, e.g. stop: [\"\\n\\n\"]; got {self.stop!r}")
 
 
 # Ratio objectives that reduce to plain policy gradient when a rollout makes one optimiser step
@@ -170,7 +192,9 @@ KL_REFUSED = {
 ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
            "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
            "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
-           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg"}
+           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
+           "dataset_name": "task", "dataset_config": "task_config", "dataset_train_split": "task_split",
+           "dataset_test_split": "eval_split"}
 # names whose nearest knob here means something else: what to do instead
 NOT_EQUIVALENT = {
     "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
@@ -237,8 +261,8 @@ def build(cls, values: dict):
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             alias = ALIASES.get(key) or next((v for k, v in ALIASES.items()
                                               if difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
-            if alias in names and alias not in close:
-                close.insert(0, alias)
+            if alias in names:  # the true equivalent first
+                close = [alias] + [c for c in close if c != alias]
             hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
             raise UserError(f"unknown recipe key {key!r}; {hint}")
         kwargs[key] = _coerce(key, value, hints[key])

@@ -16,7 +16,7 @@ from rlhf.lm.reward_model import RM_DIR, RewardModel
 from rlhf.lm.rollout import collect
 from rlhf.preferences import preference_rows
 from rlhf.rewards import RewardFn, load_rewards, score
-from rlhf.tasks import make_task
+from rlhf.tasks import task_from_config
 
 
 def load_run_config(run_dir: str):
@@ -39,7 +39,9 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
     policy = LMPolicy(resolve_model(cfg.model), dtype=cfg.dtype, adapter_path=str(adapter))
-    task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
+    policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
+    task = task_from_config(cfg)
     rows = task.held_out(problems or cfg.eval_problems, cfg.eval_seed)
     if task.name == "arith":  # accuracy: the correctness reward alone, no shaping
         from rewards import arith_correct

@@ -57,14 +57,27 @@ def local_model(name: str) -> str | None:
 
 
 def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
-    """(what to call it in a message, its rows) for every dataset the run reads."""
-    from rlhf.tasks import ArithTask, arith_row, load_rows
+    """(what to call it in a message, its rows) for every dataset the run reads; a task's rows
+    as the run will see them (its column mapping, template and chat settings applied), in the
+    dataset's own order."""
+    from rlhf.tasks import ArithTask, RowFormat, arith_row, load_dataset_source, load_rows
 
-    if cfg.task != "arith":
-        kind = "preference file" if cfg.algo == "reward_model" else "task file"
-        out = [(f"{kind} {cfg.task!r}", load_rows(cfg.task))]
+    if cfg.task != "arith" and cfg.algo == "reward_model":
+        out = [(f"preference file {cfg.task!r}", load_rows(cfg.task))]
         if cfg.eval_task:
             out.append((f"eval_task file {cfg.eval_task!r}", load_rows(cfg.eval_task)))
+        return out
+    if cfg.task != "arith":
+        fmt = RowFormat(cfg.columns, cfg.prompt_template, cfg.system_prompt, cfg.chat)
+        sources = [("task file" if Path(cfg.task).is_file() else "task", cfg.task, cfg.task_split)]
+        if cfg.eval_task or cfg.eval_split:  # the held-out rows FileTask will read
+            sources.append(("eval_task file" if cfg.eval_task else "task", cfg.eval_task or cfg.task,
+                            cfg.eval_split or cfg.task_split))
+        out = []
+        for kind, source, split in sources:
+            data = load_dataset_source(source, cfg.task_config, split)
+            fmt.check(data, source)
+            out.append((f"{kind} {source!r}", [fmt(row) for row in data]))
         return out
     if cfg.algo == "reward_model":  # pairs made by our code from the same template: nothing to check
         return []
@@ -186,10 +199,11 @@ def _check_text(value, column: str, i: int, source: str) -> None:
 
 def check_lengths(cfg, model_dir: str, sources, completion_keys: tuple = ()) -> None:
     """Every prompt (plus ``max_new_tokens``, or plus its longest ``completion_keys`` column for
-    preference pairs) fits the context window, and ``max_prompt_length`` where the family has it."""
+    preference pairs) fits the context window; a prompt longer than ``max_prompt_length`` (where
+    set: > 0) counts as that long, since the run keeps only its last ``max_prompt_length`` tokens."""
     window, window_key = context_window(model_dir)
-    cap = getattr(cfg, "max_prompt_length", None)
-    if window is None and cap is None:
+    cap = getattr(cfg, "max_prompt_length", 0) or None
+    if window is None:
         return
     import transformers
 
@@ -205,10 +219,8 @@ def check_lengths(cfg, model_dir: str, sources, completion_keys: tuple = ()) -> 
         else:
             extra, what = [cfg.max_new_tokens] * len(rows), f"max_new_tokens={cfg.max_new_tokens}"
         for i, (n, m) in enumerate(zip(prompt_len, extra)):
-            if cap is not None and n > cap:
-                raise UserError(f"row {i + 1} of {source} has a prompt of {n} tokens, over max_prompt_length="
-                                f"{cap}; shorten or drop the long prompts, or raise max_prompt_length")
-            if window is not None and n + m > window:
+            n = n if cap is None or completion_keys else min(n, cap)  # left-truncated to max_prompt_length
+            if n + m > window:
                 raise UserError(f"row {i + 1} of {source} has a prompt of {n} tokens; with {what} it needs "
                                 f"{n + m} positions but model {cfg.model!r} has {window} ({window_key}); "
                                 "shorten or drop the long prompts, or lower max_new_tokens")

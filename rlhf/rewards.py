@@ -145,6 +145,8 @@ def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns:
 def _call(rf: RewardFn, prompts, completions, columns) -> list[float | None]:
     try:
         values = rf.fn(prompts=prompts, completions=completions, **columns)
+    except UserError:  # already one sentence for the user (e.g. a missing package)
+        raise
     except Exception as exc:
         bad = _first_failing_sample(rf, prompts, completions, columns)
         raise UserError(f"reward function {rf.name!r} raised {type(exc).__name__}: {exc}"

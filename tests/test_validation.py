@@ -232,15 +232,20 @@ def test_reward_columns_come_from_parameters_without_defaults(tmp_path):
     assert reward_columns(["length_penalty"]) == ({}, [])  # max_chars has a default; **_ takes the rest
 
 
-def test_max_prompt_length_is_checked_where_a_family_has_it(tiny_model):
-    """No family has the key today; a config that has it gets its prompts held to it."""
+def test_max_prompt_length_counts_a_long_prompt_as_truncated(tiny_model):
+    """The run keeps a prompt's last max_prompt_length tokens, so the context-window check counts
+    a longer prompt as that long: a prompt that overflows the tiny model's 256 positions with
+    max_new_tokens passes once max_prompt_length cuts it, and max_prompt_length=0 (off) does not."""
     from types import SimpleNamespace
 
     from rlhf.preflight import check_lengths
 
-    rows = [{"prompt": "What is 1 + 2?"}, {"prompt": "What is 10 + 20? Answer with just the number."}]
-    cfg = SimpleNamespace(model=tiny_model, max_new_tokens=4, max_prompt_length=12)
-    with pytest.raises(UserError, match=r"row 2 of f has a prompt of \d+ tokens, over max_prompt_length=12"):
+    rows = [{"prompt": "What is 1 + 2?"}, {"prompt": "seven " * 300}]
+    cfg = SimpleNamespace(model=tiny_model, max_new_tokens=4, max_prompt_length=0)
+    with pytest.raises(UserError, match=r"row 2 of f has a prompt of \d+ tokens; with max_new_tokens=4"):
         check_lengths(cfg, tiny_model, [("f", rows)])
-    cfg.max_prompt_length = 200
+    cfg.max_prompt_length = 200  # 200 + 4 <= 256
     check_lengths(cfg, tiny_model, [("f", rows)])
+    cfg.max_prompt_length = 253  # 253 + 4 > 256
+    with pytest.raises(UserError, match="row 2 of f"):
+        check_lengths(cfg, tiny_model, [("f", rows)])

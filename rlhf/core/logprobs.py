@@ -1,6 +1,9 @@
 """Log-probabilities of chosen actions without keeping a full log-softmax around."""
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -112,3 +115,108 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: fl
     the weight is read once per pass. Backward recomputes each block's logits (one extra GEMM).
     """
     return _LinearLogProbs.apply(hidden, weight, ids, float(temperature), int(chunk), bool(entropy))
+
+
+class Truncation(NamedTuple):
+    """Which tokens the sampler may draw: the ``top_k`` most likely (0: all), then of those the
+    fewest most likely whose probability, renormalised over them, sums to >= ``top_p``, then
+    those at least ``min_p`` times as likely as the most likely one. The kept tokens are
+    renormalised; log-probs for the ratio and KL use the same distribution."""
+
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+def truncation_mask(logits: Tensor, trunc: Truncation) -> Tensor:
+    """Boolean [B, V]: the tokens ``trunc`` keeps from ``logits`` [B, V] (at the sampling
+    temperature already). Every filter keeps a top set, so the kept tokens are those with a
+    logit >= the smallest kept one; tokens tied with it are all kept (sampler and trainer
+    thus agree without a tie-break order)."""
+    x = logits.float()
+    v = x.shape[-1]
+    if trunc.top_k > 0 or trunc.top_p < 1.0:
+        k = min(trunc.top_k, v) if trunc.top_k > 0 else v
+        s = torch.topk(x, k, dim=-1).values if k < v else torch.sort(x, dim=-1, descending=True).values
+        n_keep = torch.full(x.shape[:-1], k, device=x.device)
+        if trunc.top_p < 1.0:
+            p = torch.softmax(s, dim=-1)                     # renormalised over the top k
+            before = torch.cumsum(p, dim=-1) - p             # probability of the more likely tokens
+            n_keep = (before < trunc.top_p).sum(-1)          # >= 1: the first token's is 0
+        floor = s.gather(-1, (n_keep - 1).clamp(min=0)[..., None])
+    else:
+        floor = torch.full((*x.shape[:-1], 1), float("-inf"), device=x.device)
+    if trunc.min_p > 0.0:  # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)
+        floor = torch.maximum(floor, x.amax(-1, keepdim=True) + math.log(trunc.min_p))
+    return x >= floor
+
+
+class _TruncatedLinearLogProbs(torch.autograd.Function):
+    """``linear_logprobs`` under a truncated distribution, in blocks of rows: each block's full
+    logits [b, V] are computed, masked by ``truncation_mask`` (the chosen token always kept,
+    so a token the sampler drew is never -inf here), and log-softmaxed over the kept tokens.
+    Backward recomputes each block's logits with the same product and so the same mask."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, temperature, trunc, rows, with_entropy):
+        logp, ent = [], []
+        for s in range(0, hidden.shape[0], rows):
+            x, keep = _masked_block(hidden[s:s + rows], weight, ids[s:s + rows], temperature, trunc)
+            lse = torch.logsumexp(x, -1)
+            logp.append(x.gather(-1, ids[s:s + rows, None]).squeeze(-1) - lse)
+            if with_entropy:  # H = -sum p log p over the kept tokens
+                p = torch.exp(x - lse[:, None])
+                ent.append(-(p * torch.where(keep, x - lse[:, None], 0.0)).sum(-1))
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.temperature, ctx.trunc, ctx.rows = temperature, trunc, rows
+        logp = torch.cat(logp) if logp else hidden.new_zeros(0, dtype=torch.float32)
+        if not with_entropy:
+            return logp, None
+        entropy = torch.cat(ent) if ent else logp.new_zeros(0)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy=None):
+        hidden, weight, ids = ctx.saved_tensors
+        t, rows = ctx.temperature, ctx.rows
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for s in range(0, hidden.shape[0], rows):
+            h, i, g = hidden[s:s + rows], ids[s:s + rows], grad_logp[s:s + rows].float()
+            x, _ = _masked_block(h, weight, i, t, ctx.trunc)
+            # d logp / d logits = (onehot - softmax over the kept tokens) / temperature
+            grad_x = -torch.softmax(x, -1) * g[:, None]
+            grad_x[torch.arange(len(i)), i] += g
+            grad_x /= t
+            if need_h:
+                grad_h[s:s + rows] = grad_x @ weight.float()
+            if need_w:
+                grad_w += grad_x.t() @ h.float()
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None)
+
+
+def _masked_block(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float,
+                  trunc: Truncation) -> tuple[Tensor, Tensor]:
+    """Logits [b, V] at ``temperature`` with the tokens ``trunc`` drops set to -inf, and the
+    kept mask (the chosen ``ids`` always kept)."""
+    x = (hidden @ weight.t()).float() / temperature
+    keep = truncation_mask(x, trunc)
+    keep[torch.arange(len(ids)), ids] = True
+    return x.masked_fill(~keep, float("-inf")), keep
+
+
+def truncated_linear_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float,
+                              trunc: Truncation, entropy: bool = False, block_elems: int = 1 << 22
+                              ) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``ids`` [M] under ``softmax(hidden @ weight.T / temperature)`` truncated by
+    ``trunc`` and renormalised over the kept tokens (and the entropy of that distribution).
+    Peak memory: blocks of about ``block_elems`` logits."""
+    rows = max(1, block_elems // weight.shape[0])
+    return _TruncatedLinearLogProbs.apply(hidden, weight, ids, float(temperature), trunc, rows, bool(entropy))

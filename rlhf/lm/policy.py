@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
+from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation_mask
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
@@ -190,12 +191,39 @@ class LMPolicy:
         self.sampling_context = lambda: dist.full_params(self.train_net)
         return optimizer
 
+    # ------------------------------------------------------------------ options
+    # prompts: extra apply_chat_template arguments; keep the last N prompt tokens (0: all)
+    chat_template_kwargs: dict | None = None
+    max_prompt_length: int = 0
+    prompts_seen = prompts_truncated = 0  # counts of encode_prompts, for the run's metrics
+    # generation: truncation of the sampling distribution (log-probs use it too), stop strings
+    truncation: Truncation = Truncation()
+    stop: tuple[str, ...] = ()
+
+    def set_options(self, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop=(),
+                    chat_template_kwargs: dict | None = None, max_prompt_length: int = 0) -> None:
+        """The recipe's prompt and generation options (LMConfig's keys of the same names)."""
+        self.truncation = Truncation(top_k, top_p, min_p)
+        for net in filter(None, (self.net, self.critic_net)):
+            net.truncation = self.truncation
+        self.stop = tuple(stop)
+        self.chat_template_kwargs, self.max_prompt_length = dict(chat_template_kwargs or {}), max_prompt_length
+
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
-        """Chat-template conversational prompts (lists of messages), tokenize, left-pad."""
+        """Chat-template conversational prompts (lists of messages), tokenize, keep the last
+        ``max_prompt_length`` tokens of longer ones (counted in ``prompts_truncated``), left-pad."""
         texts = [self.apply_template(p) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        if not self.max_prompt_length:
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            self.prompts_seen += len(texts)
+            return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+        ids = self.tokenizer(texts, add_special_tokens=False).input_ids
+        self.prompts_seen += len(ids)
+        self.prompts_truncated += sum(len(x) > self.max_prompt_length for x in ids)
+        ids = [x[-self.max_prompt_length:] for x in ids]
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def apply_template(self, prompt) -> str:
         if isinstance(prompt, str):
@@ -203,7 +231,8 @@ class LMPolicy:
         if self.tokenizer.chat_template is None:
             raise UserError("the prompts are conversations but the tokenizer has no chat template; "
                             "use plain-text prompts or a model with a chat template")
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                  **(self.chat_template_kwargs or {}))
 
     def decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
         return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
@@ -242,6 +271,7 @@ class LMPolicy:
         logits = out.logits[:, -1].repeat_interleave(g, 0)
         attn = prompt_mask.repeat_interleave(g, 0)
         live = torch.arange(n, device=dev)  # rows still generating
+        stopped = torch.full((n,), -1, dtype=torch.long)  # where a stop string ended a row
         steps = 0
         for t in range(max_new_tokens):
             x = logits.float()
@@ -249,12 +279,16 @@ class LMPolicy:
                 x = x / self.temperature
             top = x.amax(-1, keepdim=True)
             e = torch.exp(x - top)  # unnormalised probabilities
+            if self.truncation.active:  # top_k / top_p / min_p: the rest get probability 0
+                e = e * truncation_mask(x, self.truncation)
             nxt = x.argmax(-1) if greedy else sample_categorical(
                 e, uniform=None if uniforms is None else uniforms[live, t])
             tokens[live, t] = nxt
             logps[live, t] = x.gather(-1, nxt[:, None]).squeeze(-1) - top.squeeze(-1) - e.sum(-1).log()
             steps = t + 1
             ended = torch.isin(nxt, eos)
+            if self.stop:
+                ended = ended | self._stopped(tokens, live, t, stopped)
             if t == max_new_tokens - 1 or bool(ended.all()):
                 break
             if bool(ended.any()):  # drop finished rows from the batch and the cache
@@ -267,7 +301,22 @@ class LMPolicy:
             logits = out.logits[:, -1]
         tokens, logps = tokens[:, :steps], logps[:, :steps]
         mask, truncated = completion_mask(tokens, self.eos_ids)
+        if self.stop and bool((stopped >= 0).any()):  # tokens after a stop string's last one
+            rows = (stopped >= 0).nonzero().squeeze(-1)
+            after = torch.arange(steps)[None, :] > stopped[rows, None]
+            mask[rows.to(dev)] = mask[rows.to(dev)] * (~after).to(dev, mask.dtype)
+            truncated[rows.to(dev)] = False
         return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated, g, logps * mask)
+
+    def _stopped(self, tokens: Tensor, live: Tensor, t: int, stopped: Tensor) -> Tensor:
+        """Bool [len(live)]: the token just sampled (position ``t``) completes a stop string in
+        its row; records ``t`` in ``stopped``. Decodes only the last few tokens: enough for the
+        longest stop string (a token is at least one byte, a character at most four)."""
+        width = 4 * max(len(s) for s in self.stop) + 1
+        tails = self.tokenizer.batch_decode(tokens[live, max(0, t - width + 1):t + 1].tolist())
+        hit = torch.tensor([any(s in text for s in self.stop) for text in tails], dtype=torch.bool)
+        stopped[live.cpu()[hit]] = t
+        return hit.to(live.device)
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:
@@ -336,6 +385,7 @@ class PolicyNet(torch.nn.Module):
         # the blocks FSDP shards one by one (accelerate's transformer-based wrap policy reads it)
         self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
         self.full_sequence = False  # set by gradient checkpointing (no KV cache to share)
+        self.truncation = Truncation()  # the sampler's top_k / top_p / min_p (LMPolicy.set_options)
         self.fused_head = True      # LM head + log-softmax in blocks (reads the head's weight directly)
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
@@ -372,7 +422,9 @@ class PolicyNet(torch.nn.Module):
                     parts.append(F.pad(part, (0, 0, 0, c - width)))
                     order.append(rows)
                 hidden = torch.cat(parts)[torch.argsort(torch.cat(order))]  # back to the rollout's order
-        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp)
+        # the policy's log-probs use the sampler's truncated distribution; the reference's full one
+        trunc = self.truncation if adapter else Truncation()
+        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp, trunc)
 
     def _completions(self, decoder, prompt, prompt_mask, completion_ids, mask, owner, rows, width):
         """Final hidden states [n, width, d] of the positions that predict completion ``rows``'
@@ -390,13 +442,13 @@ class PolicyNet(torch.nn.Module):
         return torch.cat([hidden, rest.last_hidden_state], dim=1)
 
     def _outputs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, values: bool, entropy: bool,
-                 logp: bool) -> dict[str, Tensor]:
+                 logp: bool, trunc: Truncation = Truncation()) -> dict[str, Tensor]:
         """Log-probs (and entropy) of the completion tokens, values, from the hidden states
         [N, C, d] that predict them; zero past each row's end."""
         out = {}
         if logp:
             real = mask.bool()
-            lp, ent = self._head(hidden[real], completion_ids[real], entropy)
+            lp, ent = self._head(hidden[real], completion_ids[real], entropy, trunc)
             out["logp"] = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).index_put((real,), lp)
             if entropy:
                 out["entropy"] = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put((real,), ent)
@@ -404,9 +456,24 @@ class PolicyNet(torch.nn.Module):
             out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
         return out
 
-    def _head(self, hidden: Tensor, ids: Tensor, entropy: bool) -> tuple[Tensor, Tensor | None]:
-        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d]."""
+    def _head(self, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
+              ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d],
+        under the distribution truncated by ``trunc`` (renormalised over the kept tokens)."""
         head = self.model.get_base_model().get_output_embeddings()
+        plain = type(head) is torch.nn.Linear and head.bias is None
+        if trunc.active and plain and self.fused_head:
+            return truncated_linear_logprobs(hidden, head.weight, ids, self.temperature, trunc, entropy=entropy)
+        if trunc.active:  # an adapted or biased head: its full logits, masked as the sampler does
+            logits = head(hidden).float() / self.temperature
+            keep = truncation_mask(logits.detach(), trunc)
+            keep[torch.arange(len(ids)), ids] = True
+            logits = logits.masked_fill(~keep, float("-inf"))
+            ent = None
+            if entropy:
+                lp_all = torch.log_softmax(logits.detach(), -1)
+                ent = -(lp_all.exp() * lp_all.masked_fill(~keep, 0.0)).sum(-1)
+            return selective_log_softmax(logits, ids), ent
         if self.fused_head and type(head) is torch.nn.Linear and head.bias is None:  # fused, in blocks
             return linear_logprobs(hidden, head.weight, ids, self.temperature, entropy=entropy)
         logits = head(hidden).float() / self.temperature             # an adapted or biased head

@@ -37,14 +37,14 @@ from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, rollout_pass,
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
-from rlhf.tasks import make_task
+from rlhf.tasks import task_from_config
 
 
 def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
     dist = Dist()
     dist.check_split(cfg.prompts_per_step, cfg.minibatches)
     seed_everything(cfg.seed, cfg.threads)
-    task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
+    task = task_from_config(cfg)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, saved = load_lm_checkpoint(run.dir, dist) if resume else (None, None)
     policy, opt, sched = build(cfg, dist, ckpt)
@@ -81,6 +81,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **adv_stats}, cfg,  # log
                               lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
             row.update(dist.step_stats(policy.net, policy.trainable_parameters()))
+            if cfg.max_prompt_length:  # prompts cut to their last max_prompt_length tokens, so far
+                row["prompts_truncated"] = dist.sum(policy.prompts_truncated)
             if cfg.debug_tensors:
                 run.dump_tensors(step + 1, dist.rank, rewards=rewards, adv=adv, local_rewards=local_rewards,
                                  loss_part=torch.tensor(loss_part))
@@ -102,6 +104,8 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
                       gradient_checkpointing=cfg.gradient_checkpointing)
+    policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
