@@ -51,7 +51,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
-                      gradient_checkpointing=cfg.gradient_checkpointing)
+                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)  # device; DDP, FSDP2 or DeepSpeed under accelerate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -184,6 +184,7 @@ def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> dict:
     rollout policy's log-probs and values when the update needs them (several optimiser steps
     per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
     t = time.time()
+    policy.eval_mode()  # the policy itself (no dropout): these are the ratio's and the KL's denominators
     ctx: dict = {"ref_logp": policy.logp(roll, adapter=False) if cfg.beta else None,
                  "old_logp": None, "old_values": None}
     if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
@@ -259,6 +260,7 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
     skipped = 0
+    policy.update_mode()  # (LMPolicy.update_mode: dropout off unless disable_dropout: false)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n_groups) if cfg.minibatches > 1 else torch.arange(n_groups)
         for k in range(cfg.minibatches):
@@ -284,7 +286,7 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
                 loss = loss + cfg.vf_coef * stats["vf_loss"]
                 stats["vf_loss"] = stats["vf_loss"].detach()
             if first:
-                stats.update(_first_minibatch_stats(out, roll, idx))
+                stats.update(_first_minibatch_stats(out, roll, idx, old_logp))
             grad_norm = _step(policy, opt, sched, loss, stats, cfg, dist)
             skipped += not math.isfinite(grad_norm)
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
@@ -321,13 +323,17 @@ def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LM
     return grad_norm
 
 
-def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor) -> dict:
-    """Entropy, and the log-prob gap between sampler and trainer (a silent-bug detector)."""
+def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor, old_logp: torch.Tensor | None) -> dict:
+    """Entropy, the log-prob gap between sampler and trainer (a silent-bug detector), and the
+    gap between the rollout pass's old log-probs and the update's (0 when the ratio is 1
+    on-policy, as it must be before the first optimiser step)."""
     m = roll.mask[idx]
     n = m.sum().clamp(min=1)
     stats = {"entropy": (out["entropy"] * m).sum() / n}
     if roll.rollout_logp is not None:
         stats["logp_gap_rollout_trainer"] = ((out["logp"].detach() - roll.rollout_logp[idx]).abs() * m).sum() / n
+    if old_logp is not None:
+        stats["logp_gap_old_trainer"] = ((out["logp"].detach() - old_logp).abs() * m).sum() / n
     return stats
 
 
