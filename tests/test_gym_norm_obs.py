@@ -49,3 +49,41 @@ def test_norm_obs_batch_holds_the_normalised_observations_acted_on():
         logp = pol.log_prob(pol.actor(b.obs), b.actions)
     torch.testing.assert_close(logp, b.logp, atol=1e-5, rtol=1e-5)  # NumPy vs torch float32 rounding
     assert float(pol.obs_norm.count) > 400  # the statistics moved during the rollout
+
+
+def test_norm_obs_dqn_target_is_the_online_q_function_at_the_last_copy(tmp_path, monkeypatch, capsys):
+    """The target network is a snapshot of the online network, normaliser included: at every
+    update its weights *and* statistics are those the online network had at the end of some
+    earlier update phase (the copy happens there), never newer statistics on older weights."""
+    import rlhf.gym.dqn as dqn
+
+    def fingerprint(net):
+        return tuple(float(v.double().sum()) for v in net.state_dict().values())
+
+    online_states, checks = set(), []
+    real = dqn.dqn_update
+
+    def spy(cfg, qnet, target, opt, batch):
+        if not online_states:
+            online_states.add(fingerprint(target))  # the initial deepcopy
+        checks.append((fingerprint(target) in online_states, float(target.obs_norm.count), float(qnet.obs_norm.count)))
+        loss = real(cfg, qnet, target, opt, batch)
+        online_states.add(fingerprint(qnet))
+        return loss
+
+    monkeypatch.setattr(dqn, "dqn_update", spy)
+    args = ["train", "recipes/dqn_acrobot.yaml", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    for item in ("norm_obs=true", "total_steps=400", "learning_starts=50", "target_update=100", "eval_episodes=1",
+                 "log_every=200", "hidden=32"):
+        args += ["--set", item]
+    assert main(args) == 0
+    assert all(snapshot for snapshot, _, _ in checks)
+    # copies did carry statistics (count > the initial 1e-4), and the online ones moved on after them
+    assert any(1 < t < q for _, t, q in checks)
+
+
+def test_norm_obs_sac_is_refused():
+    from rlhf.errors import UserError
+
+    with pytest.raises(UserError, match="norm_obs is not supported by sac"):
+        GymConfig(algo="sac", env="Pendulum-v1", norm_obs=True).validate()

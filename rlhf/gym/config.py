@@ -115,5 +115,8 @@ class GymConfig:
                 raise UserError(f"{key} must be in [0, 1], got {value}")
         if self.lr <= 0:
             raise UserError(f"lr must be > 0, got {self.lr}")
+        if self.algo == "sac" and self.norm_obs:
+            raise UserError("norm_obs is not supported by sac (its twin critics read raw observations); "
+                            "remove norm_obs from the recipe, or use algo ppo")
         if self.gradient_steps == 0 or self.gradient_steps < -1:
             raise UserError(f"gradient_steps must be >= 1 or -1 (as many as env steps), got {self.gradient_steps}")
