@@ -159,3 +159,20 @@ def test_train_mode_disable_dropout_gradient(tiny_model, disable_dropout):
         # above float32 rounding (~1e-6 relative)
         assert (g1 - g_eval).norm() > 1e-2 * g_eval.norm()
         assert (g1 - g2).norm() > 1e-2 * g_eval.norm()
+
+
+def test_first_minibatch_stats_are_reported_unaveraged(tiny_model, tmp_path):
+    """entropy and the log-prob gaps are measured once, at the first minibatch (before any step):
+    the logged value is that measurement, not it divided by epochs x minibatches. Same seed,
+    same rollout; 1 and 3 epochs of one minibatch run the same first forward on the same
+    weights in the same order, so they log the same numbers exactly."""
+    rows = {}
+    for epochs in (1, 3):
+        run = tmp_path / str(epochs)
+        assert main(["train", "recipes/grpo_arith.yaml", "--no-progress", "--run-dir", str(run),
+                     *_sets(f"model={tiny_model}", *TINY, "steps=1", f"epochs={epochs}", "minibatches=1")]) == 0
+        rows[epochs] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows[1]["entropy"] > 0
+    for key in ("entropy", "logp_gap_rollout_trainer"):
+        assert rows[3][key] == rows[1][key], key
+    assert rows[3]["logp_gap_old_trainer"] == 0.0

@@ -259,6 +259,7 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     n_groups = roll.prompt_ids.shape[0]
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
+    once = {"loss_part"}  # first-minibatch values: not averaged over the steps
     skipped = 0
     policy.update_mode()  # (LMPolicy.update_mode: dropout off unless disable_dropout: false)
     for epoch in range(cfg.epochs):
@@ -286,7 +287,9 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
                 loss = loss + cfg.vf_coef * stats["vf_loss"]
                 stats["vf_loss"] = stats["vf_loss"].detach()
             if first:
-                stats.update(_first_minibatch_stats(out, roll, idx, old_logp))
+                first_stats = _first_minibatch_stats(out, roll, idx, old_logp)
+                once |= set(first_stats)
+                stats.update(first_stats)
             grad_norm = _step(policy, opt, sched, loss, stats, cfg, dist)
             skipped += not math.isfinite(grad_norm)
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
@@ -294,7 +297,7 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
             if first:
                 sums["loss_part"] = float(loss.detach())  # this rank's share of the first loss
     steps = cfg.epochs * cfg.minibatches
-    out = {key: v / steps if key != "loss_part" else v for key, v in sums.items() if key != "nonfinite"}
+    out = {key: v / steps if key not in once else v for key, v in sums.items() if key != "nonfinite"}
     out = {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
                  v if key in ("grad_norm", "loss_part") else dist.mean(v)) for key, v in out.items()}
     out["skipped"] = skipped
