@@ -4,7 +4,6 @@ update runs without dropout unless ``disable_dropout: false``; gradient checkpoi
 recomputes; the ratio is exactly 1 at the first minibatch with ``lora_dropout > 0``."""
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from rlhf.distributed import Dist
 from rlhf.lm.policy import LMPolicy
 from rlhf.tasks import arith_row
 
-TINY = ["rewards=[arith_correct, length_penalty]", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_problems=4", "lora_r=2", "lora_alpha=4"]
+TINY = ["rewards=[arith_correct, length_penalty]", "prompts_per_step=2", "group_size=2", "max_new_tokens=4",
+        "eval_problems=4", "lora_r=2", "lora_alpha=4"]
 
 
 def _sets(*items):
