@@ -92,9 +92,10 @@ class LMConfig:
     mask_truncated: bool = False         # drop completions that hit max_new_tokens from the loss
     lora_r: int = 16                     # LoRA rank
     lora_alpha: int = 32                 # LoRA alpha (scale = alpha / r)
-    lora_dropout: float = 0.0            # LoRA dropout
+    lora_dropout: float = 0.0            # LoRA dropout (acts only with disable_dropout: false)
     lora_targets: str | list = "all-linear"  # peft target_modules
     dtype: str = "float32"               # model weights: float32 | bfloat16
+    disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
     rm_head: str = "log_ratio"           # reward_model: log_ratio (beta * sum of log p_rm - log p_base over

@@ -109,6 +109,9 @@ class GymConfig:
                             f"{self.n_steps * self.n_envs}) is plain policy gradient: the ratio is 1 and the "
                             "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs > 1 or "
                             "minibatch_size < n_steps x n_envs (or objective: clip)")
+        if self.algo == "sac" and self.norm_obs:
+            raise UserError("norm_obs is not supported by sac (its twin critics read raw observations); "
+                            "remove norm_obs from the recipe, or use algo ppo")
 
     def ppo_steps_per_rollout(self) -> int:
         """Optimiser steps ppo makes per rollout: epochs x whole minibatches (the remainder is dropped)."""

@@ -104,7 +104,8 @@ class LMPolicy:
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
-                 value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False):
+                 value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
+                 disable_dropout: bool = True):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -160,8 +161,48 @@ class LMPolicy:
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
+        self.disable_dropout = disable_dropout
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
+        self.eval_mode()  # (from_pretrained/peft leave modules in train mode) every phase sets its own
+
+    # ------------------------------------------------------------------ module modes
+    def _nets(self) -> list[torch.nn.Module]:
+        return [n for n in (self.net, self.critic_net) if n is not None]
+
+    def eval_mode(self) -> None:
+        """The mode of the passes that only read the policy: sampling, the reference's and the
+        rollout policy's log-probs, values for GAE. Every module is in eval mode, so no
+        dropout (LoRA's, the base model's) perturbs them: they are the policy's log-probs."""
+        for net in self._nets():
+            net.eval()
+
+    def update_mode(self) -> None:
+        """The mode of the gradient passes.
+
+        ``disable_dropout`` (the default, as TRL's GRPO/PPO): every module stays in eval mode, so
+        the update differentiates exactly the policy that sampled the rollout and that the
+        no-grad passes scored. With dropout active the update's log-probs are those of a random
+        sub-network: the ratio to the rollout's log-probs is not 1 on-policy, so clipping and
+        ``approx_kl`` measure dropout noise and the KL term compares a noisy policy to the
+        reference. Dropout's regularisation buys little in RL (the data is fresh every step).
+        With gradient checkpointing on, the checkpointed decoder layers themselves are flagged
+        training, since HF recomputes a layer only then; their submodules (attention, MLP, LoRA
+        dropout) stay in eval mode. (A model whose decoder layer applies dropout in its own
+        forward, as OPT's does, would then keep that one.)
+
+        ``disable_dropout: false`` opts in to dropout in the update: the whole module trains.
+        """
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for net in self._nets():
+            if not self.disable_dropout:
+                net.train()
+                continue
+            net.eval()
+            for m in net.modules():
+                if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                    m.training = True  # this module only (``train()`` would recurse)
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each layer's activations in the backward pass instead of keeping them:
@@ -247,14 +288,10 @@ class LMPolicy:
         ``greedy`` takes the argmax instead; ``adapter=False`` samples the reference.
         ``uniforms`` [N, max_new_tokens] in [0, 1) are the random numbers of each row's draws
         (default: torch's global generator). Rows that have emitted EOS leave the batch, so
-        later tokens cost only live rows."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.sampling_context(), self._adapter(adapter):
-                return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
-        finally:
-            self.model.train(was_training)
+        later tokens cost only live rows. Samples in eval mode (``eval_mode``)."""
+        self.eval_mode()
+        with self.sampling_context(), self._adapter(adapter):
+            return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
 
     def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy, uniforms) -> Rollout:
         n, dev = prompt_ids.shape[0] * g, prompt_ids.device

@@ -63,6 +63,7 @@ def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
     rollout policy's log-probs and values when the update needs them (several optimiser steps
     per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
     t = time.time()
+    policy.eval_mode()  # the policy itself (no dropout): these are the ratio's and the KL's denominators
     ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
     old_logp = old_values = None
     if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
@@ -79,5 +80,6 @@ def kl_after_update(policy: LMPolicy, roll: Rollout, old_logp: Tensor, mask: Ten
     over tokens sampled by pi_old is KL(pi_old || pi); averaged over ``mask`` tokens (``reduce``
     sums over processes: the mean is the whole batch's)."""
     reduce = reduce or (lambda t: t)
+    policy.eval_mode()
     kl = kl_estimate(old_logp, policy.forward(roll)["logp"], "k3") * mask
     return float(reduce(kl.sum()) / reduce(mask.sum()).clamp(min=1))

@@ -3,6 +3,14 @@
 Loop: act epsilon-greedily -> store -> every ``train_freq`` steps, ``gradient_steps`` TD
 updates on replayed minibatches -> hard target copy every ``target_update`` env steps.
 The targets are the pure functions of ``rlhf.core.value_learning``.
+
+``norm_obs``: the buffer holds raw observations and the online network normalises them with
+its current statistics, the ones it acts with (as SB3 does). The target network is a snapshot
+of the whole online Q-function, normaliser included (``load_state_dict`` copies its buffers):
+its statistics are those its weights were trained with, so ``target(s)`` is exactly the online
+Q-value of ``s`` at the last copy. Feeding the frozen weights inputs scaled by newer statistics
+would evaluate a function that never existed; storing normalised observations would train on
+a mixture of past scalings that the acting network no longer uses.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
-                      gradient_checkpointing=cfg.gradient_checkpointing)
+                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -237,7 +237,9 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     n_groups = roll.prompt_ids.shape[0]
     size = n_groups // cfg.minibatches  # minibatches hold whole groups: shared prompt, shared baseline
     sums: dict[str, float] = {}
+    once: set[str] = set()  # first-minibatch values: not averaged over the steps
     skipped = 0
+    policy.update_mode()  # (LMPolicy.update_mode: dropout off unless disable_dropout: false)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n_groups) if cfg.minibatches > 1 else torch.arange(n_groups)
         for k in range(cfg.minibatches):
@@ -263,7 +265,9 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
                 loss = loss + cfg.vf_coef * stats["vf_loss"]
                 stats["vf_loss"] = stats["vf_loss"].detach()
             if first:
-                stats.update(_first_minibatch_stats(out, roll, idx))
+                first_stats = _first_minibatch_stats(out, roll, idx, old_logp)
+                once |= set(first_stats)
+                stats.update(first_stats)
             grad_norm = _step(policy, opt, sched, loss, stats, cfg, dist)
             skipped += not math.isfinite(grad_norm)
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
@@ -271,7 +275,7 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
             if first:
                 loss_part = float(loss.detach())  # this rank's share of the first loss
     steps = cfg.epochs * cfg.minibatches
-    out = {key: v / steps for key, v in sums.items() if key != "nonfinite"}
+    out = {key: v / steps if key not in once else v for key, v in sums.items() if key != "nonfinite"}
     out = {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
                  v if key == "grad_norm" else dist.mean(v)) for key, v in out.items()}
     out["skipped"] = skipped
@@ -304,13 +308,17 @@ def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LM
     return grad_norm
 
 
-def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor) -> dict:
-    """Entropy, and the log-prob gap between sampler and trainer (a silent-bug detector)."""
+def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor, old_logp: torch.Tensor | None) -> dict:
+    """Entropy, the log-prob gap between sampler and trainer (a silent-bug detector), and the
+    gap between the rollout pass's old log-probs and the update's (0 when the ratio is 1
+    on-policy, as it must be before the first optimiser step)."""
     m = roll.mask[idx]
     n = m.sum().clamp(min=1)
     stats = {"entropy": (out["entropy"] * m).sum() / n}
     if roll.rollout_logp is not None:
         stats["logp_gap_rollout_trainer"] = ((out["logp"].detach() - roll.rollout_logp[idx]).abs() * m).sum() / n
+    if old_logp is not None:
+        stats["logp_gap_old_trainer"] = ((out["logp"].detach() - old_logp).abs() * m).sum() / n
     return stats
 
 

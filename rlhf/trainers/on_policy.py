@@ -25,7 +25,7 @@ from rlhf.gym.policies import ActorCritic
 class Batch:
     """A flattened rollout, ``b_`` prefixed as in CleanRL: N = n_steps * n_envs rows."""
 
-    obs: Tensor       # [N, D] raw observations
+    obs: Tensor       # [N, D] observations as the policy saw them (normalised at act time, norm_obs)
     actions: Tensor   # [N] or [N, A]
     logp: Tensor      # [N] log pi_old(a|s) at collection
     values: Tensor    # [N] V_old(s)
@@ -35,32 +35,40 @@ class Batch:
 
 def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScaler, rng: np.random.Generator) -> Batch:
     """Roll ``n_steps`` per env; bootstrap V(final obs) on truncation, cut on termination.
-    The rollout runs in NumPy (``policy.sampler``): no torch op per env step."""
+    The rollout runs in NumPy (``policy.sampler``): no torch op per env step.
+
+    With ``norm_obs`` the batch keeps each observation normalised with the statistics of the
+    moment it was acted on, and every bootstrap value is computed then too (CleanRL, SB3): the
+    update then scores exactly what the policy saw, so its ratio is 1 before the first step.
+    Re-normalising raw observations with the end-of-rollout statistics would make the ratio,
+    the clip fraction, approx_kl and the adaptive beta measure the normaliser's drift."""
     T, N = cfg.n_steps, env.n
     obs = np.zeros((T, N, env.obs.shape[1]), dtype=np.float32)
     actions = np.zeros((T, N), dtype=np.int64) if env.discrete else np.zeros((T, N, *env.action_space.shape), np.float32)
     logp, values, rewards, terminated, dones = (np.zeros((T, N), dtype=np.float32) for _ in range(5))
     truncations: list[tuple[int, np.ndarray, np.ndarray]] = []  # (t, env rows, final obs)
-    sample = policy.sampler(rng)
+    sample, norm = policy.sampler(rng), policy.obs_norm.numpy()
     for t in range(T):
-        obs[t] = env.obs
+        raw = np.asarray(env.obs, dtype=np.float32)
         if policy.obs_norm.enabled:
-            policy.obs_norm.update(torch.from_numpy(obs[t]))
-        actions[t], logp[t], values[t] = sample(obs[t])
+            policy.obs_norm.update(torch.from_numpy(raw))
+        actions[t], logp[t], values[t] = sample(raw)
+        obs[t] = norm(raw)  # what ``sample`` saw (the same NumPy function of the same statistics)
         _, r, term, trunc, next_obs = env.step(actions[t])
         done = np.maximum(term, trunc)
         rewards[t] = scaler(r, done)
         terminated[t], dones[t] = term, done
-        if trunc.any():
+        if trunc.any():  # V(final obs) now, with the statistics the step was taken under
             rows = np.flatnonzero(trunc)
-            truncations.append((t, rows, next_obs[rows].copy()))
+            with torch.no_grad():
+                truncations.append((t, rows, policy.value(torch.from_numpy(next_obs[rows]))))
     obs, actions, logp, values, rewards, terminated, dones = (
         torch.from_numpy(x) for x in (obs, actions, logp, values, rewards, terminated, dones))
     with torch.no_grad():
         last_value = policy.value(torch.from_numpy(env.obs))
         next_values = torch.cat([values[1:], last_value[None]])  # V(s_{t+1}) along each env's row
-        for t, rows, final_obs in truncations:  # the successor of a truncated step is its final obs
-            next_values[t, rows] = policy.value(torch.from_numpy(final_obs))
+        for t, rows, final_value in truncations:  # the successor of a truncated step is its final obs
+            next_values[t, rows] = final_value
     # time-last layout [N, T] for the core estimators
     rewards, values_nt, next_values = rewards.T, values.T, next_values.T
     terminated, dones = terminated.T, dones.T
@@ -83,7 +91,7 @@ def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: 
     (slice(None) for the whole batch: no gather copies). ``norm_adv`` whitens the rows'
     advantages; without an entropy bonus the entropy is only a logged statistic, computed
     outside the graph and only when ``log_entropy``."""
-    x = policy.obs_norm(b.obs[idx])
+    x = b.obs[idx]  # already normalised (``collect``)
     params, v = policy.actor(x), policy.critic(x).squeeze(-1)
     logp = policy.log_prob(params, b.actions[idx])
     adv = b.adv[idx]
@@ -160,7 +168,10 @@ class Updater:
                                                 cfg.norm_adv and not full, log_entropy=last)
                 step(self.opt, loss, self.params, cfg.max_grad_norm)
                 kls.append(stats["approx_kl"])
+                if epoch == 0 and start == 0:  # before any step: ratio 1 up to float rounding
+                    first = {f"{k}_first": stats[k] for k in ("approx_kl", "clip_frac") if k in stats}
         stats["approx_kl"] = torch.stack(kls).mean()  # before each step: CleanRL's debug variable
+        stats.update(first)
         if cfg.objective == "adaptive_kl":  # the controller measures the whole update's move
             stats["kl_after_update"] = self.kl_after_update(b)
             self.beta = adaptive_kl_coef(self.beta, float(stats["kl_after_update"]), cfg.target_kl)
@@ -181,16 +192,16 @@ class Updater:
         cfg, policy, params = self.cfg, self.policy, self.actor_params
         adv = whiten(b.adv) if cfg.norm_adv else b.adv
         with torch.no_grad():
-            old_params = policy.dist_params(b.obs)
+            old_params = policy.actor(b.obs)  # b.obs is normalised already (``collect``)
             old_log_std = policy.log_std.detach().clone() if not policy.discrete else None
 
         def surrogate() -> tuple[Tensor, dict]:
-            logp = policy.log_prob(policy.dist_params(b.obs), b.actions)
+            logp = policy.log_prob(policy.actor(b.obs), b.actions)
             return policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[:, None],
                                objective="kl_penalty", kl_penalty_coef=0.0)
 
         def mean_kl() -> Tensor:
-            return policy.kl_from(old_params, policy.dist_params(b.obs), old_log_std).mean()
+            return policy.kl_from(old_params, policy.actor(b.obs), old_log_std).mean()
 
         loss, stats = surrogate()
         grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
@@ -224,7 +235,7 @@ class Updater:
             perm = torch.randperm(n)
             for start in range(0, n - mb + 1, mb):
                 idx = perm[start:start + mb]
-                vl = value_loss(policy.value(b.obs[idx]), b.ret[idx]).mean()
+                vl = value_loss(policy.critic(b.obs[idx]).squeeze(-1), b.ret[idx]).mean()
                 step(self.opt, vl, self.params, cfg.max_grad_norm)
         stats.update(value_loss=vl.detach(), line_search_k=torch.tensor(float(k)),
                      approx_kl=torch.tensor(float(mean_kl())) if accepted is not None else torch.tensor(0.0))
