@@ -23,6 +23,7 @@ class LMConfig:
     algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
                                          # | reward_model (Bradley-Terry on preference pairs)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
+    revision: str | None = None          # Hub branch, tag or commit of model (None: main; pinned: no GGUF fallback)
     task: str = "arith"                  # "arith" (generated) or a local .jsonl/.csv/.parquet file
     eval_task: str | None = None         # held-out file for a file task (default: 10% split)
     rewards: list = field(default_factory=lambda: ["arith_correct"])  # names or {name: weight}

@@ -34,7 +34,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
-    policy = LMPolicy(resolve_model(cfg.model), dtype=cfg.dtype, adapter_path=str(adapter))
+    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter))
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     rows = task.held_out(problems or cfg.eval_problems, cfg.eval_seed)
     if task.name == "arith":  # accuracy: the correctness reward alone, no shaping

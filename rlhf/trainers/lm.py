@@ -32,6 +32,7 @@ from rlhf.distributed import Dist
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
+from rlhf.lm.share import adapter_writer
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
 from rlhf.tasks import make_task
@@ -47,7 +48,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     task = make_task(cfg.task, cfg.seed, cfg.steps * cfg.prompts_per_step, cfg.eval_task)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, state = load_checkpoint(run.dir) if resume else (None, None)
-    policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
@@ -113,7 +114,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                 save(run, policy, opt, sched, counters, dist)
     except KeyboardInterrupt:  # mid-step: keep the adapter; the last checkpoint stays consistent
         if dist.is_main and dist.replicated:  # (sharded weights would need every rank, which may be gone)
-            run.save_atomic("adapter", policy.save_adapter)
+            run.save_atomic("adapter", adapter_writer(policy, run))
         raise
     full = save(run, policy, opt, sched, counters, dist)
     if dist.is_main:
@@ -309,7 +310,7 @@ def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LM
     dist = dist or _ONE
     opt.zero_grad(set_to_none=True)
     grad_norm = float("nan")
-    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss))))
+    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss.detach()))))
     if not bad:  # (DeepSpeed's engine steps inside backward and clips at max_grad_norm itself)
         dist.backward(loss * dist.world)  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
         grad_norm = dist.clip_grad_norm(policy.trainable_parameters(), cfg.max_grad_norm)
@@ -368,7 +369,7 @@ def save(run: Run, policy: LMPolicy, opt, sched, counters: dict, dist: Dist) -> 
     opt_state = dist.optimizer_state(policy.train_net, opt)
     shards = dist.save_shards(run.tmp_path(NAME))  # DeepSpeed: each rank's partition, into the new checkpoint
     if dist.is_main:
-        run.save_atomic("adapter", lambda d: policy.save_adapter(d, full))
+        run.save_atomic("adapter", adapter_writer(policy, run, full))
         save_checkpoint(run, lambda d: policy.save_adapter(d / "adapter", full), opt, sched, counters,
                         optimizer_state=opt_state, fresh=not shards)
     dist.barrier()
