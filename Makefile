@@ -8,16 +8,23 @@ BIN := $(VENV)/bin
 # CPU wheel by default: a bare `pip install torch` pulls several GB of CUDA packages.
 # On a GPU machine: make demo TORCH=torch
 TORCH ?= torch==2.13.0
-RECIPE ?= recipes/grpo_arith.yaml
+RECIPE ?= grpo_arith
+PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-dev demo test clean
 
+# the demo needs the package alone; the tests add the dev extra (pytest, gymnasium, DeepSpeed)
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]"
 	touch $@
 
 demo: setup
@@ -27,7 +34,7 @@ demo: setup
 	$(BIN)/rlhf train $(RECIPE) --run-dir $$run; echo "[demo] trained in $$((SECONDS - t)) s" >&2; t=$$SECONDS; \
 	$(BIN)/rlhf eval $$run; echo "[demo] evaluated in $$((SECONDS - t)) s" >&2
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -153,8 +153,10 @@ class LMSaver:
     gathered whole first (every rank takes part). ``policy`` holds the adapter, ``dist`` the
     processes. A save the file system refuses stops every rank with the main process's sentence."""
 
-    def __init__(self, run, policy, opt, sched, dist):
+    def __init__(self, run, policy, opt, sched, dist, write_adapter=None):
         self.run, self.policy, self.opt, self.sched, self.dist = run, policy, opt, sched, dist
+        # write_adapter(dir, full): the adapter users load (default: the policy's own save)
+        self.write_adapter = write_adapter or policy.save_adapter
         self.saved_at: int | None = None  # the step of the newest checkpoint
 
     def resume(self, ckpt: Path, state: dict) -> dict:
@@ -176,7 +178,7 @@ class LMSaver:
         error = None
         if dist.is_main:
             try:
-                save_checkpoint(run, step, lambda d: policy.save_adapter(d / "adapter", full), self.opt,
+                save_checkpoint(run, step, lambda d: self.write_adapter(d / "adapter", full), self.opt,
                                 self.sched, counters, optimizer_state=opt_state, fresh=not shards)
             except UserError as exc:
                 error = exc
@@ -211,5 +213,5 @@ class LMSaver:
             yield
         except KeyboardInterrupt:
             if self.dist.is_main and self.dist.replicated:
-                self.run.save_atomic("adapter", self.policy.save_adapter)
+                self.run.save_atomic("adapter", self.write_adapter)
             raise

@@ -1,4 +1,5 @@
-"""Command line: ``rlhf train RECIPE``, ``rlhf eval RUN_DIR``, ``rlhf model pull [NAME]``.
+"""Command line: ``rlhf train RECIPE``, ``rlhf eval RUN_DIR``, ``rlhf model pull [NAME]``;
+``rlhf generate|chat|merge RUN_DIR`` use a trained adapter; ``rlhf recipes``, ``rlhf keys [ALGO]``.
 
 Every command prints, as its very last line on stdout, one JSON object with its results.
 Mistakes a user can make end in one sentence on stderr and exit status 2, no traceback.
@@ -17,14 +18,17 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description="RL fine-tuning of language models and gym agents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train from a YAML recipe")
-    tr.add_argument("recipe", nargs="?", help="path to a recipe, e.g. recipes/grpo_arith.yaml")
+    tr.add_argument("recipe", nargs="?", help="an installed recipe's name (rlhf recipes lists them, e.g. "
+                    "grpo_arith) or a recipe file's path")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key (repeatable)")
     tr.add_argument("--run-dir", help="write the run here instead of out_dir/<recipe>-<time>")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.epilog = "every recipe key with its default and meaning: rlhf keys [ALGO]"
     ev = sub.add_parser("eval", help="evaluate a run directory on held-out problems")
     ev.add_argument("run_dir")
     ev.add_argument("--problems", type=int, help="LM: number of held-out prompts (default: the recipe's)")
@@ -33,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     mp = sub.add_parser("model", help="manage cached models")
     mp.add_argument("action", choices=["pull"])
     mp.add_argument("name", nargs="?", default=None, help="alias or Hub id (default: SmolLM2-135M-Instruct)")
+    mp.add_argument("--revision", help="Hub branch, tag or commit (default: main)")
+    _share_parsers(sub)
     args = parser.parse_args(argv)
     _quiet()
     from rlhf.errors import UserError
@@ -67,6 +73,9 @@ def _train(args) -> dict:
         cfg = load_recipe(str(recipe), args.overrides)
         run_dir = args.resume
     elif args.recipe:
+        from rlhf.catalog import find_recipe
+
+        args.recipe = find_recipe(args.recipe)  # a bare name is an installed recipe
         cfg, run_dir = load_recipe(args.recipe, args.overrides), args.run_dir
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
@@ -145,17 +154,107 @@ def _model(args) -> dict:
     from rlhf.lm.models import DEFAULT_MODEL, pull_model
 
     name = args.name or DEFAULT_MODEL
-    return {"model": name, "path": pull_model(name)}
+    return {"model": name, "path": pull_model(name, args.revision)}
 
 
-COMMANDS = {"train": _train, "eval": _eval, "model": _model}
+def _share_parsers(sub) -> None:
+    """The subcommands that use a trained adapter, and the ones that list what ships."""
+    for name, help_ in (("generate", "answer one prompt with a run's trained adapter"),
+                        ("chat", "talk to a run's trained adapter: one message per stdin line, until EOF")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run_dir")
+        if name == "generate":
+            p.add_argument("prompt")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    mg = sub.add_parser("merge", help="fold a run's adapter into its base: a full safetensors checkpoint")
+    mg.add_argument("run_dir")
+    mg.add_argument("out_dir")
+    sub.add_parser("recipes", help="list the installed recipes (rlhf train NAME runs one)")
+    ks = sub.add_parser("keys", help="every recipe key with its default and meaning")
+    ks.add_argument("algo", nargs="?", help="only the config family of this algo")
+
+
+def _generate(args) -> dict:
+    from rlhf.lm.share import load_adapted, reply
+
+    model, tokenizer = load_adapted(args.run_dir)
+    text = reply(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
+    print(text)
+    return {"prompt": args.prompt, "completion": text}
+
+
+def _chat(args) -> dict:
+    from rlhf.lm.share import load_adapted, reply
+
+    model, tokenizer = load_adapted(args.run_dir)
+    messages: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        answer = reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+        messages.append({"role": "assistant", "content": answer})
+        print(answer if not interactive else f"model> {answer}", flush=True)
+    return {"turns": len(messages) // 2}
+
+
+def _merge(args) -> dict:
+    from rlhf.lm.share import merge
+
+    return {"merged": merge(args.run_dir, args.out_dir)}
+
+
+def _recipes(args) -> dict:
+    from rlhf.catalog import list_recipes, recipes_dir
+
+    found = list_recipes()
+    width = max((len(name) for name, _ in found), default=0)
+    for name, first in found:
+        print(f"{name:<{width}}  {first}")
+    return {"recipes": [name for name, _ in found], "dir": str(recipes_dir())}
+
+
+def _keys(args) -> dict:
+    from rlhf.catalog import config_keys, families
+
+    count = 0
+    for cls in families(args.algo):
+        print(f"{cls.__name__}: algo {' | '.join(cls.choices['algo'])}")
+        for key, default, doc in config_keys(cls):
+            print(f"  {key:<22} {default!r:<24} {doc}")
+            count += 1
+    return {"keys": count}
+
+
+def _version() -> str:
+    from rlhf import __version__
+
+    return __version__
+
+
+COMMANDS = {"train": _train, "eval": _eval, "model": _model, "generate": _generate, "chat": _chat,
+            "merge": _merge, "recipes": _recipes, "keys": _keys}
+
+
+# libraries whose own warnings are chatter to a user of the CLI (deprecations inside them,
+# generation-config notes); matched on the module a warning is attributed to
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "trl", "huggingface_hub", "gguf",
+             "tokenizers", "safetensors", "deepspeed", "gymnasium", "matplotlib", "pandas", "pyarrow")
 
 
 def _quiet() -> None:
     """Keep the terminal for our progress bar: silence library chatter below errors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
+    for lib in LIBRARIES:  # their chatter only: a warning raised by a user's reward code still shows
+        warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("rlhf").setLevel(logging.INFO)
     try:

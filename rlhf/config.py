@@ -25,6 +25,7 @@ class LMConfig:
     algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
                                          # | reward_model (Bradley-Terry on preference pairs)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
+    revision: str | None = None          # Hub branch, tag or commit of model (None: main; pinned: no GGUF fallback)
     task: str = "arith"                  # "arith" (generated), a .jsonl/.json/.csv/.parquet file, a dataset
                                          # directory (save_to_disk, or data files + README.md), or a Hub id
     task_config: str | None = None       # the dataset's config name (load_dataset's name=; gsm8k: main)

@@ -38,7 +38,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
-    policy = LMPolicy(resolve_model(cfg.model), dtype=cfg.dtype, adapter_path=str(adapter))
+    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter))
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     task = task_from_config(cfg)

