@@ -134,3 +134,18 @@ def test_resume_gym_ppo_after_sigkill(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert rows(killed) == rows(full)
     assert weights(killed, "policy") == weights(full, "policy")
+
+
+def test_resume_extends_a_finished_budget(tmp_path, capsys):
+    """A finished REINFORCE run continued with a larger budget (``--resume RUN --set
+    total_steps=FULL``) matches a run given the full budget at once (a constant lr: a schedule
+    over total_steps would differ between the two by design)."""
+    common = [str(RECIPES / "reinforce_cartpole.yaml"), "--no-progress",
+              *_sets(COMMON + ["lr_schedule=constant", "log_every=256", "save_every=512"])]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", *common, "--set", "total_steps=2048", "--run-dir", str(full)]) == 0
+    assert main(["train", *common, "--set", "total_steps=1024", "--run-dir", str(cut)]) == 0
+    assert main(["train", "--resume", str(cut), "--no-progress", "--set", "total_steps=2048"]) == 0
+    capsys.readouterr()
+    assert rows(cut) == rows(full)
+    assert weights(cut, "policy") == weights(full, "policy")
