@@ -106,6 +106,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "target_entropy": ANY, "alpha_q": Range(0, 1, low_open=True),
         "eps_decay_episodes": AT_LEAST_1, "log_every": AT_LEAST_1, "select_every": NON_NEGATIVE,
         "select_episodes": AT_LEAST_1, "eval_episodes": AT_LEAST_1, "eval_seed": SEED,
+        "save_every": NON_NEGATIVE,
     },
 }
 

@@ -86,6 +86,7 @@ class GymConfig:
                                          # EvalCallback practice); 0: keep the final weights
     select_episodes: int = 5             # deterministic episodes per selection check (seeds apart from eval's)
     eval_episodes: int = 20              # deterministic episodes in the final evaluation
+    save_every: int = 0                  # env steps between resumable checkpoints (--resume; 0: none)
     eval_seed: int = 1_000_000           # first seed of evaluation episodes (never used in training)
     out_dir: str = "runs"                # where run directories are created
     run_name: str | None = None          # run directory name (default: recipe name + time)

@@ -26,6 +26,7 @@ from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import VecEnv
 from rlhf.gym.progress import Progress
 from rlhf.gym.replay import ReplayBuffer
+from rlhf.gym.resume import GymSaver
 
 
 def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
@@ -46,7 +47,7 @@ def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
     return loss.detach()
 
 
-def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool):
+def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     qnet = build_agent(cfg, spec)
     target = copy.deepcopy(qnet).requires_grad_(False)
@@ -56,6 +57,12 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool):
     bar = Progress(cfg, run, progress, qnet)
     n, calls, since_target = cfg.n_envs, 0, 0
     stats = {"losses/td": torch.tensor(float("nan"))}
+    saver = GymSaver(cfg, run, qnet, {"qnet": qnet, "target": target, "opt": opt, "buffer": buffer, "rng": rng,
+                                      "env": env, "progress": bar})
+    counters = lambda: {"calls": calls, "since_target": since_target, "stats": dict(stats)}  # noqa: E731
+    if resume:
+        c = saver.resume()
+        calls, since_target, stats = c["calls"], c["since_target"], c["stats"]
     while bar.steps < cfg.total_steps:
         progress_frac = bar.steps / cfg.total_steps
         eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, progress_frac)
@@ -80,6 +87,8 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool):
             since_target = 0
         stats["charts/epsilon"] = eps
         bar.advance(n, env.drain_episodes(), lambda: stats)
+        saver.maybe(bar.steps, counters)
+    saver.final(bar.steps, counters)
     bar.close()
     env.close()
     return qnet, bar.summary()

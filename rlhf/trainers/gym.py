@@ -1,7 +1,6 @@
 """The gym family's ``rlhf train``: pick the algorithm's loop, train, save, evaluate."""
 from __future__ import annotations
 
-from rlhf.errors import UserError
 from rlhf.gym.common import env_spec, save_agent
 from rlhf.gym.config import ON_POLICY, GymConfig
 from rlhf.gym.evaluate import evaluate_agent
@@ -17,13 +16,10 @@ LOOPS = {"dqn": train_dqn, "sac": train_sac, "q_learning": train_q_learning}  # 
 
 def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> dict:
     """``rlhf train`` for gym recipes. Returns the final JSON: run_dir, training and eval figures."""
-    if resume:
-        raise UserError(f"--resume is not supported for gym runs ({cfg.algo} on {cfg.env}); "
-                        "start a new run with `rlhf train RECIPE` (the saved policy is kept)")
     seed_everything(cfg.seed, cfg.threads)
     spec = env_spec(cfg)
     loop = train_on_policy if cfg.algo in ON_POLICY else LOOPS[cfg.algo]
-    agent, summary = loop(cfg, spec, run, progress)
+    agent, summary = loop(cfg, spec, run, progress, resume=resume)
     save_agent(run, agent)
     run.plot("return", "return.png")
     result = {"run_dir": str(run.dir), "algo": cfg.algo, "env": cfg.env, "seed": cfg.seed, **summary}

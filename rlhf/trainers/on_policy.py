@@ -18,6 +18,7 @@ from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import RewardScaler, VecEnv
 from rlhf.gym.progress import Progress
+from rlhf.gym.resume import GymSaver
 from rlhf.gym.policies import ActorCritic
 
 
@@ -247,7 +248,7 @@ def explained_variance(values: Tensor, ret: Tensor) -> float:
     return float("nan") if var == 0 else float(1 - (ret - values).var() / var)
 
 
-def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
+def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     policy = build_agent(cfg, spec)
     scaler = RewardScaler(cfg.n_envs, cfg.gamma, cfg.norm_reward)
@@ -256,11 +257,18 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool):
     bar = Progress(cfg, run, progress, policy)
     per_rollout = cfg.n_steps * cfg.n_envs
     stats: dict = {}
+    saver = GymSaver(cfg, run, policy, {"policy": policy, "opt": update.opt, "rng": rng, "env": env,
+                                        "scaler": scaler, "progress": bar})
+    counters = lambda: {"beta": update.beta}  # noqa: E731  (PPO's adaptive KL coefficient)
+    if resume:
+        update.beta = saver.resume()["beta"]
     while bar.steps < cfg.total_steps:
         b = collect(cfg, env, policy, scaler, rng)
         stats = update(b, bar.steps / cfg.total_steps)
         stats["explained_variance"] = explained_variance(b.values, b.ret)
         bar.advance(per_rollout, env.drain_episodes(), lambda: stats)
+        saver.maybe(bar.steps, counters)
+    saver.final(bar.steps, counters)
     bar.close()
     env.close()
     return policy, bar.summary()

@@ -13,6 +13,7 @@ from rlhf.gym.envs import VecEnv
 from rlhf.gym.progress import Progress
 from rlhf.gym.policies import TwinQ
 from rlhf.gym.replay import ReplayBuffer
+from rlhf.gym.resume import GymSaver
 
 
 class SAC:
@@ -64,12 +65,22 @@ class SAC:
                 "charts/alpha": alpha, "charts/entropy": -logp.detach().mean()}
 
 
-def train_sac(cfg: GymConfig, spec: dict, run, progress: bool):
+def train_sac(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     agent = SAC(cfg, spec)
     buffer = ReplayBuffer(cfg.buffer_size, spec["obs_dim"], (spec["act_dim"],))
     bar = Progress(cfg, run, progress, agent.actor)
     n, calls, stats = cfg.n_envs, 0, {}
+    saver = GymSaver(cfg, run, agent.actor, {"actor": agent.actor, "critic": agent.critic,
+                                             "critic_target": agent.critic_target, "actor_opt": agent.actor_opt,
+                                             "critic_opt": agent.critic_opt, "alpha_opt": agent.alpha_opt,
+                                             "buffer": buffer, "env": env, "progress": bar})
+    counters = lambda: {"calls": calls, "stats": dict(stats), "log_alpha": agent.log_alpha.detach().clone()}  # noqa: E731
+    if resume:
+        c = saver.resume()
+        calls, stats = c["calls"], c["stats"]
+        with torch.no_grad():
+            agent.log_alpha.copy_(c["log_alpha"])
     while bar.steps < cfg.total_steps:
         obs = env.obs
         if bar.steps < cfg.learning_starts:  # uniform random warm-up
@@ -86,6 +97,8 @@ def train_sac(cfg: GymConfig, spec: dict, run, progress: bool):
             for _ in range(k):
                 stats = agent.update(buffer.sample(cfg.batch_size))
         bar.advance(n, env.drain_episodes(), lambda: stats)
+        saver.maybe(bar.steps, counters)
+    saver.final(bar.steps, counters)
     bar.close()
     env.close()
     return agent.actor, bar.summary()

@@ -13,9 +13,10 @@ from rlhf.gym.common import build_agent
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import make_env
 from rlhf.gym.progress import Progress
+from rlhf.gym.resume import GymSaver
 
 
-def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):
+def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
     env = make_env(cfg.env)
     table = build_agent(cfg, spec)
     q = np.zeros((spec["n_states"], spec["n_actions"]))
@@ -23,6 +24,12 @@ def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):
     env.action_space.seed(cfg.seed)
     bar = Progress(cfg, run, progress)
     episode = 0
+    # saved at episode ends: the env is reset with its own seed at every episode's start
+    saver = GymSaver(cfg, run, table, {"rng": rng, "progress": bar})
+    counters = lambda: {"episode": episode, "q": torch.from_numpy(q.copy()), "eps": eps}  # noqa: E731
+    if resume:
+        c = saver.resume()
+        episode, q = c["episode"], c["q"].numpy().copy()
     while bar.steps < cfg.total_steps:
         eps = linear_schedule(cfg.eps_start, cfg.eps_end, 1.0, episode / cfg.eps_decay_episodes)
         s, _ = env.reset(seed=cfg.seed + episode)
@@ -36,6 +43,9 @@ def train_q_learning(cfg: GymConfig, spec: dict, run, progress: bool):
             s, total, length, done = s2, total + float(r), length + 1, terminated or truncated
         episode += 1
         bar.advance(length, [(total, length)], lambda: {"charts/epsilon": eps})
+        saver.maybe(bar.steps, counters)
+    if bar.steps and saver.every:
+        saver.final(bar.steps, counters)
     bar.close()
     env.close()
     table.q.copy_(torch.from_numpy(q))
