@@ -12,7 +12,7 @@ def test_recipe_overrides_defaults(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("algo: grpo\nsteps: 7\nlr: 1e-3\n")
     cfg = load_recipe(str(p), ["group_size=4", "clip_high=0.28", "rewards=[arith_correct, {arith_format: 0.5}]"])
-    assert (cfg.steps, cfg.lr, cfg.group_size, cfg.clip_high) == (7, 1e-3, 4, 0.28)
+    assert (cfg.steps, cfg.lr, cfg.group_size, cfg.clip_range_high) == (7, 1e-3, 4, 0.28)
     assert cfg.rewards == ["arith_correct", {"arith_format": 0.5}]
     assert cfg.beta == LMConfig().beta
 

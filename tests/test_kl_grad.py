@@ -224,8 +224,8 @@ def trainer_loss(cfg, logp, adv, mask, old_logp, ref_logp, denom):
     return policy_loss(
         logp, adv, mask, old_logp=old_logp,
         ref_logp=ref_logp, objective="clip", kl_penalty_coef=0.0,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
+        clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)[0]
 
 
@@ -317,8 +317,8 @@ def reward_path_grad(cfg, theta, ref):
     weight = (logp.detach() * mask).sum(1).exp()                      # pi(completion)
     loss, _ = policy_loss(
         logp, adv * weight, mask, old_logp=None, ref_logp=ref_logp, objective="reinforce",
-        kl_penalty_coef=0.0, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
+        kl_penalty_coef=0.0, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
     return torch.autograd.grad(loss, th)[0]
 
