@@ -173,20 +173,21 @@ KL_REFUSED = {
                        "kl_placement: loss",
 }
 
-# old recipe key -> its new key, per family (the module docstring's table). A function maps an
-# old key whose new key or value depends on the recipe: (old value, recipe values) -> (key, value,
-# whether the value was converted).
+# old recipe key -> its new key, per family (the module docstring's table); (new key, note) adds a
+# note to the hint. A function maps an old key whose new key or value depends on the recipe:
+# (old value, recipe values) -> (new key, new value, note).
 RENAMED: dict[str, dict] = {
     "LMConfig": {
         "clip_low": "clip_range", "clip_high": "clip_range_high", "value_clip": "clip_range_value",
         "lam": "gae_lambda", "whiten_advantages": "norm_adv",
         # beta was the KL(pi || ref) coefficient, and a reward model's log-ratio scale
-        "beta": lambda v, values: ("rm_beta" if values.get("algo") == "reward_model" else "kl_coef", v, False),
+        "beta": lambda v, values: ("rm_beta" if values.get("algo") == "reward_model" else "kl_coef", v, ""),
     },
     "GymConfig": {
         "clip_vloss": "clip_range_value",
-        "kl_coef": "penalty_coef",  # the gym's kl_coef was the PPO-paper penalty, not KL to a reference
-        "minibatch_size": lambda v, values: ("minibatches", minibatches_from_size(v, values), True),
+        "kl_coef": ("penalty_coef", "; kl_coef was the PPO-paper penalty here, and names the KL-to-reference "
+                    "coefficient of LM recipes"),
+        "minibatch_size": lambda v, values: ("minibatches", minibatches_from_size(v, values), "converted"),
     },
 }
 
@@ -201,11 +202,15 @@ def rename_deprecated(cls, values: dict) -> dict:
             out[key] = value
             continue
         rule = renamed[key]
-        new, new_value, converted = rule(value, values) if callable(rule) else (rule, value, False)
+        if callable(rule):
+            new, new_value, note = rule(value, values)
+        else:
+            (new, note), new_value = (rule, "") if isinstance(rule, str) else rule, value
         if new in values:
             raise UserError(f"recipe keys {key!r} and {new!r} are the same setting ({key!r} is its old "
                             f"name); keep only {new!r}")
-        same = f": {new}={new_value!r} makes the same minibatches here" if converted else ", the same setting"
+        same = f": {new}={new_value!r} makes the same minibatches here" if note == "converted" else \
+            f", the same setting{note}"
         log.warning(f"recipe key {key!r} is deprecated: use {new!r}{same}")
         out[new] = new_value
     return out

@@ -108,8 +108,10 @@ def test_old_key_maps_to_its_family_concept_with_one_line_hint(old, new, value, 
     with caplog.at_level("WARNING", logger="rlhf.config"):
         cfg = load_recipe(None, base + [f"{old}={value}"])
     assert getattr(cfg, new) == value
+    note = ("; kl_coef was the PPO-paper penalty here, and names the KL-to-reference coefficient of LM recipes"
+            if old == "kl_coef" else "")
     assert [r.getMessage() for r in caplog.records] == [
-        f"recipe key {old!r} is deprecated: use {new!r}, the same setting"]
+        f"recipe key {old!r} is deprecated: use {new!r}, the same setting{note}"]
     fresh = load_recipe(None, base + [f"{new}={value}"])
     assert to_dict(fresh) == to_dict(cfg)
 

@@ -54,7 +54,7 @@ class GymConfig:
     target_kl: float = 0.01              # adaptive-KL target (ppo), KL radius (trpo)
     ent_coef: float = 0.0                # entropy bonus
     vf_coef: float = 0.5                 # value-loss weight
-    norm_adv: bool = True                # whiten advantages per minibatch (trpo: per rollout)
+    norm_adv: bool = True                # whiten advantages per minibatch (reinforce, a2c, trpo: per rollout)
     log_std_init: float = 0.0            # Gaussian policies: initial state-independent log-std
     cg_iters: int = 10                   # trpo: conjugate-gradient iterations
     cg_damping: float = 0.1              # trpo: Fisher damping
