@@ -194,7 +194,7 @@ RENAMED: dict[str, dict] = {
 
 def rename_deprecated(cls, values: dict) -> dict:
     """``values`` with each old key of ``cls``'s family replaced by its new key, one logged line
-    per old key; an old key given beside its new key is refused (two values for one knob)."""
+    per old key; of an old key and its new key both given, the later one counts."""
     renamed = RENAMED.get(cls.__name__, {})
     out = {}
     for key, value in values.items():
@@ -206,9 +206,13 @@ def rename_deprecated(cls, values: dict) -> dict:
             new, new_value, note = rule(value, values)
         else:
             (new, note), new_value = (rule, "") if isinstance(rule, str) else rule, value
-        if new in values:
-            raise UserError(f"recipe keys {key!r} and {new!r} are the same setting ({key!r} is its old "
-                            f"name); keep only {new!r}")
+        if new in values:  # the later one wins, as a repeated --set does (an override comes after the file)
+            order = list(values)
+            later = key if order.index(key) > order.index(new) else new
+            log.warning(f"recipe keys {key!r} and {new!r} are the same setting ({key!r} is its old name); "
+                        f"the later, {later!r}, is used")
+            if later == new:
+                continue
         same = f": {new}={new_value!r} makes the same minibatches here" if note == "converted" else \
             f", the same setting{note}"
         log.warning(f"recipe key {key!r} is deprecated: use {new!r}{same}")
