@@ -44,7 +44,7 @@ def run_ours(steps: int, seed: int, dtype: str) -> dict:
             "algo=grpo", f"steps={steps}", f"seed={seed}", f"dtype={dtype}", "save_every=0",
             f"prompts_per_step={WORK['prompts']}", f"group_size={WORK['group']}",
             f"max_new_tokens={WORK['max_new_tokens']}", f"temperature={WORK['temperature']}",
-            f"beta={WORK['beta']}", "kl_estimator=k3",  # TRL's default KL (no bias correction)
+            f"kl_coef={WORK['beta']}", "kl_estimator=k3",  # TRL's default KL (no bias correction)
             f"lr={WORK['lr']}", f"lora_r={WORK['lora_r']}",
             f"lora_alpha={WORK['lora_alpha']}", "rewards=[arith_correct]", f"out_dir={tmp}"])
         run = Run(cfg, run_dir=f"{tmp}/run")

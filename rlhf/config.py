@@ -1,11 +1,36 @@
 """Typed recipe configs. A recipe is YAML that only overrides these defaults.
 
     rlhf train recipes/grpo_arith.yaml --set lr=1e-4 --set steps=50
+
+Each key is documented once, by the comment on its field (``LMConfig`` below, ``GymConfig`` in
+rlhf/gym/config.py). A concept both families have has one name in both, chosen for what a
+TRL / CleanRL / SB3 user already knows. The old names still load (recipes, ``--set``, the
+``recipe.yaml`` of older runs) with a one-line deprecation hint naming the new key; an old name
+maps to its own family's concept (``RENAMED``), never to a different concept of the same name:
+
+    concept                               name              old names (family)
+    clip epsilon of the ratio (below 1)   clip_range        clip_low (LM); gym already clip_range
+    clip epsilon above 1 (DAPO)           clip_range_high   clip_high (LM)
+    value clipping epsilon                clip_range_value  value_clip (LM), clip_vloss (gym)
+    GAE lambda                            gae_lambda        lam (LM)
+    advantage whitening                   norm_adv          whiten_advantages (LM)
+    minibatches per epoch (a count)       minibatches       minibatch_size (gym, a size: converted
+                                                            to n_steps * n_envs / size, refused if
+                                                            that is not a whole number)
+    PPO-paper KL penalty beta             penalty_coef      kl_coef (gym)
+    KL(pi || ref) coefficient             kl_coef           beta (LM, algos other than reward_model)
+    reward-model log-ratio scale          rm_beta           beta (LM, algo reward_model)
+
+``minibatches`` is a count because an LM minibatch holds whole groups; a gym minibatch holds
+n_steps * n_envs / minibatches rows, which is the old ``minibatch_size`` exactly whenever that
+divided the batch (every shipped recipe). TRL's ``kl_coef`` / ``beta`` mean ``kl_coef`` here
+(``ALIASES``).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,8 +39,10 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import UserError, check_choices, check_positive
-from rlhf.gym.config import GymConfig
+from rlhf.gym.config import GymConfig, minibatches_from_size
 from rlhf.validation import check_ranges
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,29 +92,29 @@ class LMConfig:
     max_grad_norm: float = 1.0           # gradient clipping (0 disables)
     epochs: int = 1                      # update epochs per rollout (>1 needs a ratio objective: not reinforce)
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
-    beta: float = 0.04                   # KL(pi || ref) coefficient; 0 skips the reference pass
+    kl_coef: float = 0.04                # KL(pi || ref) coefficient; 0 skips the reference pass (TRL's beta)
     kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
                                          # Gradients: loss k2, k3+ -> KL(pi||ref); loss k3 -> KL(ref||pi)
                                          # (GRPO paper); reward k1 -> KL(pi||ref). Other pairs are
                                          # refused (KL_REFUSED below; rlhf.core.objectives.kl_estimate)
-    kl_placement: str = "loss"           # loss: beta * KL term in the loss (GRPO); reward: -beta * KL
+    kl_placement: str = "loss"           # loss: kl_coef * KL term in the loss (GRPO); reward: -kl_coef * KL
                                          # folded into the reward (InstructGPT; per token for ppo)
     critic: str = "shared"               # ppo: shared (value head on the policy's LoRA trunk) | separate
                                          # (its own LoRA adapter on a second copy of the base model)
     vf_coef: float = 0.1                 # ppo: weight of the value loss
-    value_clip: float | None = 0.2       # ppo: clip value updates to +-this around the rollout's values
+    clip_range_value: float | None = 0.2 # ppo: clip value updates to +-this around the rollout's values
     gamma: float = 1.0                   # ppo: discount over tokens
-    lam: float = 0.95                    # ppo: GAE lambda
-    whiten_advantages: bool = True       # ppo: normalise token advantages over the batch
+    gae_lambda: float = 0.95             # ppo: GAE lambda
+    norm_adv: bool = True                # ppo: whiten token advantages over the batch
     objective: str = "clip"              # surrogate (PPO paper): clip | kl_penalty (fixed penalty_coef)
                                          # | adaptive_kl (penalty_coef halves/doubles around target_kl)
                                          # | none (unclipped ratio); all but clip need epochs x minibatches
                                          # > 1 (one step: ratio 1). algo reinforce uses plain REINFORCE
-    penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: beta on KL(pi_old || pi)
+    penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: (initial) coefficient of KL(pi_old || pi)
     target_kl: float = 0.01              # adaptive_kl: the KL(pi_old || pi) per token after the update that
                                          # the controller steers to (logged: kl_after_update)
-    clip_low: float = 0.2                # PPO clip epsilon below 1
-    clip_high: float | None = None       # epsilon above 1 (None: = clip_low; DAPO uses 0.28)
+    clip_range: float = 0.2              # PPO clip epsilon: the ratio is clipped below at 1 - clip_range
+    clip_range_high: float | None = None # epsilon above 1 (None: = clip_range; DAPO uses 0.28)
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
     scale_rewards: str = "group"         # group | batch | none (std used in group advantages)
     mask_truncated: bool = False         # drop completions that hit max_new_tokens from the loss
@@ -99,8 +126,9 @@ class LMConfig:
     disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
-    rm_head: str = "log_ratio"           # reward_model: log_ratio (beta * sum of log p_rm - log p_base over
+    rm_head: str = "log_ratio"           # reward_model: log_ratio (rm_beta * sum of log p_rm - log p_base over
                                          # the completion) | classifier (score head on the last token)
+    rm_beta: float = 0.04                # reward_model, rm_head log_ratio: scale of the reward (DPO's beta)
     eval_problems: int = 200             # held-out prompts scored by `rlhf eval`
     eval_seed: int = 12345               # seed of the held-out prompts
     eval_batch: int = 50                 # prompts per greedy generation batch in eval
@@ -189,10 +217,59 @@ KL_REFUSED = {
                        "kl_placement: loss",
 }
 
+# old recipe key -> its new key, per family (the module docstring's table); (new key, note) adds a
+# note to the hint. A function maps an old key whose new key or value depends on the recipe:
+# (old value, recipe values) -> (new key, new value, note).
+RENAMED: dict[str, dict] = {
+    "LMConfig": {
+        "clip_low": "clip_range", "clip_high": "clip_range_high", "value_clip": "clip_range_value",
+        "lam": "gae_lambda", "whiten_advantages": "norm_adv",
+        # beta was the KL(pi || ref) coefficient, and a reward model's log-ratio scale
+        "beta": lambda v, values: ("rm_beta" if values.get("algo") == "reward_model" else "kl_coef", v, ""),
+    },
+    "GymConfig": {
+        "clip_vloss": "clip_range_value",
+        "kl_coef": ("penalty_coef", "; kl_coef was the PPO-paper penalty here, and names the KL-to-reference "
+                    "coefficient of LM recipes"),
+        "minibatch_size": lambda v, values: ("minibatches", minibatches_from_size(v, values), "converted"),
+    },
+}
+
+
+def rename_deprecated(cls, values: dict) -> dict:
+    """``values`` with each old key of ``cls``'s family replaced by its new key, one logged line
+    per old key; of an old key and its new key both given, the later one counts."""
+    renamed = RENAMED.get(cls.__name__, {})
+    out = {}
+    for key, value in values.items():
+        if key not in renamed:
+            out[key] = value
+            continue
+        rule = renamed[key]
+        if callable(rule):
+            new, new_value, note = rule(value, values)
+        else:
+            (new, note), new_value = (rule, "") if isinstance(rule, str) else rule, value
+        if new in values:  # the later one wins, as a repeated --set does (an override comes after the file)
+            order = list(values)
+            later = key if order.index(key) > order.index(new) else new
+            log.warning(f"recipe keys {key!r} and {new!r} are the same setting ({key!r} is its old name); "
+                        f"the later, {later!r}, is used")
+            if later == new:
+                continue
+        same = f": {new}={new_value!r} makes the same minibatches here" if note == "converted" else \
+            f", the same setting{note}"
+        log.warning(f"recipe key {key!r} is deprecated: use {new!r}{same}")
+        out[new] = new_value
+    return out
+
+
 # names users bring from TRL / other toolkits -> ours, for "did you mean" hints: true
 # equivalents only (following a hint must not change the algorithm)
-ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "kl_coef": "beta",
-           "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "epochs",
+ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "beta": "kl_coef",
+           "epsilon": "clip_range", "epsilon_high": "clip_range_high", "num_iterations": "epochs",
+           "cliprange": "clip_range", "cliprange_value": "clip_range_value", "lam": "gae_lambda",
+           "clip_coef": "clip_range", "num_minibatches": "minibatches",
            "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
            "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
            "dataset_name": "task", "dataset_config": "task_config", "dataset_train_split": "task_split",
@@ -247,10 +324,12 @@ def config_class(values: dict) -> type:
         valid = sorted({a for c in families for a in c.choices["algo"]})
         raise UserError(f"unknown algo {algo!r}; valid: {', '.join(valid)}")
     # most keys in common wins (ties: the first family), so a typo still finds its family
-    return max(classes, key=lambda c: len(set(values) & {f.name for f in dataclasses.fields(c)}))
+    return max(classes, key=lambda c: len(set(values) & ({f.name for f in dataclasses.fields(c)}
+                                                         | set(RENAMED.get(c.__name__, {})))))
 
 
 def build(cls, values: dict):
+    values = rename_deprecated(cls, values)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -62,8 +62,8 @@ def _launch_two(args: list[str], config: str = "ddp_2proc") -> subprocess.Comple
     return proc
 
 
-GRPO = ("grpo", ["epochs=2", "beta=0.04"])                         # clipped ratio, k3 KL in the loss
-PPO = ("ppo", ["beta=0.04", "kl_placement=reward", "kl_estimator=k1",  # the reward's KL (k3 is refused there)
+GRPO = ("grpo", ["epochs=2", "kl_coef=0.04"])                         # clipped ratio, k3 KL in the loss
+PPO = ("ppo", ["kl_coef=0.04", "kl_placement=reward", "kl_estimator=k1",  # the reward's KL (k3 is refused there)
                "epochs=2"])                                         # value head, GAE, whitening over ranks
 SHARDED = {"fsdp2_2proc", "zero3_2proc"}  # each rank holds half of every weight
 

@@ -224,8 +224,8 @@ def trainer_loss(cfg, logp, adv, mask, old_logp, ref_logp, denom):
     return policy_loss(
         logp, adv, mask, old_logp=old_logp,
         ref_logp=ref_logp, objective="clip", kl_penalty_coef=0.0,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
+        clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)[0]
 
 
@@ -259,7 +259,7 @@ def gym_layout(logp, old, ref):
 
 
 def token_brute(theta, ref, direction):
-    """grad of beta * sum over valid positions of KL_bt / n_tokens: the loss's exact target."""
+    """grad of kl_coef * sum over valid positions of KL_bt / n_tokens: the loss's exact target."""
     def f(t):
         k = kl(t, ref) if direction == "forward" else kl(ref, t)
         return 0.04 * (k * MASK).sum() / MASK.sum()
@@ -269,7 +269,7 @@ def token_brute(theta, ref, direction):
 @pytest.mark.parametrize("off_policy", [False, True])
 @pytest.mark.parametrize("estimator", ["k2", "k3+", "k3", None])
 def test_kl_grad_token_path_loss_placement(estimator, off_policy):
-    cfg = load_recipe(None, ["beta=0.04"] + ([f"kl_estimator={estimator}"] if estimator else []))
+    cfg = load_recipe(None, ["kl_coef=0.04"] + ([f"kl_estimator={estimator}"] if estimator else []))
     theta, ref, old = token_problem()
     g = expected_token_grad(cfg, theta, ref, old if off_policy else None, token_layout)
     # padded positions get no gradient at all
@@ -284,7 +284,7 @@ def test_kl_grad_token_path_loss_placement(estimator, off_policy):
 
 
 def test_kl_grad_token_path_refused_k1_in_the_loss_is_zero():
-    cfg = load_recipe(None, ["beta=0.04"])
+    cfg = load_recipe(None, ["kl_coef=0.04"])
     cfg.kl_estimator = "k1"  # what the config refuses; the core still computes it
     theta, ref, _ = token_problem()
     close(expected_token_grad(cfg, theta, ref, None, token_layout), torch.zeros_like(theta))
@@ -317,19 +317,19 @@ def reward_path_grad(cfg, theta, ref):
     weight = (logp.detach() * mask).sum(1).exp()                      # pi(completion)
     loss, _ = policy_loss(
         logp, adv * weight, mask, old_logp=None, ref_logp=ref_logp, objective="reinforce",
-        kl_penalty_coef=0.0, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-        kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
+        kl_penalty_coef=0.0, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
     return torch.autograd.grad(loss, th)[0]
 
 
 def reward_brute(theta, ref):
-    """grad of beta * sum over prompts and valid positions of KL(pi_pt || ref_pt)."""
+    """grad of kl_coef * sum over prompts and valid positions of KL(pi_pt || ref_pt)."""
     return grad_of(lambda t: 0.04 * (kl(t, ref) * MASK[:t.shape[0]]).sum(), theta)
 
 
 def test_kl_grad_token_path_reward_placement_k1_is_exact():
-    cfg = load_recipe(None, ["algo=reinforce", "group_size=1", "beta=0.04", "kl_placement=reward"])
+    cfg = load_recipe(None, ["algo=reinforce", "group_size=1", "kl_coef=0.04", "kl_placement=reward"])
     assert cfg.kl_estimator == "k1"
     theta, ref, _ = token_problem()
     theta, ref = theta[:2, :, :3], ref[:2, :, :3]  # 2 prompts (lengths 4 and 2), 3 tokens each

@@ -27,19 +27,19 @@ def test_ppo_puts_the_sequence_reward_on_the_last_token_and_runs_gae():
     r = roll_of([[1, 1, 1], [1, 0, 0]])
     passes = RolloutPass(ref_logp=None, old_logp=None, old_values=torch.zeros(2, 3))
     adv, ret, _ = advantages(torch.tensor([1.0, 0.0]), r, passes,
-                          cfg("algo=ppo", "lam=0.5", "whiten_advantages=false", "beta=0"), Baseline())
+                          cfg("algo=ppo", "gae_lambda=0.5", "norm_adv=false", "kl_coef=0"), Baseline())
     # deltas row 0 = [0, 0, 1] -> A = [0.25, 0.5, 1]; row 1 = [0]
     torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5, 1.0], [0.0, 0.0, 0.0]]))
     torch.testing.assert_close(ret, adv)
 
 
 def test_ppo_kl_in_reward_is_per_token():
-    # one row of 2 tokens; k1 KL per token = logp - ref = [0.5, 0.25]; beta 0.1
+    # one row of 2 tokens; k1 KL per token = logp - ref = [0.5, 0.25]; kl_coef 0.1
     r = roll_of([[1, 1]])
     passes = RolloutPass(ref_logp=torch.tensor([[-1.5, -1.25]]), old_logp=torch.tensor([[-1.0, -1.0]]),
                          old_values=torch.zeros(1, 2))
     adv, _, _ = advantages(torch.tensor([1.0]), r, passes,
-                        cfg("algo=ppo", "lam=1", "whiten_advantages=false", "beta=0.1",
+                        cfg("algo=ppo", "gae_lambda=1", "norm_adv=false", "kl_coef=0.1",
                             "kl_estimator=k1", "kl_placement=reward"), Baseline())
     # token rewards [-0.05, 1 - 0.025]; gamma = lam = 1: A0 = -0.05 + 0.975, A1 = 0.975
     torch.testing.assert_close(adv, torch.tensor([[0.925, 0.975]]))
@@ -48,7 +48,7 @@ def test_ppo_kl_in_reward_is_per_token():
 def test_grpo_kl_in_reward_subtracts_sequence_kl_before_normalising():
     r = roll_of([[1, 1], [1, 0]], logp=torch.tensor([[-1.0, -1.0], [-1.0, 0.0]]))
     passes = RolloutPass(ref_logp=torch.tensor([[-2.0, -1.0], [-1.0, 0.0]]), old_logp=None, old_values=None)
-    c = cfg("algo=grpo", "group_size=2", "beta=0.5", "kl_estimator=k1", "kl_placement=reward",
+    c = cfg("algo=grpo", "group_size=2", "kl_coef=0.5", "kl_estimator=k1", "kl_placement=reward",
             "scale_rewards=none")
     adv, ret, _ = advantages(torch.tensor([1.0, 1.0]), r, passes, c, Baseline())
     # sequence KL (k1) = [1, 0] -> rewards [0.5, 1.0] -> centred [-0.25, 0.25]

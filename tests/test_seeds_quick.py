@@ -116,7 +116,7 @@ def test_ppo_surrogates_quick_runs_all_eleven_settings(tmp_path):
         for key, value in over.items():
             assert recipe[key] == value, (row["setting"], key)
         if over["objective"] == "kl_penalty":  # a fixed beta stays put (no clipping: beta 0)
-            assert row["final_kl_beta"] == over["kl_coef"]
+            assert row["final_kl_beta"] == over["penalty_coef"]
         if over["objective"] == "adaptive_kl":  # the controller only halves or doubles beta = 1
             assert math.log2(row["final_kl_beta"]) == round(math.log2(row["final_kl_beta"]))
     assert res["spearman_vs_paper"] is None or -1.0 <= res["spearman_vs_paper"] <= 1.0
@@ -159,5 +159,5 @@ def test_paper_mujoco_recipe_loads_with_the_papers_settings():
     from rlhf.config import load_recipe
 
     cfg = load_recipe(str(ROOT / "recipes" / "ppo_mujoco.yaml"))
-    assert (cfg.algo, cfg.n_envs, cfg.n_steps, cfg.epochs, cfg.minibatch_size) == ("ppo", 1, 2048, 10, 64)
+    assert (cfg.algo, cfg.n_envs, cfg.n_steps, cfg.epochs, cfg.minibatches) == ("ppo", 1, 2048, 10, 32)
     assert (cfg.lr, cfg.gamma, cfg.gae_lambda, cfg.ent_coef, cfg.max_grad_norm) == (3e-4, 0.99, 0.95, 0.0, 0.0)

@@ -26,13 +26,13 @@ def test_kl_ratio_objectives_with_one_update_step_are_refused(algo, objective):
 def test_gym_kl_objectives_with_one_update_step_are_refused(objective):
     base = ["env=CartPole-v1", "algo=ppo", f"objective={objective}", "n_envs=2", "n_steps=64"]
     with pytest.raises(UserError, match=rf"objective {objective} with one optimiser step per rollout.*"
-                                        r"set epochs > 1 or minibatch_size < n_steps x n_envs"):
-        load_recipe(None, base + ["epochs=1", "minibatch_size=128"])
-    with pytest.raises(UserError, match="one optimiser step per rollout"):  # the minibatch is capped at n
+                                        r"set epochs or minibatches > 1"):
+        load_recipe(None, base + ["epochs=1", "minibatches=1"])
+    with pytest.raises(UserError, match="one optimiser step per rollout"):  # the deprecated size, capped at n
         load_recipe(None, base + ["epochs=1", "minibatch_size=1000"])
-    assert load_recipe(None, base + ["epochs=2", "minibatch_size=128"]).ppo_steps_per_rollout() == 2
-    assert load_recipe(None, base + ["epochs=1", "minibatch_size=64"]).ppo_steps_per_rollout() == 2
-    assert load_recipe(None, base[:2] + ["n_envs=2", "n_steps=64", "epochs=1", "minibatch_size=128"]).epochs == 1
+    assert load_recipe(None, base + ["epochs=2", "minibatches=1"]).ppo_steps_per_rollout() == 2
+    assert load_recipe(None, base + ["epochs=1", "minibatches=2"]).ppo_steps_per_rollout() == 2
+    assert load_recipe(None, base[:2] + ["n_envs=2", "n_steps=64", "epochs=1", "minibatches=1"]).epochs == 1
 
 
 @pytest.mark.parametrize("items", [["epochs=2"], ["minibatches=2"], ["epochs=3", "minibatches=2"]])
@@ -192,8 +192,8 @@ def test_gym_adaptive_kl_controller_is_fed_the_kl_after_the_update(monkeypatch):
 
     torch.manual_seed(0)
     n = 32  # 2 minibatches of 16, one epoch: the first minibatch's pre-step KL is exactly 0
-    cfg = GymConfig(algo="ppo", objective="adaptive_kl", epochs=1, minibatch_size=16, n_steps=16, n_envs=2,
-                    lr=0.05, target_kl=0.01, kl_coef=1.0)
+    cfg = GymConfig(algo="ppo", objective="adaptive_kl", epochs=1, minibatches=2, n_steps=16, n_envs=2,
+                    lr=0.05, target_kl=0.01, penalty_coef=1.0)
     cfg.validate()
     policy = ActorCritic(4, 3, discrete=True)
     obs, actions = torch.randn(n, 4), torch.randint(0, 3, (n,))
@@ -211,7 +211,7 @@ def test_gym_adaptive_kl_controller_is_fed_the_kl_after_the_update(monkeypatch):
     # the same float32 sum over 32 rows by two code paths: a few ulps of the value
     assert fed == [pytest.approx(expected, rel=1e-5)]
     assert float(stats["kl_after_update"]) == pytest.approx(expected, rel=1e-5)
-    assert float(stats["kl_beta"]) == real(1.0, expected, 0.01)
+    assert float(stats["penalty_coef"]) == real(1.0, expected, 0.01)
     # what the controller used to be fed: the mean of the pre-step KLs, the first one 0
     assert float(stats["approx_kl"]) != pytest.approx(expected, rel=1e-2)
 

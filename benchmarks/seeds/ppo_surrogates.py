@@ -34,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # (label, the paper's average normalised score, overrides of the gym PPO config)
 SETTINGS = [
-    ("no clipping or penalty", -0.39, {"objective": "kl_penalty", "kl_coef": 0.0}),
+    ("no clipping or penalty", -0.39, {"objective": "kl_penalty", "penalty_coef": 0.0}),
     ("clip eps=0.1", 0.76, {"objective": "clip", "clip_range": 0.1}),
     ("clip eps=0.2", 0.82, {"objective": "clip", "clip_range": 0.2}),
     ("clip eps=0.3", 0.70, {"objective": "clip", "clip_range": 0.3}),
-    ("adaptive KL d_targ=0.003", 0.68, {"objective": "adaptive_kl", "target_kl": 0.003, "kl_coef": 1.0}),
-    ("adaptive KL d_targ=0.01", 0.74, {"objective": "adaptive_kl", "target_kl": 0.01, "kl_coef": 1.0}),
-    ("adaptive KL d_targ=0.03", 0.71, {"objective": "adaptive_kl", "target_kl": 0.03, "kl_coef": 1.0}),
-    ("fixed KL beta=0.3", 0.62, {"objective": "kl_penalty", "kl_coef": 0.3}),
-    ("fixed KL beta=1", 0.71, {"objective": "kl_penalty", "kl_coef": 1.0}),
-    ("fixed KL beta=3", 0.72, {"objective": "kl_penalty", "kl_coef": 3.0}),
-    ("fixed KL beta=10", 0.69, {"objective": "kl_penalty", "kl_coef": 10.0}),
+    ("adaptive KL d_targ=0.003", 0.68, {"objective": "adaptive_kl", "target_kl": 0.003, "penalty_coef": 1.0}),
+    ("adaptive KL d_targ=0.01", 0.74, {"objective": "adaptive_kl", "target_kl": 0.01, "penalty_coef": 1.0}),
+    ("adaptive KL d_targ=0.03", 0.71, {"objective": "adaptive_kl", "target_kl": 0.03, "penalty_coef": 1.0}),
+    ("fixed KL beta=0.3", 0.62, {"objective": "kl_penalty", "penalty_coef": 0.3}),
+    ("fixed KL beta=1", 0.71, {"objective": "kl_penalty", "penalty_coef": 1.0}),
+    ("fixed KL beta=3", 0.72, {"objective": "kl_penalty", "penalty_coef": 3.0}),
+    ("fixed KL beta=10", 0.69, {"objective": "kl_penalty", "penalty_coef": 10.0}),
 ]
 
 # env -> (recipe, overrides, env steps per run in the full mode). The budgets are what a 2-core
@@ -80,7 +80,7 @@ def one_run(job: dict) -> dict:
     run = Run(cfg, recipe, str(Path(job["runs_dir"]) / name))
     result = get_trainer(cfg)(cfg, run, progress=False)
     curve = [[r["step"], r["return"]] for r in run.history if "return" in r]
-    betas = [r["kl_beta"] for r in run.history if "kl_beta" in r]
+    betas = [r["penalty_coef"] for r in run.history if "penalty_coef" in r]
     kls = [r["approx_kl"] for r in run.history if "approx_kl" in r]
     return {"env": job["env"], "setting": label, "seed": job["seed"], "steps": result["steps"],
             "score": result["train_return"], "eval_return": result["eval_mean_return"],

@@ -44,17 +44,18 @@ class GymConfig:
     n_steps: int = 128                   # rollout length per env between updates
     gae_lambda: float = 0.95             # GAE lambda (reinforce uses Monte-Carlo returns)
     epochs: int = 4                      # update epochs per rollout (ppo)
-    minibatch_size: int = 256            # samples per optimiser step (ppo, trpo critic)
+    minibatches: int = 4                 # optimiser steps per epoch (ppo, trpo critic), each on
+                                         # n_steps * n_envs / minibatches rows; must divide that
     objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl (the last two need
                                          # more than one optimiser step per rollout)
     clip_range: float = 0.2              # ppo clip epsilon
     clip_schedule: str = "constant"      # constant | linear (clip epsilon decays with lr)
-    clip_vloss: float | None = None      # value clipping epsilon (None: no value clipping)
-    kl_coef: float = 1.0                 # initial beta of the KL-penalty surrogates
+    clip_range_value: float | None = None  # value clipping epsilon (None: no value clipping)
+    penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: (initial) coefficient of KL(pi_old || pi)
     target_kl: float = 0.01              # adaptive-KL target (ppo), KL radius (trpo)
     ent_coef: float = 0.0                # entropy bonus
     vf_coef: float = 0.5                 # value-loss weight
-    norm_adv: bool = True                # whiten advantages per minibatch
+    norm_adv: bool = True                # whiten advantages per minibatch (reinforce, a2c, trpo: per rollout)
     log_std_init: float = 0.0            # Gaussian policies: initial state-independent log-std
     cg_iters: int = 10                   # trpo: conjugate-gradient iterations
     cg_damping: float = 0.1              # trpo: Fisher damping
@@ -106,15 +107,35 @@ class GymConfig:
         check_choices(self)
         if self.algo == "ppo" and self.objective != "clip" and self.ppo_steps_per_rollout() == 1:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs="
-                            f"{self.epochs}, minibatch_size={self.minibatch_size} >= n_steps x n_envs = "
-                            f"{self.n_steps * self.n_envs}) is plain policy gradient: the ratio is 1 and the "
-                            "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs > 1 or "
-                            "minibatch_size < n_steps x n_envs (or objective: clip)")
+                            f"{self.epochs}, minibatches={self.minibatches}) is plain policy gradient: the ratio is 1 and the "
+                            "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs or "
+                            "minibatches > 1 (or objective: clip)")
+        if self.algo in ("ppo", "trpo") and (self.n_steps * self.n_envs) % self.minibatches:
+            raise UserError(f"minibatches={self.minibatches} must divide n_steps * n_envs = "
+                            f"{self.n_steps * self.n_envs} (the rows of a rollout)")
         if self.algo == "sac" and self.norm_obs:
             raise UserError("norm_obs is not supported by sac (its twin critics read raw observations); "
                             "remove norm_obs from the recipe, or use algo ppo")
 
     def ppo_steps_per_rollout(self) -> int:
-        """Optimiser steps ppo makes per rollout: epochs x whole minibatches (the remainder is dropped)."""
-        n = self.n_steps * self.n_envs
-        return self.epochs * (n // min(self.minibatch_size, n))
+        """Optimiser steps ppo makes per rollout: epochs x minibatches."""
+        return self.epochs * self.minibatches
+
+
+def minibatches_from_size(size, values: dict) -> int:
+    """The minibatch count that reproduces the old ``minibatch_size`` key exactly: the old loop
+    made min(size, N) row minibatches of a rollout of N = n_steps * n_envs rows, dropping N % size."""
+    steps, envs = values.get("n_steps", GymConfig.n_steps), values.get("n_envs", GymConfig.n_envs)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"minibatch_size must be a count >= 1 (got {size!r}); it is deprecated: set "
+                        "minibatches (optimiser steps per epoch) instead")
+    if not all(isinstance(x, int) and x >= 1 for x in (steps, envs)):
+        return GymConfig.minibatches  # n_steps / n_envs are refused by name when the config is built
+    n = steps * envs
+    if values.get("algo", GymConfig.algo) not in ("ppo", "trpo") and n % min(size, n):
+        return GymConfig.minibatches  # the other algorithms never read it (an old run's recipe.yaml)
+    if size < n and n % size:
+        raise UserError(f"minibatch_size={size} (deprecated) does not divide n_steps * n_envs = {n}, so "
+                        f"no minibatch count gives the same minibatches; set minibatches (e.g. "
+                        f"{max(1, n // size)}: {n // max(1, n // size)} rows each) instead")
+    return max(1, n // size)

@@ -19,7 +19,7 @@ from rlhf.lm.policy import LMPolicy, Rollout
 @dataclass
 class RolloutPass:
     """What the update compares the trained policy with, computed once per rollout, no grad:
-    ``ref_logp`` the reference's log-probs (None when beta = 0), ``old_logp`` / ``old_values``
+    ``ref_logp`` the reference's log-probs (None when kl_coef = 0), ``old_logp`` / ``old_values``
     the rollout policy's log-probs and values (None when one on-policy step needs neither),
     all [N, C]; ``seconds`` the time the passes took."""
 
@@ -59,12 +59,12 @@ def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = Fa
 
 @torch.no_grad()
 def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
-    """No-grad passes over the rollout: the reference's log-probs (when beta > 0), and the
+    """No-grad passes over the rollout: the reference's log-probs (when kl_coef > 0), and the
     rollout policy's log-probs and values when the update needs them (several optimiser steps
     per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
     t = time.time()
     policy.eval_mode()  # the policy itself (no dropout): these are the ratio's and the KL's denominators
-    ref_logp = policy.logp(roll, adapter=False) if cfg.beta else None
+    ref_logp = policy.logp(roll, adapter=False) if cfg.kl_coef else None
     old_logp = old_values = None
     if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
         out = policy.forward(roll, values=cfg.algo == "ppo")

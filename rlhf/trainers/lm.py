@@ -197,17 +197,17 @@ def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: L
         token_rewards = torch.zeros_like(roll.mask)
         token_rewards[torch.arange(len(roll)), last] = dist.local(rewards)  # sequence reward on its last token
         if kl is not None:
-            token_rewards = token_rewards - cfg.beta * kl
-        adv, ret = gae(token_rewards, passes.old_values, cfg.gamma, cfg.lam, mask=roll.mask)
+            token_rewards = token_rewards - cfg.kl_coef * kl
+        adv, ret = gae(token_rewards, passes.old_values, cfg.gamma, cfg.gae_lambda, mask=roll.mask)
         keep = roll.mask
         if valid is not None:
             keep = roll.mask * dist.local(valid)[:, None].to(roll.mask.dtype)
             adv, ret = adv * keep, torch.where(keep > 0, ret, passes.old_values * roll.mask)
-        if cfg.whiten_advantages:
+        if cfg.norm_adv:
             adv = whiten(adv, keep, reduce=dist.sum)
         return adv, ret, {"explained_variance": explained_variance(passes.old_values, ret, keep, dist.sum)}
     if kl is not None:
-        rewards = rewards - cfg.beta * dist.gather(kl.sum(1))
+        rewards = rewards - cfg.kl_coef * dist.gather(kl.sum(1))
     if cfg.algo == "grpo":
         adv = group_normalize(rewards, cfg.group_size, cfg.scale_rewards, valid=valid)
     elif cfg.algo == "rloo":
@@ -257,11 +257,11 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
             loss, stats = policy_loss(
                 out["logp"], adv[idx], mb_mask, old_logp=old_logp,
                 ref_logp=_pick(passes.ref_logp, idx), objective=objective, kl_penalty_coef=coef,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                kl_coef=cfg.beta if cfg.kl_placement == "loss" else 0.0,
+                clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+                kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
                 kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)
             if ret is not None:  # ppo: the critic's loss on the same tokens and normaliser
-                vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.value_clip)
+                vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
                 stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
                 loss = loss + cfg.vf_coef * stats["vf_loss"]
                 stats["vf_loss"] = stats["vf_loss"].detach()

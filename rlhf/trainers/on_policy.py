@@ -86,7 +86,7 @@ def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScal
                  logp.reshape(-1), values.reshape(-1), flat(adv), flat(ret))
 
 
-def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: float, beta: float,
+def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: float, penalty_coef: float,
                       objective: str, norm_adv: bool, log_entropy: bool = True) -> tuple[Tensor, dict]:
     """policy_loss (shared core) + vf_coef * value loss - ent_coef * entropy on rows ``idx``
     (slice(None) for the whole batch: no gather copies). ``norm_adv`` whitens the rows'
@@ -98,8 +98,8 @@ def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: 
     adv = b.adv[idx]
     adv = whiten(adv) if norm_adv and len(adv) > 1 else adv
     pg, stats = policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[idx][:, None],
-                            objective=objective, clip_low=clip, kl_penalty_coef=beta)
-    vl = value_loss(v, b.ret[idx], b.values[idx], cfg.clip_vloss).mean()
+                            objective=objective, clip_low=clip, kl_penalty_coef=penalty_coef)
+    vl = value_loss(v, b.ret[idx], b.values[idx], cfg.clip_range_value).mean()
     loss = pg + cfg.vf_coef * vl
     stats["value_loss"] = vl.detach()
     if cfg.ent_coef != 0.0:
@@ -121,7 +121,7 @@ def step(opt, loss: Tensor, params, max_grad_norm: float) -> None:
 
 
 class Updater:
-    """Holds the optimiser(s) and per-algorithm state (PPO's adaptive beta)."""
+    """Holds the optimiser(s) and per-algorithm state (PPO's adaptive penalty_coef)."""
 
     def __init__(self, cfg: GymConfig, policy: ActorCritic):
         self.cfg, self.policy = cfg, policy
@@ -133,7 +133,7 @@ class Updater:
             self.opt = torch.optim.RMSprop(self.params, lr=cfg.lr, alpha=0.99, eps=1e-5)
         else:
             self.opt = torch.optim.Adam(self.params, lr=cfg.lr, eps=1e-5, fused=True)  # fused: ~20% faster on CPU
-        self.beta = cfg.kl_coef
+        self.penalty_coef = cfg.penalty_coef
 
     def __call__(self, b: Batch, progress: float) -> dict:
         frac = 1.0 - progress if self.cfg.lr_schedule == "linear" else 1.0
@@ -154,7 +154,7 @@ class Updater:
     def ppo(self, b: Batch, clip: float) -> dict:
         cfg, n = self.cfg, len(b.logp)
         objective = "clip" if cfg.objective == "clip" else "kl_penalty"
-        mb = min(cfg.minibatch_size, n)
+        mb = n // cfg.minibatches  # minibatches divides n (GymConfig.validate)
         full = mb == n  # one minibatch = the whole rollout (rl-zoo's CartPole setting)
         if full and cfg.norm_adv:  # the same rows every epoch: whiten once, not once per epoch
             b = replace(b, adv=whiten(b.adv))
@@ -165,7 +165,7 @@ class Updater:
             for start in starts:
                 idx = slice(None) if full else perm[start:start + mb]
                 last = epoch == cfg.epochs - 1 and start == starts[-1]
-                loss, stats = actor_critic_loss(cfg, self.policy, b, idx, clip, self.beta, objective,
+                loss, stats = actor_critic_loss(cfg, self.policy, b, idx, clip, self.penalty_coef, objective,
                                                 cfg.norm_adv and not full, log_entropy=last)
                 step(self.opt, loss, self.params, cfg.max_grad_norm)
                 kls.append(stats["approx_kl"])
@@ -175,8 +175,8 @@ class Updater:
         stats.update(first)
         if cfg.objective == "adaptive_kl":  # the controller measures the whole update's move
             stats["kl_after_update"] = self.kl_after_update(b)
-            self.beta = adaptive_kl_coef(self.beta, float(stats["kl_after_update"]), cfg.target_kl)
-        stats["kl_beta"] = torch.tensor(self.beta)
+            self.penalty_coef = adaptive_kl_coef(self.penalty_coef, float(stats["kl_after_update"]), cfg.target_kl)
+        stats["penalty_coef"] = torch.tensor(self.penalty_coef)
         return stats
 
     @torch.no_grad()
@@ -231,7 +231,8 @@ class Updater:
         accepted, k = backtracking_line_search(evaluate, full_step, float(-(grad @ full_step)), cfg.target_kl,
                                                cfg.line_search_steps)
         assign(flat0 + accepted if accepted is not None else flat0)
-        n, mb = len(b.ret), min(cfg.minibatch_size, len(b.ret))
+        n = len(b.ret)
+        mb = n // cfg.minibatches
         for _ in range(cfg.critic_updates):
             perm = torch.randperm(n)
             for start in range(0, n - mb + 1, mb):
@@ -259,9 +260,9 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool, resume: boo
     stats: dict = {}
     saver = GymSaver(cfg, run, policy, {"policy": policy, "opt": update.opt, "rng": rng, "env": env,
                                         "scaler": scaler, "progress": bar})
-    counters = lambda: {"beta": update.beta}  # noqa: E731  (PPO's adaptive KL coefficient)
+    counters = lambda: {"penalty_coef": update.penalty_coef}  # noqa: E731  (PPO's adaptive KL coefficient)
     if resume:
-        update.beta = saver.resume()["beta"]
+        update.penalty_coef = saver.resume()["penalty_coef"]
     while bar.steps < cfg.total_steps:
         b = collect(cfg, env, policy, scaler, rng)
         stats = update(b, bar.steps / cfg.total_steps)

@@ -23,13 +23,13 @@ from rlhf.seeding import seed_everything
 
 
 def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) -> dict:
-    """Bradley-Terry training of a reward model on preference pairs; ``cfg.beta`` scales the
+    """Bradley-Terry training of a reward model on preference pairs; ``cfg.rm_beta`` scales the
     log-ratio reward (DPO's beta); the LR decays linearly to 0 (``linear_lr``)."""
-    if cfg.rm_head == "log_ratio" and cfg.beta <= 0:
-        raise UserError(f"a reward model needs beta > 0 (the scale of its log-ratio reward), got {cfg.beta}")
+    if cfg.rm_head == "log_ratio" and cfg.rm_beta <= 0:
+        raise UserError(f"a reward model needs rm_beta > 0 (the scale of its log-ratio reward), got {cfg.rm_beta}")
     seed_everything(cfg.seed, cfg.threads)
     t0 = time.time()
-    rm = RewardModel(cfg.model, cfg.lora_r, cfg.lora_alpha, beta=cfg.beta, trainable=True, head=cfg.rm_head)
+    rm = RewardModel(cfg.model, cfg.lora_r, cfg.lora_alpha, beta=cfg.rm_beta, trainable=True, head=cfg.rm_head)
     train_rows, eval_rows = preference_rows(cfg, rm)  # arith: samples the base policy (a minute or two)
     torch.manual_seed(cfg.seed)
     params = rm.parameters()
