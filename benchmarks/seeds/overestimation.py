@@ -35,6 +35,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -177,18 +178,18 @@ def train_one(job: dict) -> dict:
 
 
 def jobs(args, runs_dir: str) -> list[dict]:
-    out = []
-    for env in args.envs:
-        if env not in RECIPES:
-            raise UserError(f"--envs {env!r} has no state setter; valid: {', '.join(RECIPES)}")
-        steps = args.steps.get(env)
-        for algo, recipe in zip(("dqn", "double_dqn"), RECIPES[env]):
-            for seed in args.seeds:
+    out = []  # seed-major, so a sweep cut short still holds whole seeds of every env and algo
+    for seed in args.seeds:
+        for env in args.envs:
+            if env not in RECIPES:
+                raise UserError(f"--envs {env!r} has no state setter; valid: {', '.join(RECIPES)}")
+            steps = args.steps.get(env)
+            for algo, recipe in zip(("dqn", "double_dqn"), RECIPES[env]):
                 over = [f"total_steps={steps}"] if steps else []
                 if args.quick:
                     over += ["learning_starts=100", "buffer_size=5000"]
                 every = args.probe_every or max(1, (steps or load_recipe(
-                    str(ROOT / "recipes" / f"{recipe}.yaml")).total_steps) // 20)
+                    str(ROOT / "recipes" / f"{recipe}.yaml")).total_steps) // args.probes)
                 out.append({"env": env, "algo": algo, "recipe": recipe, "seed": seed,
                             "double": algo == "double_dqn", "overrides": over, "probe_every": every,
                             "n_states": args.n_states, "window": args.window, "runs_dir": runs_dir})
@@ -261,7 +262,8 @@ def parse(argv=None):
     ap.add_argument("--seeds", nargs="*", type=int, default=None)
     ap.add_argument("--steps", nargs="*", default=[], metavar="ENV=N",
                     help="total_steps per env (default: the recipe's), e.g. Acrobot-v1=50000")
-    ap.add_argument("--probe-every", type=int, default=0, help="env steps between probes (0: total/20)")
+    ap.add_argument("--probe-every", type=int, default=0, help="env steps between probes (0: total/--probes)")
+    ap.add_argument("--probes", type=int, default=20, help="probes per run when --probe-every is 0")
     ap.add_argument("--n-states", type=int, default=None, help="states per probe (default 64, quick 4)")
     ap.add_argument("--window", type=int, default=5000, help="probe states come from the newest N transitions")
     ap.add_argument("--procs", type=int, default=2, help="training runs at once (one torch thread each)")
@@ -295,6 +297,9 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="overest-runs-") as runs_dir:
             todo = jobs(args, runs_dir)
             if args.procs > 1:
+                # a SIGTERM to this process unwinds the pool (terminating its workers) instead of
+                # leaving them orphaned and training on
+                signal.signal(signal.SIGTERM, lambda *_: sys.exit("overestimation: terminated"))
                 with mp.get_context("spawn").Pool(args.procs) as pool:
                     done = pool.imap_unordered(train_one, todo, chunksize=1)
                     for r in done:
