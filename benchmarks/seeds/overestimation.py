@@ -1,6 +1,8 @@
 """Double DQN reduces overestimation (van Hasselt, Guez & Silver 2016; seed 003's slides).
 
-    nice -n 10 python benchmarks/seeds/overestimation.py               # full: 2 envs x 2 algos x 3 seeds
+    nice -n 10 python benchmarks/seeds/overestimation.py               # recipes' budgets: 2 envs x 2 algos x 3 seeds
+    nice -n 10 python benchmarks/seeds/overestimation.py --steps CartPole-v1=20000 Acrobot-v1=10000 \
+        --n-states 32 --probes 15    # what docs/seeds_overestimation.md reports (~10 CPU min)
     python benchmarks/seeds/overestimation.py --quick --out /tmp/o     # smoke test, seconds
 
 During DQN and Double DQN training (recipes ``dqn_cartpole``/``double_dqn_cartpole`` and
@@ -213,7 +215,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| env | algo | seed | final max-Q | final true return | final Q - true | peak Q - true "
-             "| train return (last 100 ep) | CPU s |", "|" + " --- |" * 9]
+             "| 2nd-half mean Q - true | train return (last 100 ep) | CPU s |", "|" + " --- |" * 10]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["env"], r["algo"]), []).append(r)
