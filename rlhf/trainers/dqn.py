@@ -47,7 +47,10 @@ def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
     return loss.detach()
 
 
-def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
+def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False, probe=None):
+    """``probe``: optional ``probe(steps, qnet, buffer)``, called after every env step (it keeps
+    its own schedule; benchmarks/seeds/overestimation.py measures Q against true returns with
+    one). Off by default; it must not change qnet or buffer."""
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     qnet = build_agent(cfg, spec)
     target = copy.deepcopy(qnet).requires_grad_(False)
@@ -87,6 +90,8 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = Fa
             since_target = 0
         stats["charts/epsilon"] = eps
         bar.advance(n, env.drain_episodes(), lambda: stats)
+        if probe is not None:
+            probe(bar.steps, qnet, buffer)
         saver.maybe(bar.steps, counters)
     saver.final(bar.steps, counters)
     bar.close()
