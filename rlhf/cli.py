@@ -143,7 +143,7 @@ def _multi_process_run(cfg, recipe, run_dir, resume: bool):
 
 
 def _eval(args) -> dict:
-    from rlhf.evaluate import load_run_config
+    from rlhf.config import load_run_config
     from rlhf.trainers import get_evaluator
 
     cfg = load_run_config(args.run_dir)

@@ -377,3 +377,12 @@ def _coerce(key: str, value, hint):
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
+
+def load_run_config(run_dir: str):
+    """The resolved config of a run directory (its ``recipe.yaml``), of either family."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
+                        "printed by `rlhf train`")
+    values = yaml.safe_load(path.read_text()) or {}
+    return build(config_class(values), values)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
-from rlhf.config import build, config_class
+from rlhf.config import load_run_config
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
@@ -17,15 +16,6 @@ from rlhf.lm.rollout import collect
 from rlhf.preferences import preference_rows
 from rlhf.rewards import RewardFn, load_rewards, score
 from rlhf.tasks import task_from_config
-
-
-def load_run_config(run_dir: str):
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
-                        "printed by `rlhf train`")
-    values = yaml.safe_load(path.read_text()) or {}
-    return build(config_class(values), values)
 
 
 def evaluate_lm_cli(run_dir: str, cfg, args) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.config import build, config_class
+from rlhf.config import load_run_config
 from rlhf.errors import UserError
 from rlhf.lm.models import model_origin, resolve_model
 
@@ -116,12 +116,7 @@ def _command() -> str:
 # ---------------------------------------------------------------------- using a run's adapter
 def run_config(run_dir: str):
     """The resolved config of an LM run directory (its ``recipe.yaml``)."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir printed by "
-                        "`rlhf train`")
-    values = yaml.safe_load(path.read_text()) or {}
-    cfg = build(config_class(values), values)
+    cfg = load_run_config(run_dir)
     if not hasattr(cfg, "model"):
         raise UserError(f"{run_dir!r} is a gym run; generate, chat and merge need a language-model run")
     return cfg
