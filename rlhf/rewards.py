@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from numbers import Real
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from rlhf.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used: reward worker processes start without it
+    import torch
 
 # torch is imported inside the functions that need it: reward worker processes import this module
 # and should start in a fraction of a second
