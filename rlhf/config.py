@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.errors import UserError, check_choices, check_positive
+from rlhf.errors import UserError, check_choices
 from rlhf.gym.config import GymConfig, minibatches_from_size
 from rlhf.validation import check_ranges
 
@@ -156,6 +156,7 @@ class LMConfig:
             self.kl_estimator = DEFAULT_KL_ESTIMATOR.get(self.kl_placement)
 
     def validate(self) -> None:
+        # numeric ranges are checked first, in one place for every family: rlhf/validation.py (RANGES)
         check_choices(self)
         refused = KL_REFUSED.get((self.kl_estimator, self.kl_placement))
         if refused:
@@ -163,8 +164,6 @@ class LMConfig:
         if self.algo in ("grpo", "rloo") and self.group_size < 2:
             raise UserError(f"{self.algo} needs group_size >= 2 (got {self.group_size}): its baseline is "
                             "the other completions of the same prompt; use algo: reinforce for 1")
-        check_positive(self, "steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs",
-                       "minibatches")
         if self.prompts_per_step % self.minibatches:
             raise UserError(f"minibatches={self.minibatches} must divide prompts_per_step="
                             f"{self.prompts_per_step} (a minibatch holds whole groups)")
@@ -181,8 +180,6 @@ class LMConfig:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs=1, "
                             f"minibatches=1) is plain policy gradient: {ONE_STEP_PLAIN_PG[self.objective]}; "
                             "set epochs or minibatches > 1 (or objective: clip)")
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop must be a list of non-empty strings, e.g. stop: [\"\\n\\n\"]; got {self.stop!r}")
 

@@ -14,7 +14,3 @@ def check_choices(cfg) -> None:
             raise UserError(f"{key}={value!r} is not valid; choose one of {', '.join(options)}")
 
 
-def check_positive(cfg, *keys: str) -> None:
-    for key in keys:
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key} must be at least 1, got {getattr(cfg, key)}")
