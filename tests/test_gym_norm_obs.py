@@ -36,6 +36,21 @@ def test_norm_obs_ppo_ratio_is_one_at_the_first_minibatch(recipe, tmp_path, monk
         assert float(stats["approx_kl"]) > 10 * TWO_ULPS
 
 
+def test_norm_obs_kl_after_update_is_zero_without_a_step(tmp_path, monkeypatch):
+    """The adaptive-KL controller's input scores the stored (already normalised) rows with the
+    actor alone: with lr 1e-12 the policy barely moves (Adam steps of ~1e-12 per weight: a KL of ~1e-20), so KL(pi_old || pi) is 0 up to float32
+    rounding. Normalising the rows a second time would read a KL of the normaliser instead."""
+    seen = []
+    real = on_policy.Updater.kl_after_update
+    monkeypatch.setattr(on_policy.Updater, "kl_after_update", lambda self, b: seen.append(real(self, b)) or seen[-1])
+    args = ["train", "recipes/ppo_pendulum.yaml", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    for item in ("n_envs=2", "n_steps=128", "total_steps=768", "log_every=256", "eval_episodes=1", "lr=1e-12",
+                 "objective=adaptive_kl", "target_kl=0.01", "lr_schedule=constant"):
+        args += ["--set", item]
+    assert main(args) == 0
+    assert len(seen) >= 2 and all(abs(float(kl)) <= TWO_ULPS for kl in seen)
+
+
 def test_norm_obs_batch_holds_the_normalised_observations_acted_on():
     """collect's rows are norm(obs) under the statistics at act time: the sampler's log-probs
     are the torch policy's log-probs of those rows, with no normaliser in between."""

@@ -184,7 +184,7 @@ class Updater:
         """KL(pi_old || pi) on the rollout after the last update step, the adaptive-KL
         controller's input: the mean k3 estimate ``rho - 1 - log rho`` (``rho = pi / pi_old``) over
         the rollout's actions, sampled by pi_old, so its expectation is KL(pi_old || pi)."""
-        logp = self.policy.log_prob(self.policy.dist_params(b.obs), b.actions)
+        logp = self.policy.log_prob(self.policy.actor(b.obs), b.actions)  # b.obs is normalised (``collect``)
         return kl_estimate(b.logp, logp, "k3").mean()
 
     def trpo(self, b: Batch, clip: float) -> dict:
