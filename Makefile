@@ -5,9 +5,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU wheel by default: a bare `pip install torch` pulls several GB of CUDA packages.
-# On a GPU machine: make demo TORCH=torch
+# CPU wheel by default: a bare `pip install torch` pulls several GB of CUDA packages. PyTorch's
+# CPU index serves torch==2.13.0 as 2.13.0+cpu, which pip prefers over PyPI's CUDA build; where
+# that index cannot be reached, pip warns and takes what the other indexes (or a local wheel
+# folder) have. On a GPU machine: make demo TORCH=torch TORCH_INDEX=
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 RECIPE ?= grpo_arith
 PIP := $(BIN)/pip install -q --disable-pip-version-check
 
@@ -19,7 +22,7 @@ setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
+	$(PIP) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PIP) -e .
 	touch $@
 
