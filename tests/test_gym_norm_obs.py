@@ -38,8 +38,8 @@ def test_norm_obs_ppo_ratio_is_one_at_the_first_minibatch(recipe, tmp_path, monk
 
 def test_norm_obs_kl_after_update_is_zero_without_a_step(tmp_path, monkeypatch):
     """The adaptive-KL controller's input scores the stored (already normalised) rows with the
-    actor alone: with lr 1e-12 the policy barely moves (Adam steps of ~1e-12 per weight: a KL of ~1e-20), so KL(pi_old || pi) is 0 up to float32
-    rounding. Normalising the rows a second time would read a KL of the normaliser instead."""
+    actor alone: with lr 1e-12 the policy barely moves (Adam steps of ~1e-12 per weight: a KL of
+    ~1e-20), so KL(pi_old || pi) is 0 up to float32 rounding. Normalising the rows a second time would read a KL of the normaliser instead."""
     seen = []
     real = on_policy.Updater.kl_after_update
     monkeypatch.setattr(on_policy.Updater, "kl_after_update", lambda self, b: seen.append(real(self, b)) or seen[-1])

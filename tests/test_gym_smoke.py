@@ -72,6 +72,7 @@ def test_recipe_trains_saves_and_evaluates(recipe, tmp_path, capsys, monkeypatch
     (["algo=q_learning", "env=CartPole-v1"], "q_learning needs discrete observations"),
     (["gamma=1.5"], "gamma must be in"),
     (["objective=clipped"], "objective='clipped' is not valid"),
+    (["algo=a2c", "objective=kl_penalty"], "objective kl_penalty is a ppo surrogate; algo a2c .* would ignore it"),
 ])
 def test_bad_input_is_one_clear_sentence(overrides, pattern, tmp_path, capsys):
     import re

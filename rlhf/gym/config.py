@@ -110,6 +110,9 @@ class GymConfig:
                             f"{self.epochs}, minibatches={self.minibatches}) is plain policy gradient: the ratio is 1 and the "
                             "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs or "
                             "minibatches > 1 (or objective: clip)")
+        if self.objective != "clip" and self.algo != "ppo":
+            raise UserError(f"objective {self.objective} is a ppo surrogate; algo {self.algo} has its own fixed "
+                            "objective and would ignore it: remove objective from the recipe, or use algo ppo")
         if self.algo in ("ppo", "trpo") and (self.n_steps * self.n_envs) % self.minibatches:
             raise UserError(f"minibatches={self.minibatches} must divide n_steps * n_envs = "
                             f"{self.n_steps * self.n_envs} (the rows of a rollout)")
