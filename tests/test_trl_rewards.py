@@ -1,0 +1,266 @@
+"""The reward contract of TRL's GRPOTrainer, met: TRL's documented reward functions, unchanged,
+score through our reward path (``rlhf.rewards.score``) on the documentation's inputs and on
+completions our sampler drew; what every function is given (completion_ids, trainer_state,
+dataset columns; only what a closed signature names); async functions awaited concurrently and
+stopped by reward_timeout_s; callables wherever a reward is named."""
+import asyncio
+import re
+
+import pytest
+import torch
+
+from rlhf.errors import UserError
+from rlhf.rewards import TrainerState, load_rewards, recipe_rewards, score
+
+# ------------------------------------------------------------------------------------------
+# TRL's documented examples, copied verbatim (each wrapped in a function here, since several share
+# the name reward_func). Source: "Using a custom reward function" in TRL's GRPO Trainer docs,
+# https://github.com/huggingface/trl/blob/main/docs/source/grpo_trainer.md
+# (https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function), and the quick start
+# of the same page in its 2025 versions (reward_len). Copyright The HuggingFace Team, licensed under
+# the Apache License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0), as is this project.
+# ------------------------------------------------------------------------------------------
+
+
+def trl_quickstart_reward_len():
+    # Define the reward function, which rewards completions that are close to 20 characters
+    def reward_len(completions, **kwargs):
+        return [-abs(20 - len(completion)) for completion in completions]
+    return reward_len
+
+
+def trl_example_1():
+    def reward_func(completions_ids, **kwargs):
+        """Reward function that assigns higher scores to longer completions (in terms of token count)."""
+        return [float(len(ids)) for ids in completions_ids]
+    return reward_func
+
+
+def trl_example_1_1():
+    def reward_func(completions, **kwargs):
+        """Reward function that assigns higher scores to longer completions (in terms of character count)."""
+        return [float(len(completion)) for completion in completions]
+    return reward_func
+
+
+def trl_example_2():
+    import re
+
+    def format_reward_func(completions, **kwargs):
+        """Reward function that checks if the completion has a specific format."""
+        pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+        completion_contents = [completion[0]["content"] for completion in completions]
+        matches = [re.match(pattern, content) for content in completion_contents]
+        return [1.0 if match else 0.0 for match in matches]
+    return format_reward_func
+
+
+def trl_example_3():
+    import re
+
+    def reward_func(completions, ground_truth, **kwargs):
+        # Regular expression to capture content inside \boxed{}
+        matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+        contents = [match.group(1) if match else "" for match in matches]
+        # Reward 1 if the content is the same as the ground truth, 0 otherwise
+        return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+    return reward_func
+
+
+def trl_example_5():
+    import asyncio
+
+    async def async_reward_func(prompts, completions, **kwargs):
+        # Simulate an I/O-bound call (e.g., HTTP request, database lookup)
+        await asyncio.sleep(0.01)
+        # Simple toy reward: 1.0 if the completion is non-empty, else 0.0
+        return [1.0 if completion else 0.0 for completion in completions]
+    return async_reward_func
+
+# ------------------------------------------------------------------------------------------ end of TRL's code
+
+
+def total(fn, prompts, completions, columns=None, completion_ids=None):
+    return score(load_rewards([fn]), prompts, completions, columns or {}, completion_ids)[0].tolist()
+
+
+def test_trl_documented_examples_give_their_documented_values():
+    """The docs' own inputs and outputs, through our score(): completion_ids reaches a function that
+    names it completions_ids (the docs' spelling), a dataset column (ground_truth) is passed by
+    name, the conversational format reaches completion[0]["content"], async is awaited."""
+    prompts, completions = ["The sky is", "The sun is"], [" blue.", " in the sky."]
+    ids = [[6303, 13], [304, 279, 12884, 13]]
+    assert total(trl_example_1(), prompts, completions, completion_ids=ids) == [2.0, 4.0]
+    assert total(trl_example_1_1(), prompts, completions, completion_ids=ids) == [6.0, 12.0]
+    assert total(trl_quickstart_reward_len(), prompts, completions) == [-14.0, -8.0]  # 20 - 6, 20 - 12
+    chat_prompts = [[{"role": "assistant", "content": "What is the result of (1 + 2) * 4?"}],
+                    [{"role": "assistant", "content": "What is the result of (3 + 1) * 2?"}]]
+    chat_completions = [
+        [{"role": "assistant", "content": "<think>The sum of 1 and 2 is 3, which we multiply by 4 to get 12."
+                                          "</think><answer>(1 + 2) * 4 = 12</answer>"}],
+        [{"role": "assistant", "content": "The sum of 3 and 1 is 4, which we multiply by 2 to get 8. "
+                                          "So (3 + 1) * 2 = 8."}]]
+    assert total(trl_example_2(), chat_prompts, chat_completions) == [1.0, 0.0]
+    assert total(trl_example_3(), ["Problem: Solve the equation $2x + 3 = 7$. Solution:",
+                                   "Problem: Solve the equation $3x - 5 = 10$."],
+                 [r" The solution is \boxed{2}.", r" The solution is \boxed{6}."],
+                 {"ground_truth": ["2", "5"]}) == [1.0, 0.0]
+    assert total(trl_example_5(), prompts, ["x", ""]) == [1.0, 0.0]
+
+
+def test_trl_own_reward_functions_by_name_and_as_callables():
+    """TRL's shipped rewards (imported, not copied): by module:function in a recipe, and as the
+    callable object get_soft_overlong_punishment returns (it reads completion_ids)."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    completions = [[{"content": "<think>\nThis is my reasoning.\n</think>\nThis is my answer."}],
+                   [{"content": "<think>\nThis is my reasoning.\nThis is my answer."}]]
+    assert total("trl.rewards:think_format_reward", [[{"role": "user", "content": "q"}]] * 2, completions) == [1.0, 0.0]
+    punish = get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)
+    ids = [[1] * 90, [1] * 70, [1] * 101]  # (80 - 90) / 20, inside the free zone, past the maximum
+    assert total(punish, ["p"] * 3, ["a", "b", "c"], completion_ids=ids) == [-0.5, 0.0, -1.0]
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_model):
+    """Completions drawn by our sampler (the rollout the trainer uses) from the tiny model, for
+    text prompts with a ground_truth column and for the same prompts as chats."""
+    from rlhf.config import LMConfig
+    from rlhf.lm.policy import LMPolicy
+    from rlhf.lm.rollout import collect, completion_id_lists
+
+    torch.manual_seed(0)
+    cfg = LMConfig(model=tiny_model, group_size=3, max_new_tokens=12)
+    policy = LMPolicy(tiny_model)
+    rows = [{"prompt": "What is 12 + 30?", "ground_truth": ""}, {"prompt": "What is 20 + 61?", "ground_truth": "81"}]
+    out = {}
+    for kind, fmt in (("text", lambda p: p), ("chat", lambda p: [{"role": "user", "content": p}])):
+        roll, prompts, completions, columns = collect(policy, [{**r, "prompt": fmt(r["prompt"])} for r in rows], cfg)
+        out[kind] = roll, prompts, completions, columns, completion_id_lists(roll)
+    return out
+
+
+def test_trl_examples_on_sampled_completions(sampled):
+    """On real completions: completion_ids are the sampled tokens up to and with the end token
+    (the rollout's mask), lengths and the column line up per sample, and the conversational
+    example reads the chat completions."""
+    roll, prompts, completions, columns, ids = sampled["text"]
+    assert len(prompts) == len(completions) == 6 and columns["ground_truth"] == ["", "", "", "81", "81", "81"]
+    assert [len(i) for i in ids] == roll.mask.sum(1).long().tolist()
+    assert all(i[:m] == row[:m].tolist() for i, row, m in zip(ids, roll.completion_ids, roll.mask.sum(1).long()))
+    assert total(trl_example_1(), prompts, completions, columns, ids) == [float(len(i)) for i in ids]
+    assert total(trl_example_1_1(), prompts, completions, columns, ids) == [float(len(c)) for c in completions]
+    assert total(trl_quickstart_reward_len(), prompts, completions, columns, ids) == \
+        [float(-abs(20 - len(c))) for c in completions]
+    assert not any("\\boxed{" in c for c in completions)  # (a 2-layer random model writes none)
+    # no \boxed{}: the extracted content is "", which equals the ground truth "" of the first prompt only
+    assert total(trl_example_3(), prompts, completions, columns, ids) == [1.0] * 3 + [0.0] * 3
+    roll, prompts, completions, columns, ids = sampled["chat"]
+    assert all(c[0]["role"] == "assistant" for c in completions)
+    assert not any(c[0]["content"].startswith("<think>") for c in completions)
+    assert total(trl_example_2(), prompts, completions, columns, ids) == [0.0] * 6
+
+
+# ------------------------------------------------------------------------------------ the contract itself
+def test_a_closed_signature_gets_only_what_it_names_and_kwargs_get_everything():
+    seen = {}
+
+    def closed(completions, ground_truth):  # TRL would pass it prompts, completion_ids, ... : TypeError
+        return [float(c == g) for c, g in zip(completions, ground_truth)]
+
+    def open_(**kwargs):
+        seen.update(kwargs)
+        return [0.0] * len(kwargs["completions"])
+
+    fns = load_rewards([closed, open_])
+    state = TrainerState(global_step=3, max_steps=10)
+    out, means, _ = score(fns, ["p", "q"], ["a", "b"], {"ground_truth": ["a", "x"], "extra": [1, 2]},
+                          [[5, 2], [7]], state)
+    assert out.tolist() == [1.0, 0.0] and means["closed"] == 0.5
+    assert set(seen) == {"prompts", "completions", "completion_ids", "trainer_state", "ground_truth", "extra"}
+    assert seen["trainer_state"].global_step == 3 and seen["trainer_state"].max_steps == 10
+    assert seen["completion_ids"] == [[5, 2], [7]]
+
+
+def test_async_functions_run_concurrently():
+    """Two async functions that each wait for the other to start: they finish only if awaited
+    at the same time (one after the other would wait forever; the 30 s bound turns that into a
+    failure instead of a hang)."""
+    started = {}
+
+    def make(me, other):
+        async def fn(completions, **kw):
+            started.setdefault(me, asyncio.Event()).set()
+            started.setdefault(other, asyncio.Event())
+            await asyncio.wait_for(started[other].wait(), 30)
+            return [1.0 if me == "a" else 2.0] * len(completions)
+        fn.__name__ = me
+        return fn
+
+    out, means, _ = score(load_rewards([make("a", "b"), make("b", "a")]), ["p"], ["c"], {})
+    assert out.tolist() == [3.0] and means["a"] == 1.0 and means["b"] == 2.0
+
+
+def test_a_sync_function_returning_a_coroutine_and_a_notebook_loop():
+    """A lambda around an async call is awaited; score() called where an event loop already runs
+    (as in a notebook cell) still works: the rewards' loop is its own thread."""
+    async def judge(text):
+        await asyncio.sleep(0)
+        return float(len(text))
+
+    async def gathered(completions):
+        return list(await asyncio.gather(*map(judge, completions)))
+
+    fns = load_rewards([lambda completions, **kw: gathered(completions)])
+
+    async def cell():
+        return score(fns, ["p", "p"], ["ab", "abc"], {})[0].tolist()
+
+    assert asyncio.run(cell()) == [2.0, 3.0]
+
+
+def test_an_async_sample_past_the_timeout_scores_none_and_is_named(capsys):
+    async def slow(completions, **kw):
+        await asyncio.sleep(60 if completions[0] == "hang" else 0)
+        return [float(len(completions[0]))]
+
+    fns = load_rewards([slow, {"rewards.arith:arith_correct": 1.0}], timeout_s=0.5)
+    assert fns[0].pool is None and fns[1].pool is not None  # async stays on the loop, sync goes to workers
+    try:
+        out, means, scored = score(fns, ["p"] * 3, ["68", "hang", "abc"], {"answer": ["68"] * 3})
+    finally:
+        fns[1].pool.close()
+    assert out.tolist() == [3.0, 0.0, 3.0] and scored.tolist() == [True, True, True]
+    assert means["slow/timeouts"] == pytest.approx(1 / 3) and means["slow"] == 2.5
+    assert "reward function 'slow' ran past reward_timeout_s=0.5 on sample 1 (completion 'hang')" in \
+        capsys.readouterr().err
+
+
+def test_a_raising_async_function_names_itself_and_the_sample():
+    async def bad(completions, **kw):
+        return [1 / len(c) for c in completions]
+
+    with pytest.raises(UserError, match=r"'bad' raised ZeroDivisionError.*on sample 1 \(completion ''\)"):
+        score(load_rewards([bad]), ["p"] * 2, ["a", ""], {})
+
+
+def test_callables_in_specs_weights_names_and_workers():
+    from rewards import arith_correct
+
+    fns = load_rewards([{arith_correct: 0.5}, lambda completions, **kw: [1.0] * len(completions),
+                        lambda completions, **kw: [2.0] * len(completions)])
+    assert [(rf.name, rf.weight, rf.ref) for rf in fns] == [
+        ("arith_correct", 0.5, "rewards.arith:arith_correct"), ("<lambda>", 1.0, None), ("<lambda>_2", 1.0, None)]
+    out, means, _ = score(fns, ["p"], ["68"], {"answer": ["68"]})
+    assert out.tolist() == [3.5] and means["<lambda>_2"] == 2.0
+    assert recipe_rewards([{arith_correct: 0.5}, "arith_format", lambda c: c]) == [
+        {"rewards.arith:arith_correct": 0.5}, "arith_format", "callable:<lambda>"]
+    pooled = load_rewards([arith_correct], workers=1)  # an importable function: workers load it by name
+    try:
+        assert score(pooled, ["p"], ["68"], {"answer": ["68"]})[0].tolist() == [1.0]
+    finally:
+        pooled[0].pool.close()
+    with pytest.raises(UserError, match="'<lambda>' is a function worker processes cannot import"):
+        load_rewards([lambda completions, **kw: [0.0]], timeout_s=1.0)
+    with pytest.raises(UserError, match="was a Python function given to rlhf.train"):
+        load_rewards(["callable:<lambda>"])
