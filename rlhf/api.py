@@ -89,9 +89,10 @@ class Policy:
 
 
 def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, *, eval_dataset=None,
-          run_dir: str | Path | None = None, progress: bool = False, **overrides) -> TrainResult:
+          run_dir: str | Path | None = None, progress: bool = True, **overrides) -> TrainResult:
     """Train from ``recipe`` with ``overrides`` (recipe keys), ``rewards`` and ``dataset`` (see the
-    module docstring); the run directory is ``run_dir``, else ``out_dir/<recipe>-<time>``."""
+    module docstring); the run directory is ``run_dir``, else ``out_dir/<recipe>-<time>``;
+    ``progress``: a progress bar (tqdm.auto: a widget in a notebook)."""
     from rlhf.cli import _new_dir, _remove_unstarted
     from rlhf.config import build, config_class
     from rlhf.preflight import preflight
