@@ -277,34 +277,40 @@ def _score_in_process(fns: list[RewardFn], prompts, completions, available: dict
     functions scored in this process: synchronous ones one after the other, then every
     awaitable at once on the event loop (an async function under a timeout: one per sample)."""
     results, pending = {}, []  # pending: (function, sample index or None for the batch, awaitable)
-    for rf in fns:
-        if rf.is_async and rf.timeout_s:
-            for i in range(len(completions)):
-                pending.append((rf, i, asyncio.wait_for(_invoke(rf, prompts, completions, available, i),
-                                                        rf.timeout_s)))
-            continue
-        try:
-            out = rf.fn(**reward_kwargs(rf.fn, {"prompts": prompts, "completions": completions, **available}))
-        except UserError:  # already one sentence for the user (e.g. a missing package)
-            raise
-        except Exception as exc:
-            raise _failed(rf, exc, prompts, completions, available) from exc
-        if inspect.isawaitable(out):
-            pending.append((rf, None, out))
-        else:
-            results[rf.name] = (_check(rf, out, completions), None)
-    if not pending:
-        return results
-    timed = [rf.timeout_s for rf, i, _ in pending if i is not None]
-    outs = run_async(_gather([aw for _, _, aw in pending]), 2 * max(timed) + 30 if timed else None)
-    per_sample: dict[str, list] = {}
-    late: dict[str, list[int]] = {}
+    try:
+        for rf in fns:
+            if rf.is_async and rf.timeout_s:
+                pending += [(rf, i, asyncio.wait_for(_invoke(rf, prompts, completions, available, i), rf.timeout_s))
+                            for i in range(len(completions))]
+                continue
+            try:
+                out = rf.fn(**reward_kwargs(rf.fn, {"prompts": prompts, "completions": completions, **available}))
+            except UserError:  # already one sentence for the user (e.g. a missing package)
+                raise
+            except Exception as exc:
+                raise _failed(rf, exc, prompts, completions, available) from exc
+            if inspect.isawaitable(out):
+                pending.append((rf, None, out))
+            else:
+                results[rf.name] = (_check(rf, out, completions), None)
+    except BaseException:
+        for _, _, aw in pending:  # never awaited: closed, so Python does not warn about them
+            getattr(aw, "close", lambda: None)()
+        raise
+    if pending:
+        results.update(_await_all(pending, prompts, completions, available))
+    return results
+
+
+def _await_all(pending: list, prompts, completions, available: dict) -> dict:
+    """The awaitables of ``_score_in_process`` gathered on the event loop: name -> (values, late)."""
+    timed = {rf.name: rf for rf, i, _ in pending if i is not None}  # the per-sample (timed) functions
+    outs = run_async(_gather([aw for _, _, aw in pending]),
+                     2 * max(rf.timeout_s for rf in timed.values()) + 30 if timed else None)
+    results = {name: ([None] * len(completions), []) for name in timed}
     for (rf, i, _), out in zip(pending, outs):
-        if i is not None:
-            per_sample.setdefault(rf.name, [None] * len(completions))
-            late.setdefault(rf.name, [])
         if isinstance(out, asyncio.TimeoutError) and i is not None:
-            late[rf.name].append(i)
+            results[rf.name][1].append(i)
         elif isinstance(out, UserError):
             raise out
         elif isinstance(out, BaseException):
@@ -313,12 +319,10 @@ def _score_in_process(fns: list[RewardFn], prompts, completions, available: dict
         elif i is None:
             results[rf.name] = (_check(rf, out, completions), None)
         else:
-            per_sample[rf.name][i] = _check(rf, out, [completions[i]], i)[0]
-    for name, values in per_sample.items():
-        if late[name]:
-            report_late(name, next(rf.timeout_s for rf, _, _ in pending if rf.name == name), late[name],
-                        completions)
-        results[name] = (values, late[name])
+            results[rf.name][0][i] = _check(rf, out, [completions[i]], i)[0]
+    for name, rf in timed.items():
+        if results[name][1]:
+            report_late(name, rf.timeout_s, results[name][1], completions)
     return results
 
 
