@@ -102,6 +102,7 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
 
     recipe_path, values = _recipe_values(recipe)
     values.update(overrides)
+    rewards = _as_list(rewards)
     cls = config_class(values)
     for what, given in (("rewards", rewards), ("dataset", dataset), ("eval_dataset", eval_dataset)):
         if given is not None and "rewards" not in {f.name for f in dataclasses.fields(cls)}:
@@ -116,7 +117,7 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
                 staged[key] = (_stage(data, key), name)
                 values[key] = str(staged[key][0])
         cfg = build(cls, values)  # the CLI's checks, the CLI's sentences
-        given = dataclasses.replace(cfg, rewards=list(rewards)) if rewards is not None else cfg  # callables kept
+        given = dataclasses.replace(cfg, rewards=rewards) if rewards is not None else cfg  # callables kept
         preflight(given)
         fresh = _new_dir(cfg, run_dir)
         run = Run(cfg, recipe_path, None if run_dir is None else str(run_dir))
@@ -145,7 +146,7 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
         raise
     finally:
         run.close()
-    return TrainResult(run.dir, cfg, summary, list(run.history), list(rewards) if rewards is not None else None)
+    return TrainResult(run.dir, cfg, summary, list(run.history), rewards)
 
 
 def evaluate(run, problems: int | None = None, rewards=None, progress: bool = False, episodes: int = 20) -> dict:
@@ -156,15 +157,23 @@ def evaluate(run, problems: int | None = None, rewards=None, progress: bool = Fa
     from rlhf.trainers import get_evaluator
 
     run_dir = run.run_dir if isinstance(run, TrainResult) else Path(run)
+    rewards = _as_list(rewards)
     if rewards is None and isinstance(run, TrainResult):
         rewards = run.rewards
     cfg = load_run_config(str(run_dir))
     if rewards is not None:
         if not hasattr(cfg, "rewards"):
             raise UserError(f"rewards= applies to language-model runs; {str(run_dir)!r} is a gym run")
-        cfg = dataclasses.replace(cfg, rewards=list(rewards))
+        cfg = dataclasses.replace(cfg, rewards=rewards)
     args = SimpleNamespace(problems=problems, episodes=episodes, no_progress=not progress)
     return get_evaluator(cfg)(str(run_dir), cfg, args)
+
+
+def _as_list(rewards) -> list | None:
+    """``rewards`` as a list: one name, function or {name: weight} alone is a list of one."""
+    if rewards is None:
+        return None
+    return [rewards] if isinstance(rewards, (str, dict)) or callable(rewards) else list(rewards)
 
 
 def _recipe_values(recipe) -> tuple[str | None, dict]:

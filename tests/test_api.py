@@ -63,10 +63,11 @@ def test_train_then_generate_then_evaluate_like_a_notebook(tiny_model, tmp_path)
 
 
 def test_a_dict_recipe_and_a_named_reward(tiny_model, tmp_path):
-    recipe = {"algo": "rloo", "rewards": ["arith_correct"], "out_dir": str(tmp_path / "runs")}
-    result = rlhf.train(recipe, dataset=ROWS, **tiny(tiny_model, steps=1))
+    recipe = {"algo": "rloo", "rewards": ["arith_format"], "out_dir": str(tmp_path / "runs")}
+    result = rlhf.train(recipe, rewards="arith_correct", dataset=ROWS, **tiny(tiny_model, steps=1))  # one name alone
     assert result.run_dir.parent == tmp_path / "runs" and result.run_dir.name.startswith("rloo-")
-    assert result.config.algo == "rloo" and "rewards/arith_correct" in result.final
+    assert result.config.algo == "rloo" and result.config.rewards == ["arith_correct"]
+    assert "rewards/arith_correct" in result.final and "rewards/arith_format" not in result.final
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
