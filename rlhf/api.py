@@ -122,13 +122,7 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
         fresh = _new_dir(cfg, run_dir)
         run = Run(cfg, recipe_path, None if run_dir is None else str(run_dir))
     except BaseException as exc:
-        for path, _ in staged.values():
-            shutil.rmtree(path.parent, ignore_errors=True)
-        if isinstance(exc, UserError):  # name the rows as the caller gave them, not by their temporary place
-            text = str(exc)
-            for key, (path, _) in staged.items():
-                text = text.replace(repr(str(path)), f"(the rows given as {'dataset' if key == 'task' else key}=)")
-            raise UserError(text) from None
+        _unstage(staged, exc)
         raise
     try:
         if staged:  # the data moves into the run directory; recipe.yaml names it there
@@ -188,6 +182,18 @@ def _recipe_values(recipe) -> tuple[str | None, dict]:
         return path, read_recipe(path)
     raise UserError(f"recipe must be an installed recipe's name, a YAML file's path or a dict of recipe keys, "
                     f"got {type(recipe).__name__}")
+
+
+def _unstage(staged: dict, exc: BaseException) -> None:
+    """Remove the staged data of a run that did not start; a ``UserError`` about it is raised
+    again naming the rows as the caller gave them, not by their temporary place."""
+    for path, _ in staged.values():
+        shutil.rmtree(path.parent, ignore_errors=True)
+    if isinstance(exc, UserError) and staged:
+        text = str(exc)
+        for key, (path, _) in staged.items():
+            text = text.replace(repr(str(path)), f"(the rows given as {'dataset' if key == 'task' else key}=)")
+        raise UserError(text) from None
 
 
 def _stage(data, key: str) -> Path:
