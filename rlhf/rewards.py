@@ -306,7 +306,7 @@ def _await_all(pending: list, prompts, completions, available: dict) -> dict:
     """The awaitables of ``_score_in_process`` gathered on the event loop: name -> (values, late)."""
     timed = {rf.name: rf for rf, i, _ in pending if i is not None}  # the per-sample (timed) functions
     outs = run_async(_gather([aw for _, _, aw in pending]),
-                     2 * max(rf.timeout_s for rf in timed.values()) + 30 if timed else None)
+                     2 * max(rf.timeout_s for rf in timed.values()) + LOOP_GRACE_S if timed else None)
     results = {name: ([None] * len(completions), []) for name in timed}
     for (rf, i, _), out in zip(pending, outs):
         if isinstance(out, asyncio.TimeoutError) and i is not None:
@@ -345,6 +345,7 @@ def _failed(rf: RewardFn, exc: BaseException, prompts, completions, available, w
                      "function or make it return None for samples it cannot score")
 
 
+LOOP_GRACE_S = 30.0  # past twice the timeout plus this, an async reward is taken to block the loop
 _LOOP: tuple[asyncio.AbstractEventLoop, threading.Thread] | None = None
 _LOOP_LOCK = threading.Lock()
 
@@ -365,7 +366,8 @@ def run_async(coro, timeout: float | None = None):
         return future.result(timeout)
     except concurrent.futures.TimeoutError:  # wait_for never fired: a call computes instead of awaiting
         future.cancel()
-        _LOOP = None  # that thread may stay stuck; the next batch gets a fresh loop
+        stuck, _LOOP = _LOOP[0], None  # the next batch gets a fresh loop; this one stops once unblocked
+        stuck.call_soon_threadsafe(stuck.stop)
         raise UserError(f"an async reward function blocked the event loop past {timeout:g} s (reward_timeout_s "
                         "cannot stop a call that never awaits); make it await its slow work (e.g. "
                         "asyncio.to_thread), or write it as a plain def to have it stopped in a worker "

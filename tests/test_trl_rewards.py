@@ -236,6 +236,28 @@ def test_an_async_sample_past_the_timeout_scores_none_and_is_named(capsys):
         capsys.readouterr().err
 
 
+def test_an_async_function_that_never_awaits_is_named_and_the_next_batch_gets_a_fresh_loop(monkeypatch):
+    """wait_for cannot cancel a call that blocks the loop (time.sleep in an async def): past twice
+    the timeout plus LOOP_GRACE_S the batch stops with one sentence, and the next batch runs on a
+    fresh loop."""
+    import time
+
+    import rlhf.rewards as rewards_module
+
+    monkeypatch.setattr(rewards_module, "LOOP_GRACE_S", 0.5)
+
+    async def blocking(completions, **kw):
+        time.sleep(3)  # not awaited: the loop is stuck for 3 s
+        return [1.0]
+
+    async def fine(completions, **kw):
+        return [2.0]
+
+    with pytest.raises(UserError, match=r"blocked the event loop past 0.7 s"):
+        score(load_rewards([blocking], timeout_s=0.1), ["p"], ["c"], {})
+    assert score(load_rewards([fine], timeout_s=0.1), ["p"], ["c"], {})[0].tolist() == [2.0]
+
+
 def test_a_raising_async_function_names_itself_and_the_sample():
     async def bad(completions, **kw):
         return [1 / len(c) for c in completions]
