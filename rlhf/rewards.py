@@ -334,6 +334,13 @@ async def _invoke(rf: RewardFn, prompts, completions, available: dict, i: int):
     return await out if inspect.isawaitable(out) else out
 
 
+async def _finish_and_stop() -> None:
+    """Let the loop's other tasks end (the cancelled batch), then stop the loop."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    await asyncio.gather(*others, return_exceptions=True)
+    asyncio.get_running_loop().stop()
+
+
 async def _gather(awaitables: list):
     return await asyncio.gather(*awaitables, return_exceptions=True)
 
@@ -367,7 +374,7 @@ def run_async(coro, timeout: float | None = None):
     except concurrent.futures.TimeoutError:  # wait_for never fired: a call computes instead of awaiting
         future.cancel()
         stuck, _LOOP = _LOOP[0], None  # the next batch gets a fresh loop; this one stops once unblocked
-        stuck.call_soon_threadsafe(stuck.stop)
+        asyncio.run_coroutine_threadsafe(_finish_and_stop(), stuck)
         raise UserError(f"an async reward function blocked the event loop past {timeout:g} s (reward_timeout_s "
                         "cannot stop a call that never awaits); make it await its slow work (e.g. "
                         "asyncio.to_thread), or write it as a plain def to have it stopped in a worker "
