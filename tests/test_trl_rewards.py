@@ -1,5 +1,5 @@
-"""The reward contract of TRL's GRPOTrainer, met: TRL's documented reward functions, unchanged,
-score through our reward path (``rlhf.rewards.score``) on the documentation's inputs and on
+"""The reward contract of TRL's GRPOTrainer, met: reward functions with the signatures of TRL's
+documented examples score through our reward path (``rlhf.rewards.score``) on the documentation's inputs and on
 completions our sampler drew; what every function is given (completion_ids, trainer_state,
 dataset columns; only what a closed signature names); async functions awaited concurrently and
 stopped by reward_timeout_s; callables wherever a reward is named."""
@@ -13,71 +13,58 @@ from rlhf.errors import UserError
 from rlhf.rewards import TrainerState, load_rewards, recipe_rewards, score
 
 # ------------------------------------------------------------------------------------------
-# TRL's documented examples, copied verbatim (each wrapped in a function here, since several share
-# the name reward_func). Source: "Using a custom reward function" in TRL's GRPO Trainer docs,
-# https://github.com/huggingface/trl/blob/main/docs/source/grpo_trainer.md
-# (https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function), and the quick start
-# of the same page in its 2025 versions (reward_len). Copyright The HuggingFace Team, licensed under
-# the Apache License, Version 2.0 (http://www.apache.org/licenses/LICENSE-2.0), as is this project.
+# Reward functions shaped like the examples in TRL's GRPO Trainer docs ("Using a custom reward
+# function", https://huggingface.co/docs/trl/grpo_trainer, and its quick start's length reward):
+# the same signatures (which keywords each takes, **kwargs or not, the docs' ``completions_ids``
+# spelling, conversational completions, a dataset column, async) and the same documented
+# behaviour, written here in our own words rather than copied, so the contract is what is tested.
 # ------------------------------------------------------------------------------------------
 
 
 def trl_quickstart_reward_len():
-    # Define the reward function, which rewards completions that are close to 20 characters
-    def reward_len(completions, **kwargs):
-        return [-abs(20 - len(completion)) for completion in completions]
+    def reward_len(completions, **kwargs):  # best at 20 characters, one point off per character
+        return [-abs(len(text) - 20) for text in completions]
     return reward_len
 
 
 def trl_example_1():
-    def reward_func(completions_ids, **kwargs):
-        """Reward function that assigns higher scores to longer completions (in terms of token count)."""
-        return [float(len(ids)) for ids in completions_ids]
+    def reward_func(completions_ids, **kwargs):  # longer in tokens scores higher
+        return [float(len(token_ids)) for token_ids in completions_ids]
     return reward_func
 
 
 def trl_example_1_1():
-    def reward_func(completions, **kwargs):
-        """Reward function that assigns higher scores to longer completions (in terms of character count)."""
-        return [float(len(completion)) for completion in completions]
+    def reward_func(completions, **kwargs):  # longer in characters scores higher
+        return [float(len(text)) for text in completions]
     return reward_func
 
 
 def trl_example_2():
     import re
 
-    def format_reward_func(completions, **kwargs):
-        """Reward function that checks if the completion has a specific format."""
-        pattern = r"^<think>.*?</think><answer>.*?</answer>$"
-        completion_contents = [completion[0]["content"] for completion in completions]
-        matches = [re.match(pattern, content) for content in completion_contents]
-        return [1.0 if match else 0.0 for match in matches]
+    def format_reward_func(completions, **kwargs):  # conversational: 1 for <think>..</think><answer>..</answer>
+        shape = re.compile(r"^<think>.*?</think><answer>.*?</answer>$")
+        return [float(shape.match(messages[0]["content"]) is not None) for messages in completions]
     return format_reward_func
 
 
 def trl_example_3():
     import re
 
-    def reward_func(completions, ground_truth, **kwargs):
-        # Regular expression to capture content inside \boxed{}
-        matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
-        contents = [match.group(1) if match else "" for match in matches]
-        # Reward 1 if the content is the same as the ground truth, 0 otherwise
-        return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+    def reward_func(completions, ground_truth, **kwargs):  # a dataset column: the \boxed{} content must equal it
+        boxed = [re.search(r"\\boxed\{(.*?)\}", text) for text in completions]
+        return [float((m.group(1) if m else "") == truth) for m, truth in zip(boxed, ground_truth)]
     return reward_func
 
 
 def trl_example_5():
     import asyncio
 
-    async def async_reward_func(prompts, completions, **kwargs):
-        # Simulate an I/O-bound call (e.g., HTTP request, database lookup)
+    async def async_reward_func(prompts, completions, **kwargs):  # stands in for an I/O-bound scorer
         await asyncio.sleep(0.01)
-        # Simple toy reward: 1.0 if the completion is non-empty, else 0.0
-        return [1.0 if completion else 0.0 for completion in completions]
+        return [float(bool(text)) for text in completions]
     return async_reward_func
 
-# ------------------------------------------------------------------------------------------ end of TRL's code
 
 
 def total(fn, prompts, completions, columns=None, completion_ids=None):
