@@ -288,17 +288,7 @@ CONFIGS.update({a: GymConfig for a in GymConfig.choices["algo"] if a not in CONF
 
 def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
     """Read a YAML recipe (safe loader), apply ``key=value`` overrides, validate."""
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe {path!r} does not exist; see recipes/ for examples")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"recipe {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(values, dict):
-            raise UserError(f"recipe {path!r} must be a mapping of key: value")
+    values = read_recipe(path) if path is not None else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -308,6 +298,20 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
         except yaml.YAMLError:
             values[key.strip()] = raw
     return build(config_class(values), values)
+
+
+def read_recipe(path: str) -> dict:
+    """The key: value mapping of a YAML recipe file (safe loader), unvalidated."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"recipe {path!r} does not exist; see recipes/ for examples")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path!r} must be a mapping of key: value")
+    return values
 
 
 def config_class(values: dict) -> type:

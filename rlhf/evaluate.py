@@ -12,9 +12,9 @@ from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
 from rlhf.lm.reward_model import RM_DIR, RewardModel
-from rlhf.lm.rollout import collect
+from rlhf.lm.rollout import collect, completion_id_lists
 from rlhf.preferences import preference_rows
-from rlhf.rewards import RewardFn, load_rewards, score
+from rlhf.rewards import RewardFn, TrainerState, load_rewards, score
 from rlhf.tasks import task_from_config
 
 
@@ -52,8 +52,9 @@ def greedy_score(policy: LMPolicy, rows: list[dict], fns, cfg, adapter: bool, pr
     batches = range(0, len(rows), cfg.eval_batch)
     for i in tqdm(batches, desc="eval " + ("trained" if adapter else "base"), disable=not progress):
         chunk = rows[i:i + cfg.eval_batch]
-        _, prompts, completions, columns = collect(policy, chunk, cfg, greedy=True, adapter=adapter)
-        rewards, _, _ = score(fns, prompts, completions, columns)  # an unscored sample counts 0
+        roll, prompts, completions, columns = collect(policy, chunk, cfg, greedy=True, adapter=adapter)
+        rewards, _, _ = score(fns, prompts, completions, columns, completion_id_lists(roll),  # unscored: 0
+                              TrainerState(cfg.steps, cfg.steps))
         total += float(rewards.sum())
     return total / max(len(rows), 1)
 

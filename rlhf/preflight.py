@@ -2,7 +2,7 @@
 (``preflight``, called by the CLI): the model directory (``check_model_dir``: ``config.json``,
 safetensors weights -- the project loads no pickles --, every shard an index names, tokenizer
 files) and the data (``check_rows``: non-empty, prompts are text or chat messages, the columns
-each reward names in its signature, nothing a reward without ``**kwargs`` cannot take, and
+each reward names in its signature (a reward without ``**kwargs`` gets only those), and
 every prompt plus ``max_new_tokens`` within the model's context window). Numeric ranges of the
 recipe keys are ``rlhf.validation``'s. Rows are counted from 1 in messages (row 1: the first
 data row of a file).
@@ -29,12 +29,12 @@ def preflight(cfg) -> None:
         return
     if cfg.algo == "reward_model":  # preference pairs: generated for arith, else the file's
         completion_keys = ("chosen", "rejected")
-        needed, closed = {k: "it needs prompt, chosen and rejected" for k in completion_keys}, []
+        needed = {k: "it needs prompt, chosen and rejected" for k in completion_keys}
     else:
-        (needed, closed), completion_keys = reward_columns(cfg.rewards), ()
+        needed, completion_keys = reward_columns(cfg.rewards), ()
     sources = _row_sources(cfg)
     for source, rows in sources:
-        check_rows(rows, source, needed, closed, texts=("prompt", *completion_keys))
+        check_rows(rows, source, needed, texts=("prompt", *completion_keys))
     model_dir = local_model(cfg.model)
     if model_dir is not None:
         check_model_dir(model_dir, cfg.model)
@@ -138,20 +138,22 @@ def context_window(model_dir: str) -> tuple[int | None, str]:
 
 
 # ------------------------------------------------------------------------------- 3. the data
-GIVEN = ("prompts", "completions")  # what every reward receives besides the dataset's columns
+# what every reward receives besides the dataset's columns (completions_ids: TRL's documented spelling)
+GIVEN = ("prompts", "completions", "completion_ids", "completions_ids", "trainer_state")
 
 
-def reward_columns(specs) -> tuple[dict[str, str], list[tuple[str, set]]]:
-    """(column -> which reward needs it: each named parameter without a default;
-    [(reward, the keywords it accepts)] for each reward without ``**kwargs``)."""
-    from rlhf.rewards import load_reward, parse_reward_specs
+def reward_columns(specs) -> dict[str, str]:
+    """Column -> which reward needs it: each named parameter without a default (names or
+    callables, as ``rlhf.rewards.parse_reward_specs`` takes them)."""
+    from rlhf.rewards import _label, load_reward, parse_reward_specs
 
-    needed, closed = {}, []
-    for name, _ in parse_reward_specs(specs):
-        if name.startswith("rm:"):  # a reward model takes (prompts, completions, **_); checked on load
+    needed = {}
+    for spec, _ in parse_reward_specs(specs):
+        if isinstance(spec, str) and spec.startswith("rm:"):  # (prompts, completions, **_); checked on load
             continue
+        name = _label(spec)
         try:
-            params = list(inspect.signature(load_reward(name)).parameters.values())
+            params = list(inspect.signature(load_reward(spec) if isinstance(spec, str) else spec).parameters.values())
         except (TypeError, ValueError):  # no signature to read (a C function): checked when called
             continue
         for p in params:
@@ -160,15 +162,12 @@ def reward_columns(specs) -> tuple[dict[str, str], list[tuple[str, set]]]:
                                 "called with keywords (prompts=, completions=, one per dataset column)")
             if p.name not in GIVEN and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
                 needed.setdefault(p.name, f"reward {name!r} has them as parameters without a default")
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            closed.append((name, {p.name for p in params}))
-    return needed, closed
+    return needed
 
 
-def check_rows(rows: list[dict], source: str, needed: dict[str, str], closed=(), texts=("prompt",)) -> None:
-    """Non-empty; the columns ``needed`` (column -> a clause saying who needs it) present; no column a reward
-    without ``**kwargs`` (``closed``: (name, keywords)) cannot take; in every row, each column of
-    ``texts`` non-empty text or chat messages."""
+def check_rows(rows: list[dict], source: str, needed: dict[str, str], texts=("prompt",)) -> None:
+    """Non-empty; the columns ``needed`` (column -> a clause saying who needs it) present; in every
+    row, each column of ``texts`` non-empty text or chat messages."""
     if not rows:
         raise UserError(f"{source} has no rows; it needs at least one row with a 'prompt'")
     columns = set(rows[0])  # datasets gives every row the same columns
@@ -176,11 +175,6 @@ def check_rows(rows: list[dict], source: str, needed: dict[str, str], closed=(),
     if missing:
         why = "; ".join(dict.fromkeys(needed[c] for c in missing))
         raise UserError(f"{source} lacks columns {missing}; {why}; its columns are {sorted(columns)}")
-    for name, accepted in closed:
-        extra = columns - {"prompt"} - accepted
-        if extra:
-            raise UserError(f"reward {name!r} cannot take column(s) {sorted(extra)} of {source}, which "
-                            "every reward receives as keywords; add **kwargs to its parameters")
     for i, row in enumerate(rows):
         for column in texts:
             _check_text(row.get(column), column, i, source)

@@ -54,9 +54,13 @@ class Run:
         self._lock = self._write(lambda: lock_run_dir(self.dir), "run.lock", "nothing else was written")
         # (a second process on this directory stops there)
         self._refuse_a_second_run(resume)    # (one that finished while we waited for the lock)
+        self.write_recipe(cfg, "nothing else was written")
+
+    def write_recipe(self, cfg, kept: str = "the run's other files are intact") -> None:
+        """(Re)write ``recipe.yaml``, the resolved config (the Python API writes it again once a
+        dataset it was given has its place in the run directory)."""
         self._write(lambda: replace_file(self.dir / "recipe.yaml",
-                                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()), "recipe.yaml",
-                    "nothing else was written")
+                                         yaml.safe_dump(to_dict(cfg), sort_keys=False).encode()), "recipe.yaml", kept)
 
     def _refuse_a_second_run(self, resume: bool) -> None:
         if not resume and self.metrics_path.is_file():

@@ -11,8 +11,8 @@ bad value and what would be valid:
    loads no pickles: a ``.bin``-only checkpoint is refused with how to convert it), every shard
    an index names, and tokenizer files.
 3. **Data** (``rlhf.preflight.check_rows``): a dataset is non-empty, its prompts are text or chat messages,
-   it has the columns each reward function names in its signature (and nothing a reward
-   without ``**kwargs`` cannot take), and every prompt plus ``max_new_tokens`` fits the
+   it has the columns each reward function names in its signature (a reward without
+   ``**kwargs`` is given only those), and every prompt plus ``max_new_tokens`` fits the
    model's context window (and ``max_prompt_length`` where a family has that key).
 
 ``rlhf.preflight.preflight(cfg)`` runs 2 and 3 (gym: the env) and is called by the CLI before the run

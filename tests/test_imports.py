@@ -1,8 +1,8 @@
 """The house holds: imports of ``rlhf`` modules point down only. Read from the source with
 ``ast`` (every import, those inside functions too, so a lazy import cannot hide a cycle):
 no cycles; ``rlhf/core`` imports nothing else of ``rlhf``; only the trainers themselves, the
-trainer registry (``rlhf/trainers/__init__.py``, which names them as strings) and the CLI
-reach into ``rlhf.trainers``."""
+trainer registry (``rlhf/trainers/__init__.py``, which names them as strings), the CLI and the
+Python API reach into ``rlhf.trainers``."""
 from __future__ import annotations
 
 import ast
@@ -95,7 +95,8 @@ def test_core_imports_nothing_else_of_rlhf():
 
 
 def test_only_trainers_and_the_cli_import_trainers():
-    allowed = ("rlhf.trainers", "rlhf.cli")  # the trainers, their registry, the command line
+    allowed = ("rlhf.trainers", "rlhf.cli", "rlhf.api")  # the trainers, their registry, the command line and
+    # its Python twin (rlhf.train / rlhf.evaluate)
     bad = {m: sorted(d for d in deps if d == "rlhf.trainers" or d.startswith("rlhf.trainers."))
            for m, deps in import_graph().items()
            if not (m in allowed or m.startswith("rlhf.trainers."))}

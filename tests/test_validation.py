@@ -82,8 +82,6 @@ def bad(tiny_model, tmp_path_factory) -> dict:
                          {"prompt": " ".join(["plus"] * 400), "answer": "4"}])  # > 256 positions
     jsonl("number_prompt.jsonl", [{"prompt": 12, "answer": "3"}])
     jsonl("pairs_no_rejected.jsonl", [{"prompt": "What is 1 + 2?", "chosen": "3"}])
-    jsonl("extra_column.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3", "source": "x"}])
-    (d / "strict.py").write_text("def fn(prompts, completions, answer):\n    return [0.0] * len(completions)\n")
 
     def model(name, drop=(), add=()):
         out = d / name
@@ -122,8 +120,6 @@ CASES = [
      r"task file '.*empty\.jsonl' is empty"),
     ("lm-missing-reward-column", "lm", ["task={dir}/no_answer.jsonl"],
      r"no_answer\.jsonl' lacks columns \['answer'\]; reward 'arith_correct' has them"),
-    ("lm-reward-cannot-take-column", "lm", ["task={dir}/extra_column.jsonl", "rewards=[{dir}/strict.py:fn]"],
-     r"reward '.*strict\.py:fn' cannot take column\(s\) \['source'\].*add \*\*kwargs"),
     ("lm-prompt-not-text", "lm", ["task={dir}/number_prompt.jsonl"], r"row 1 of task file .* has prompt 12"),
     ("lm-prompt-over-context", "lm", ["task={dir}/long.jsonl"],
      r"row 2 of task file .*long\.jsonl' has a prompt of \d+ tokens; .* but model .* has 256 "
@@ -217,19 +213,20 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(bad, tmp_pat
 def test_reward_columns_come_from_parameters_without_defaults(tmp_path):
     (tmp_path / "r.py").write_text(
         "def needs(prompts, completions, answer, *, tests, limit=3, **kw): pass\n"
-        "def closed(prompts, completions, answer): pass\n"
+        "def closed(prompts, completions, completion_ids, trainer_state, answer): pass\n"
         "def positional(prompts, completions, /): pass\n")
-    needed, closed = reward_columns([f"{tmp_path}/r.py:needs", f"{tmp_path}/r.py:closed"])
-    assert set(needed) == {"answer", "tests"}  # not limit (default), kw, prompts or completions
-    assert [(name.rsplit(":", 1)[1], keys) for name, keys in closed] == [
-        ("closed", {"prompts", "completions", "answer"})]
-    rows = [{"prompt": "p", "answer": "1", "tests": "t"}]
-    with pytest.raises(UserError, match=r"cannot take column\(s\) \['tests'\]"):
-        check_rows(rows, "f", needed, closed)
-    check_rows(rows, "f", needed, [])
+    needed = reward_columns([f"{tmp_path}/r.py:needs", f"{tmp_path}/r.py:closed"])
+    # not limit (default), kw, nor what every reward is given (prompts ... trainer_state)
+    assert set(needed) == {"answer", "tests"}
+    rows = [{"prompt": "p", "answer": "1", "tests": "t", "extra": 0}]
+    check_rows(rows, "f", needed)  # a reward without **kwargs gets only what it names: extra is fine
+    with pytest.raises(UserError, match=r"lacks columns \['tests'\]; reward '.*needs'"):
+        check_rows([{"prompt": "p", "answer": "1"}], "f", needed)
     with pytest.raises(UserError, match="positional-only parameter 'prompts'"):
         reward_columns([f"{tmp_path}/r.py:positional"])
-    assert reward_columns(["length_penalty"]) == ({}, [])  # max_chars has a default; **_ takes the rest
+    assert reward_columns(["length_penalty"]) == {}  # max_chars has a default; **_ takes the rest
+    assert reward_columns([lambda completions, ground_truth: None]) == {  # a callable (rlhf.train)
+        "ground_truth": "reward '<lambda>' has them as parameters without a default"}
 
 
 def test_max_prompt_length_counts_a_long_prompt_as_truncated(tiny_model):

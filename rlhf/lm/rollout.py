@@ -57,6 +57,12 @@ def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = Fa
     return roll, [p for p in prompts for _ in range(g)], completions, columns
 
 
+def completion_id_lists(roll: Rollout) -> list[list[int]]:
+    """Each completion's token ids, its end token included (what reward functions get as
+    ``completion_ids``, as in TRL)."""
+    return [row[m > 0].tolist() for row, m in zip(roll.completion_ids.cpu(), roll.mask.cpu())]
+
+
 @torch.no_grad()
 def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
     """No-grad passes over the rollout: the reference's log-probs (when kl_coef > 0), and the

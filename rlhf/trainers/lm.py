@@ -33,9 +33,10 @@ from rlhf.core import (
 from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
-from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, rollout_pass, sampling_uniforms
+from rlhf.lm.rollout import (RolloutPass, collect, completion_id_lists, kl_after_update, rollout_pass,
+                             sampling_uniforms)
 from rlhf.lm.share import adapter_writer
-from rlhf.rewards import load_rewards, score
+from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
 from rlhf.tasks import task_from_config
@@ -66,7 +67,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                 roll, prompts, completions, columns = collect(policy, dist.shard(rows), cfg,
                                                               uniforms=rank_uniforms(cfg, step, dist))
             t1 = time.time()
-            local_rewards, reward_means, local_scored = score(reward_fns, prompts, completions, columns)  # score
+            local_rewards, reward_means, local_scored = score(                       # score
+                reward_fns, prompts, completions, columns, completion_id_lists(roll), TrainerState(step, cfg.steps))
             rewards = dist.gather(local_rewards.to(policy.device))  # every rank's, in rank order
             scored = dist.gather(local_scored.to(policy.device, torch.float32)) > 0
             t2 = time.time()
