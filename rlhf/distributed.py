@@ -353,3 +353,10 @@ def partial_state():
     from accelerate import PartialState
 
     return PartialState(cpu=use_cpu())
+
+
+def process_device() -> torch.device:
+    """The device this process's models run on, picked by accelerate as ``Dist`` picks the
+    trainer's: this rank's GPU (or other accelerator) where there is one, else the CPU. For the
+    models that run outside the trainer's ``Dist``: evaluation, reward models."""
+    return partial_state().device

@@ -118,7 +118,10 @@ class LMPolicy:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32 or bfloat16")
+            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+        # the base model's weights; peft keeps the LoRA weights (the trained ones) in float32
+        # whatever this is (get_peft_model's autocast_adapter_dtype), and log-probs are float32
+        self.dtype = torch_dtype
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=lora_targets, task_type="CAUSAL_LM")
 
@@ -217,6 +220,12 @@ class LMPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: torch.device | str) -> "LMPolicy":
+        """Move every module (one process: evaluation; the trainer places them with ``distribute``)."""
+        for net in self._nets():
+            net.to(device)
+        return self
+
     def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
         """Place the trainable module(s) and their optimiser with ``dist`` (rlhf.distributed:
         device, DDP, FSDP2 or DeepSpeed); returns the optimiser to step. Sampling then runs
@@ -224,6 +233,11 @@ class LMPolicy:
         if self.critic_net is not None and dist.kind not in DATA_PARALLEL:
             raise UserError(f"critic: separate is not supported under {dist.kind} (accelerate prepares one "
                             "model per run there); use critic: shared")
+        if self.dtype == torch.float16:  # float16's range needs a loss scaler (_step in the trainer)
+            if dist.kind not in DATA_PARALLEL:
+                raise UserError(f"dtype: float16 trains with a loss scaler in one process or under DDP, not "
+                                f"under {dist.kind}; use dtype: bfloat16 there")
+            self.scaler = torch.amp.GradScaler(dist.device.type)
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
         if dist.zero_stage == 3:  # ZeRO-3 gathers a weight in its module's forward, so run every module's
@@ -232,6 +246,8 @@ class LMPolicy:
         self.train_net, optimizer = dist.prepare(self.net, optimizer, max_grad_norm)
         self.sampling_context = lambda: dist.full_params(self.train_net)
         return optimizer
+
+    scaler: torch.amp.GradScaler | None = None  # dtype float16: the loss scaler (``distribute``)
 
     # ------------------------------------------------------------------ options
     # prompts: extra apply_chat_template arguments; keep the last N prompt tokens (0: all)
