@@ -34,18 +34,19 @@ use, and the phase's floor ``max(FLOPs / peak, bytes / bandwidth)``.
 FLOPs (``phase_flops``), counted as the math needs them (padding and recomputation not counted),
 2 FLOPs per multiply-add. Per decoder layer the matmul weights are
 ``W = d*(2*dq + 2*dkv) + 3*d*f`` (q, o: d x dq; k, v: d x dkv; gate, up, down: d x f), LoRA adds
-``R = r * sum(in + out)`` over the same 7 projections, the LM head ``H = d * V``. A token at
-context length c costs, over L layers, forward ``F(c) = 2*L*(W + R) + 4*L*c*dq`` (projections,
-then QK^T and AV) plus ``2*H`` where its logits are computed. Then, with P prompts of Lp tokens
-and completion lengths n_i (N = sum n_i tokens):
+``R = r * sum(in + out)`` over the same 7 projections, the LM head ``H = d * V``. Over L layers
+a token's projections cost ``P = 2*L*(W + R)`` forward (``2*L*W`` with the adapter off) and its
+attention at context length c (itself included) ``A(c) = 4*L*c*dq`` (QK^T and AV), plus ``2*H``
+where its logits are computed. With P prompts of Lp tokens and completion lengths n_i:
 
-- generation: prefill ``sum_{c<Lp} F(c+1)`` per prompt (+ one head), decode: each completion
-  token after a row's first runs ``F(Lp + j) + 2*H``;
-- reference (no grad, adapter off, R = 0): each prompt once (the group shares it), then each
-  completion token ``F(Lp + j) + 2*H``;
-- update (forward + backward, only LoRA weights get gradients): each token
-  ``2*F + 2*L*R`` (input gradients cost the forward again, attention's backward twice its
-  forward, LoRA's weight gradients ``2*R``), the head ``4*H`` (forward and input gradient).
+- generation: prefill ``sum_{c=1..Lp} (P + A(c))`` per prompt (+ one head); decode: token j >= 1
+  of a row runs ``P + A(Lp + j) + 2*H`` (token 0 comes from the prefill's logits);
+- reference (no grad, adapter off): each prompt once (a group shares it), then completion
+  token j ``P + A(Lp + j + 1) + 2*H``;
+- update (forward and backward; the base is frozen, so its backward is input gradients only):
+  each token ``2*P + 3*A(c) + 2*L*R`` (projections' input gradients cost their forward again,
+  attention's backward twice its forward: four matmuls to two, LoRA's weight gradients
+  ``2*L*R``), and each completion token's head ``4*H`` (forward and input gradient).
 
 Bytes: a decode step reads every weight once (``2 * params`` in bf16); the other phases are
 compute-bound at these shapes and their floor is the FLOP term.
@@ -53,7 +54,6 @@ compute-bound at these shapes and their floor is the FLOP term.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -338,15 +338,20 @@ def phase_flops(s: dict, prompts: int, prompt_len: int, lengths: list[int]) -> d
     """FLOPs of a GRPO step's phases (module docstring). ``lengths``: completion tokens per row."""
     L, dq, W, R, H = s["L"], s["dq"], s["W"], s["R"], s["H"]
 
-    def fwd(c: int, lora: bool) -> float:  # one token at context length c, without the LM head
-        return 2 * L * (W + (R if lora else 0)) + 4 * L * c * dq
+    proj, proj_ref = 2 * L * (W + R), 2 * L * W  # a token's projections, with and without LoRA
 
-    prefill = prompts * (sum(fwd(c + 1, True) for c in range(prompt_len)) + 2 * H)
-    decode = sum(fwd(prompt_len + j, True) + 2 * H for n in lengths for j in range(1, n))
-    prompt_ref = prompts * sum(fwd(c + 1, False) for c in range(prompt_len))
-    ref = prompt_ref + sum(fwd(prompt_len + j + 1, False) + 2 * H for n in lengths for j in range(n))
-    prompt_upd = prompts * sum(2 * fwd(c + 1, True) + 2 * L * R for c in range(prompt_len))
-    upd = prompt_upd + sum(2 * fwd(prompt_len + j + 1, True) + 2 * L * R + 4 * H for n in lengths for j in range(n))
+    def attn(c: int) -> float:  # a token's attention at context length c (itself included)
+        return 4 * L * c * dq
+
+    def train(c: int) -> float:  # a token's forward and backward
+        return 2 * proj + 3 * attn(c) + 2 * L * R
+
+    completion = [prompt_len + j + 1 for n in lengths for j in range(n)]  # contexts of completion tokens
+    prefill = prompts * (sum(proj + attn(c) for c in range(1, prompt_len + 1)) + 2 * H)
+    decode = sum(proj + attn(prompt_len + j) + 2 * H for n in lengths for j in range(1, n))
+    ref = prompts * sum(proj_ref + attn(c) for c in range(1, prompt_len + 1)) \
+        + sum(proj_ref + attn(c) + 2 * H for c in completion)
+    upd = prompts * sum(train(c) for c in range(1, prompt_len + 1)) + sum(train(c) + 4 * H for c in completion)
     return {"generation": prefill + decode, "reference": ref, "update": upd}
 
 

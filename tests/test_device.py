@@ -22,7 +22,7 @@ import rlhf.lm.policy
 import rlhf.trainers.lm
 from rlhf.config import load_recipe
 from rlhf.distributed import Dist, process_device
-from rlhf.lm.policy import LMPolicy, Rollout
+from rlhf.lm.policy import LMPolicy
 from rlhf.run import Run
 from rlhf.trainers.lm import train
 

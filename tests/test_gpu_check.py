@@ -63,17 +63,16 @@ def test_model_sizes_are_the_models_parameter_counts(tmp_path):
 
 def test_phase_flops_by_hand():
     """One layer, W = 10, R = 2, H = 5, dq = 1; one prompt of 2 tokens, completions of 1 and 2 tokens.
-    F(c, lora) = 2 * (10 + 2*lora) + 4 * c."""
+    Projections 2 * (10 + 2) = 24 with LoRA, 20 without; attention 4 c; the head 2 * 5 = 10."""
     s = {"L": 1, "dq": 1, "W": 10, "R": 2, "H": 5}
     f = gpu_check.phase_flops(s, prompts=1, prompt_len=2, lengths=[1, 2])
-    F = lambda c, lora: 2 * (10 + (2 if lora else 0)) + 4 * c  # noqa: E731
-    # generation: prefill c = 1, 2 and one head; the 2-token row decodes its second token at context 3
-    assert f["generation"] == F(1, 1) + F(2, 1) + 2 * 5 + F(3, 1) + 2 * 5
-    # reference: prompt (c = 1, 2) without LoRA, then tokens at contexts 3 (both rows) and 4, each + head
-    assert f["reference"] == F(1, 0) + F(2, 0) + 2 * (F(3, 0) + 10) + F(4, 0) + 10
-    # update: 2 F + 2 R per token (LoRA), 4 H per completion token
-    tok = lambda c: 2 * F(c, 1) + 2 * 2  # noqa: E731
-    assert f["update"] == tok(1) + tok(2) + 2 * (tok(3) + 20) + tok(4) + 20
+    # generation: prefill at c = 1, 2 and one head; the 2-token row decodes its second token at context 3
+    assert f["generation"] == (24 + 4) + (24 + 8) + 10 + (24 + 12 + 10)
+    # reference: the prompt (c = 1, 2) without LoRA, then completion tokens at contexts 3 (both rows), 4
+    assert f["reference"] == (20 + 4) + (20 + 8) + 2 * (20 + 12 + 10) + (20 + 16 + 10)
+    # update: 2 * 24 + 3 * 4c + 2 * 2 per token, and 4 * 5 per completion token
+    tok = lambda c: 48 + 12 * c + 4  # noqa: E731
+    assert f["update"] == tok(1) + tok(2) + 2 * (tok(3) + 20) + (tok(4) + 20)
 
 
 def test_matmul_peak_and_bandwidth_are_positive():
