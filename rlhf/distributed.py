@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.core.logprobs import wide_dtype
 from rlhf.errors import UserError
 
 # distributed types the LM trainer runs under (accelerate's DistributedType values)
@@ -80,7 +81,7 @@ class Dist:
         """Sum over ranks of a tensor or a float (a float comes back as a float)."""
         if self.world == 1:
             return x
-        t = torch.as_tensor(x, dtype=torch.float64, device=self.device).clone()
+        t = torch.as_tensor(x, dtype=wide_dtype(self.device), device=self.device).clone()
         torch.distributed.all_reduce(t)
         return t.to(device=x.device, dtype=x.dtype) if isinstance(x, torch.Tensor) else float(t)
 
@@ -90,7 +91,7 @@ class Dist:
     def max(self, x: float) -> float:
         if self.world == 1:
             return x
-        t = torch.tensor(float(x), dtype=torch.float64, device=self.device)
+        t = torch.tensor(float(x), dtype=wide_dtype(self.device), device=self.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t)
 
@@ -353,3 +354,10 @@ def partial_state():
     from accelerate import PartialState
 
     return PartialState(cpu=use_cpu())
+
+
+def process_device() -> torch.device:
+    """The device this process's models run on, picked by accelerate as ``Dist`` picks the
+    trainer's: this rank's GPU (or other accelerator) where there is one, else the CPU. For the
+    models that run outside the trainer's ``Dist``: evaluation, reward models."""
+    return partial_state().device

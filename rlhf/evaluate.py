@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf.config import load_run_config
+from rlhf.distributed import process_device
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
@@ -29,6 +30,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
     policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter))
+    policy.to(process_device())  # the device the trainer ran on (accelerate's pick)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     task = task_from_config(cfg)
@@ -39,7 +41,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
         fns, metric = [RewardFn("arith_correct", arith_correct)], "accuracy"
     else:
         fns, metric = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers), "reward"
-    out = {"run_dir": str(run_dir), "problems": len(rows)}
+    out = {"run_dir": str(run_dir), "problems": len(rows), "device": str(policy.device)}
     for label, use_adapter in (("base", False), ("trained", True)):
         out[f"{label}_{metric}"] = round(greedy_score(policy, rows, fns, cfg, use_adapter, progress), 4)
     return out

@@ -61,7 +61,7 @@ def sampled_arith_pairs(rm, problems: list[tuple[int, int]], seed: int, max_new_
             chunk = problems[i:i + batch]
             prompts = [[{"role": "user", "content": ARITH_TEMPLATE.format(a=a, b=b)}] for a, b in chunk]
             texts = [tok.apply_chat_template(q, tokenize=False, add_generation_prompt=True) for q in prompts]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(rm.device)
             with rm.model.disable_adapter():
                 out = rm.model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)

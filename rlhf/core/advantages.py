@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhf.core.logprobs import wide_dtype
+
 __all__ = [
     "discounted_cumsum",
     "discounted_returns",
@@ -162,13 +164,14 @@ def explained_variance(values: torch.Tensor, ret: torch.Tensor, mask: torch.Tens
     """1 - Var(ret - V) / Var(ret) over masked tokens: 1 is a perfect critic, <= 0 a useless one.
     ``reduce`` sums over processes (population variances, from sums of x and x^2)."""
     reduce = reduce or (lambda x: x)
-    m = mask.to(torch.float64)
+    wide = wide_dtype(mask.device)  # float64 on the CPU; float32 on an accelerator (no float64 there)
+    m = mask.to(wide)
     n = reduce(m.sum())
 
-    def var(x):
-        x = x.to(torch.float64)
+    def var(x):  # two passes (mean, then centred squares): no cancellation in float32
+        x = x.to(wide)
         mean = reduce((x * m).sum()) / n
-        return reduce((x * x * m).sum()) / n - mean ** 2
+        return reduce(((x - mean) ** 2 * m).sum()) / n
 
     v = var(ret)
     return float(1 - var(ret - values) / v) if n > 1 and v > 0 else float("nan")

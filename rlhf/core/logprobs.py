@@ -20,29 +20,46 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def wide_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of sums that want more than float32 where it is free: float64 on the CPU,
+    float32 on accelerators (Apple's MPS has no float64; GPUs run it at a fraction of float32's
+    rate). No float64 tensor is ever made on an accelerator."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
 def sample_categorical(probs: Tensor, generator: torch.Generator | None = None,
                        uniform: Tensor | None = None, block: int = 512) -> Tensor:
     """One draw per row from categorical ``probs`` [B, V] (rows need not be normalised).
 
     Inverse-CDF sampling in two levels: the cumulative sum over blocks of ``block`` entries
-    (float64) finds the block, a cumulative sum inside that one block finds the entry. Same
+    finds the block, a cumulative sum inside that one block finds the entry. Same
     distribution as ``torch.multinomial(probs, 1)``, which draws an exponential variate for
     every entry of the vocabulary (~10x more work at V = 49k), and ~V/block times less
-    cumulative-sum work than one float64 cumsum over the whole vocabulary. ``uniform`` [B]
+    cumulative-sum work than one cumsum over the whole vocabulary. ``uniform`` [B]
     in [0, 1) supplies the random numbers (so a row's draw does not depend on which other
     rows share its batch); by default they come from ``generator``.
+
+    The sums are float64 on the CPU, float32 on accelerators (``wide_dtype``): there a
+    boundary of the CDF is off by at most ~(V/block + block) * 2^-24 ~ 4e-5 of the row's
+    mass, so each token's sampling probability is within that of its own (the log-prob the
+    sampler records is computed from the logits, not from these sums). Either way an entry of
+    probability 0 is never drawn: the search targets are clamped into (0, the block's sum].
     """
     b, v = probs.shape
+    wide = wide_dtype(probs.device)
     if uniform is None:
-        uniform = torch.rand(b, dtype=torch.float64, generator=generator, device=probs.device)
+        uniform = torch.rand(b, dtype=wide, generator=generator, device=probs.device)
     nb = -(-v // block)
     blocks = F.pad(probs, (0, nb * block - v)).view(b, nb, block)
-    cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)                       # [B, nb]
-    target = (1.0 - uniform.to(torch.float64))[:, None] * cdf[:, -1:]          # in (0, total]
+    cdf = blocks.sum(-1, dtype=wide).cumsum(-1)                                # [B, nb]
+    tiny = torch.finfo(wide).tiny  # (a float32 uniform can round to 1.0)
+    target = ((1.0 - uniform.to(wide))[:, None] * cdf[:, -1:]).clamp(min=tiny)  # in (0, total]
     bi = torch.searchsorted(cdf, target).clamp(max=nb - 1)                     # the block, [B, 1]
     before = torch.where(bi > 0, cdf.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(target))
-    inner = blocks.gather(1, bi[:, :, None].expand(b, 1, block)).squeeze(1).double().cumsum(-1)
-    j = torch.searchsorted(inner, target - before).clamp(max=block - 1)        # entry in the block
+    inner = blocks.gather(1, bi[:, :, None].expand(b, 1, block)).squeeze(1).to(wide).cumsum(-1)
+    # (the block's own sum can round below cdf's step to it: stay inside it)
+    rest = torch.minimum((target - before).clamp(min=tiny), inner[:, -1:])
+    j = torch.searchsorted(inner, rest).clamp(max=block - 1)                   # entry in the block
     return (bi * block + j).squeeze(-1).clamp(max=v - 1)
 
 

@@ -22,7 +22,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
-from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation_mask
+from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation_mask, wide_dtype
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
@@ -118,7 +118,10 @@ class LMPolicy:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32 or bfloat16")
+            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
+        # the base model's weights; peft keeps the LoRA weights (the trained ones) in float32
+        # whatever this is (get_peft_model's autocast_adapter_dtype), and log-probs are float32
+        self.dtype = torch_dtype
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=lora_targets, task_type="CAUSAL_LM")
 
@@ -217,6 +220,12 @@ class LMPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def to(self, device: torch.device | str) -> "LMPolicy":
+        """Move every module (one process: evaluation; the trainer places them with ``distribute``)."""
+        for net in self._nets():
+            net.to(device)
+        return self
+
     def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
         """Place the trainable module(s) and their optimiser with ``dist`` (rlhf.distributed:
         device, DDP, FSDP2 or DeepSpeed); returns the optimiser to step. Sampling then runs
@@ -224,6 +233,11 @@ class LMPolicy:
         if self.critic_net is not None and dist.kind not in DATA_PARALLEL:
             raise UserError(f"critic: separate is not supported under {dist.kind} (accelerate prepares one "
                             "model per run there); use critic: shared")
+        if self.dtype == torch.float16:  # float16's range needs a loss scaler (_step in the trainer)
+            if dist.kind not in DATA_PARALLEL:
+                raise UserError(f"dtype: float16 trains with a loss scaler in one process or under DDP, not "
+                                f"under {dist.kind}; use dtype: bfloat16 there")
+            self.scaler = torch.amp.GradScaler(dist.device.type)
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
         if dist.zero_stage == 3:  # ZeRO-3 gathers a weight in its module's forward, so run every module's
@@ -232,6 +246,8 @@ class LMPolicy:
         self.train_net, optimizer = dist.prepare(self.net, optimizer, max_grad_norm)
         self.sampling_context = lambda: dist.full_params(self.train_net)
         return optimizer
+
+    scaler: torch.amp.GradScaler | None = None  # dtype float16: the loss scaler (``distribute``)
 
     # ------------------------------------------------------------------ options
     # prompts: extra apply_chat_template arguments; keep the last N prompt tokens (0: all)
@@ -299,8 +315,8 @@ class LMPolicy:
         pad, eos = self.tokenizer.pad_token_id, torch.tensor(self.eos_ids, device=dev)
         tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=dev)
         logps = torch.zeros(n, max_new_tokens, device=dev)
-        if uniforms is not None:
-            uniforms = uniforms.to(dev)
+        if uniforms is not None:  # (float64 from the CPU's generators: float32 on an accelerator)
+            uniforms = uniforms.to(dev, wide_dtype(dev))
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
                          position_ids=positions(prompt_mask), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
@@ -427,6 +443,9 @@ class PolicyNet(torch.nn.Module):
         self.full_sequence = False  # set by gradient checkpointing (no KV cache to share)
         self.truncation = Truncation()  # the sampler's top_k / top_p / min_p (LMPolicy.set_options)
         self.fused_head = True      # LM head + log-softmax in blocks (reads the head's weight directly)
+        # what the model's own head does after its linear layer (Cohere, Granite, Gemma-2/3): the
+        # sampler sees those logits (``model(...).logits``), so the training log-probs must too
+        self.logit_scale, self.logit_softcap = logit_transform(model.config)
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
                 group_size: int = 1, adapter: bool = True, values: bool = False,
@@ -501,24 +520,46 @@ class PolicyNet(torch.nn.Module):
         """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d],
         under the distribution truncated by ``trunc`` (renormalised over the kept tokens)."""
         head = self.model.get_base_model().get_output_embeddings()
-        plain = type(head) is torch.nn.Linear and head.bias is None
-        if trunc.active and plain and self.fused_head:
-            return truncated_linear_logprobs(hidden, head.weight, ids, self.temperature, trunc, entropy=entropy)
-        if trunc.active:  # an adapted or biased head: its full logits, masked as the sampler does
-            logits = head(hidden).float() / self.temperature
+        # fused: a plain linear head, and no soft-capping (a scale folds into the temperature)
+        fused = self.fused_head and type(head) is torch.nn.Linear and head.bias is None and not self.logit_softcap
+        temperature = self.temperature / self.logit_scale
+        if trunc.active and fused:
+            return truncated_linear_logprobs(hidden, head.weight, ids, temperature, trunc, entropy=entropy)
+        if trunc.active:  # an adapted or biased head, or capped logits: full logits, masked as the sampler does
+            logits = self._logits(head, hidden) / self.temperature
             keep = truncation_mask(logits.detach(), trunc)
-            keep[torch.arange(len(ids)), ids] = True
+            keep[torch.arange(len(ids), device=ids.device), ids] = True
             logits = logits.masked_fill(~keep, float("-inf"))
             ent = None
             if entropy:
                 lp_all = torch.log_softmax(logits.detach(), -1)
                 ent = -(lp_all.exp() * lp_all.masked_fill(~keep, 0.0)).sum(-1)
             return selective_log_softmax(logits, ids), ent
-        if self.fused_head and type(head) is torch.nn.Linear and head.bias is None:  # fused, in blocks
-            return linear_logprobs(hidden, head.weight, ids, self.temperature, entropy=entropy)
-        logits = head(hidden).float() / self.temperature             # an adapted or biased head
+        if fused:  # in blocks
+            return linear_logprobs(hidden, head.weight, ids, temperature, entropy=entropy)
+        logits = self._logits(head, hidden) / self.temperature       # an adapted or biased head, or capped logits
         ent = entropy_from_logits(logits.detach()) if entropy else None
         return selective_log_softmax(logits, ids), ent
+
+    def _logits(self, head, hidden: Tensor) -> Tensor:
+        """The model's own logits [M, V] in float32: its head, then its scale and soft-cap."""
+        logits = head(hidden).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.logit_softcap:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """``(scale, softcap)`` of what a causal LM's own forward does to its head's output ``z``:
+    ``logits = softcap * tanh(scale * z / softcap)`` (no cap: ``scale * z``). Read from the config:
+    Cohere's ``logit_scale`` multiplies, Granite's ``logits_scaling`` divides, Gemma-2/3's
+    ``final_logit_softcapping`` caps (None or 0: no cap)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(text, "logit_scale", None) or 1.0) / float(getattr(text, "logits_scaling", None) or 1.0)
+    cap = getattr(text, "final_logit_softcapping", None)
+    return scale, float(cap) if cap else None
 
 def _eos_ids(tokenizer, model) -> list[int]:
     ids = {tokenizer.eos_token_id}

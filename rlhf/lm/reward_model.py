@@ -27,6 +27,7 @@ import torch
 
 from rewards._text import completion_text
 from rlhf.config import LMConfig
+from rlhf.distributed import process_device
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import PolicyNet, positions
@@ -48,10 +49,11 @@ class RewardModel:
       reading), over the LoRA-adapted trunk.
 
     ``path``: a model name or checkpoint (a new, untrained reward model) or a directory written
-    by ``save`` (a trained one; its head and beta come from the directory)."""
+    by ``save`` (a trained one; its head and beta come from the directory). ``device``: where it
+    runs (default: the process's device as accelerate picks it, the policy's)."""
 
     def __init__(self, path: str, lora_r: int = 16, lora_alpha: int = 32, beta: float = 1.0,
-                 trainable: bool = False, head: str = "log_ratio"):
+                 trainable: bool = False, head: str = "log_ratio", device: torch.device | str | None = None):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -89,6 +91,10 @@ class RewardModel:
             else:
                 torch.nn.init.normal_(self.score_head.weight, std=self.model.config.initializer_range)
             self.score_head.requires_grad_(trainable or not (saved / SCORE_HEAD_FILE).is_file())
+        self.device = torch.device(device) if device is not None else process_device()
+        self.net.to(self.device)
+        if self.score_head is not None:
+            self.score_head.to(self.device)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The trainable parameters: the adapter's, and the score head's for ``classifier``."""
@@ -142,7 +148,7 @@ class RewardModel:
     def score(self, prompts: list, completions: list) -> torch.Tensor:
         """Rewards [N]: ``beta * sum over completion tokens of (log p_rm - log p_base)``, or the
         classifier's score of the last real token."""
-        enc = self.encode(prompts, completions)
+        enc = {k: v.to(self.device) for k, v in self.encode(prompts, completions).items()}
         if self.head == "classifier":
             return self._classifier_score(enc)
         logp = self._logp(enc)
@@ -160,7 +166,7 @@ class RewardModel:
         hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
                          use_cache=False).last_hidden_state
         last = t + enc["mask"].sum(-1) - 1  # [N]
-        return self.score_head(hidden[torch.arange(len(ids)), last]).squeeze(-1).float()
+        return self.score_head(hidden[torch.arange(len(ids), device=last.device), last]).squeeze(-1).float()
 
     def save(self, path) -> None:
         self.model.save_pretrained(str(path), safe_serialization=True)

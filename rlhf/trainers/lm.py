@@ -271,8 +271,8 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
                 first_stats = _first_minibatch_stats(out, roll, idx, old_logp)
                 once |= set(first_stats)
                 stats.update(first_stats)
-            grad_norm = _step(policy, opt, sched, loss, stats, cfg, dist)
-            skipped += not math.isfinite(grad_norm)
+            grad_norm, bad_step = _step(policy, opt, sched, loss, stats, cfg, dist)
+            skipped += bad_step
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
             if first:
@@ -293,22 +293,41 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
 
 
 def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig,
-          dist: Dist | None = None) -> float:
+          dist: Dist | None = None) -> tuple[float, bool]:
     """One optimiser step; a non-finite loss or gradient (on any rank) skips it on every rank
-    and keeps the weights. ``loss`` is this rank's share of the global loss."""
+    and keeps the weights. ``loss`` is this rank's share of the global loss. Returns the gradient
+    norm and whether the step was skipped as non-finite.
+
+    ``dtype: float16`` (``policy.scaler``, a ``torch.amp.GradScaler``): the loss is multiplied by
+    the scale before backward, so that small gradients survive float16's range, and the gradients
+    are divided by it before clipping. Gradients that overflow at the current scale skip the step
+    and halve the scale (the scaler's own job: not counted as a non-finite step); the scale
+    grows again after 2000 clean steps. Logged: ``amp/loss_scale``, ``amp/overflow``."""
     dist = dist or ONE_PROCESS
+    scaler = policy.scaler
     opt.zero_grad(set_to_none=True)
     grad_norm = float("nan")
     bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss.detach()))))
     if not bad:  # (DeepSpeed's engine steps inside backward and clips at max_grad_norm itself)
-        dist.backward(loss * dist.world)  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
+        scaled = loss * dist.world  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
+        dist.backward(scaled if scaler is None else scaler.scale(scaled))
+        if scaler is not None:
+            scaler.unscale_(opt)
         grad_norm = dist.clip_grad_norm(policy.trainable_parameters(), cfg.max_grad_norm)
+    if scaler is not None and not bad:
+        stats["amp/loss_scale"] = scaler.get_scale()  # the scale this step's backward used
+        stats["amp/overflow"] = float(not math.isfinite(grad_norm))
+        scaler.step(opt)  # skips opt.step() when unscale_ found an inf or NaN gradient
+        scaler.update()
+        if math.isfinite(grad_norm):
+            sched.step()
+        return grad_norm, False
     if math.isfinite(grad_norm):
         opt.step()
         sched.step()
     else:
         opt.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, not math.isfinite(grad_norm)
 
 
 def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor, old_logp: torch.Tensor | None) -> dict:
