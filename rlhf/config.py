@@ -40,6 +40,7 @@ import yaml
 
 from rlhf.errors import UserError, check_choices
 from rlhf.gym.config import GymConfig, minibatches_from_size
+from rlhf.tracking import tracker_names
 from rlhf.validation import check_ranges
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ class LMConfig:
                                          # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
+                                         # one or a list (none: no tracker); rlhf/tracking.py says where each writes
+    log_completions_every: int = 10      # write sampled completions (prompt, completion, rewards, advantage)
+                                         # to completions.jsonl every N steps, the first and last too (0: never)
     out_dir: str = "runs"                # where run directories are created
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
@@ -180,6 +185,7 @@ class LMConfig:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs=1, "
                             f"minibatches=1) is plain policy gradient: {ONE_STEP_PLAIN_PG[self.objective]}; "
                             "set epochs or minibatches > 1 (or objective: clip)")
+        tracker_names(self.report_to)  # an unknown tracker name: one sentence
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop must be a list of non-empty strings, e.g. stop: [\"\\n\\n\"]; got {self.stop!r}")
 

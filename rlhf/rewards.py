@@ -118,13 +118,14 @@ def load_reward(name: str) -> Callable:
     return fn
 
 
-def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns: dict[str, list]
-          ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns: dict[str, list],
+          values_out: dict | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Weighted sum of all reward functions, shape [N]; the mean of each one for logging (and,
     for functions under a timeout, ``NAME/timeouts``: the fraction of samples stopped); and
     ``scored`` [N] bool, False where every function returned None (or timed out). Such a row
     scores 0 here but has no reward: trainers give it advantage 0 and leave it out of the batch
-    statistics (TRL does the same); ``all_none`` in the means is the fraction of such rows."""
+    statistics (TRL does the same); ``all_none`` in the means is the fraction of such rows.
+    ``values_out``: filled with each function's own values (unweighted, None: unscored)."""
     import torch
 
     total = torch.zeros(len(completions))
@@ -137,6 +138,8 @@ def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns:
                 means[f"{rf.name}/timeouts"] = len(late) / max(len(completions), 1)
         else:
             values = _call(rf, prompts, completions, columns)
+        if values_out is not None:
+            values_out[rf.name] = values
         present = [v for v in values if v is not None]
         means[rf.name] = sum(present) / len(present) if present else float("nan")
         total += torch.tensor([0.0 if v is None else rf.weight * v for v in values])
