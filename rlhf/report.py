@@ -50,7 +50,7 @@ def render(run_dir: Path) -> str:
     samples = read_jsonl(run_dir / "completions.jsonl")
     charts = "".join(svg_chart(title, series) for title, series in chart_series(history, "env" in recipe))
     body = [f"<h1>{_e(run_dir.name)}</h1>", _settings(recipe, history),
-            "<h2>Curves</h2>", f"<div class=charts>{charts}</div>" if charts else "<p>No metrics logged yet.</p>"]
+            "<h2>Curves</h2>", f'<div class="charts">{charts}</div>' if charts else "<p>No metrics logged yet.</p>"]
     if samples:
         body += ["<h2>Sample completions</h2>", sample_tables(samples)]
     body.append(f"<details><summary>Full recipe</summary><pre>{_e(yaml.safe_dump(recipe, sort_keys=False))}"
@@ -80,26 +80,30 @@ def svg_chart(title: str, series: dict[str, list[tuple[float, float]]], width: i
     pts = [p for s in series.values() for p in s if p[1] is not None]
     if not pts:
         return ""
-    left, right, top, bottom = 58, 12, 30, 34
+    legend = 14 * len(series) if len(series) > 1 else 0  # one line per series, under the axis
+    left, right, top, bottom = 58, 12, 30, 34 + legend
+    height += legend
     x0, x1 = _span(min(p[0] for p in pts), max(p[0] for p in pts))
     y0, y1 = _span(min(p[1] for p in pts), max(p[1] for p in pts))
     yticks = nice_ticks(y0, y1)
     y0, y1 = min(y0, yticks[0]), max(y1, yticks[-1])
+    xticks = nice_ticks(x0, x1, 6, min_step=1)  # steps are whole numbers
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
     sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
-    parts = [f'<svg class=chart role="img" aria-label="{_e(title)}" viewBox="0 0 {width} {height}" '
+    parts = [f'<svg class="chart" role="img" aria-label="{_e(title)}" viewBox="0 0 {width} {height}" '
              f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
              f"<title>{_e(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>',
-             f'<text x="{left}" y="18" class=t>{_e(title)}</text>']
+             f'<text x="{left}" y="18" class="t">{_e(title)}</text>']
     for t in yticks:
-        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class=g/>'
-                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_num(t)}</text>')
-    for t in nice_ticks(x0, x1, 6):
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="g"/>'
+                     f'<text x="{left - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{tick_label(t, yticks)}</text>')
+    for t in xticks:
         if x0 <= t <= x1:
-            parts.append(f'<text x="{sx(t):.1f}" y="{height - bottom + 16}" text-anchor="middle">{_num(t)}</text>')
-    parts.append(f'<text x="{width - right}" y="{height - 4}" text-anchor="end">step</text>'
+            parts.append(f'<text x="{sx(t):.1f}" y="{height - bottom + 16}" text-anchor="middle">'
+                         f'{tick_label(t, xticks)}</text>')
+    parts.append(f'<text x="{width - right}" y="{height - bottom + 28}" text-anchor="end">step</text>'
                  f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
-                 'class=frame/>')
+                 'class="frame"/>')
     for i, (label, points) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         for run in _unbroken(points):
@@ -107,22 +111,31 @@ def svg_chart(title: str, series: dict[str, list[tuple[float, float]]], width: i
             parts.append(f'<polyline points="{xy}" fill="none" stroke="{color}" stroke-width="1.8"/>')
             if len(run) <= 40:
                 parts += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.4" fill="{color}"/>' for x, y in run]
-        if len(series) > 1:
-            ly = top + 14 + 14 * i
-            parts.append(f'<rect x="{left + 8}" y="{ly - 8}" width="10" height="3" fill="{color}"/>'
-                         f'<text x="{left + 22}" y="{ly - 3}">{_e(label)}</text>')
+        if legend:
+            ly = height - legend + 14 * i + 8
+            parts.append(f'<rect x="{left}" y="{ly - 4}" width="12" height="3" fill="{color}"/>'
+                         f'<text x="{left + 18}" y="{ly}">{_e(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    raw = (hi - lo) / max(n - 1, 1)
+def nice_ticks(lo: float, hi: float, n: int = 5, min_step: float = 0.0) -> list[float]:
+    """About ``n`` round tick values (1, 2 or 5 times a power of ten apart, at least ``min_step``)
+    covering [lo, hi]."""
+    raw = max((hi - lo) / max(n - 1, 1), min_step)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
     count = math.ceil((hi - first) / step - 1e-9) + 1
     return [round(first + i * step, 12) for i in range(count)]
+
+
+def tick_label(v: float, ticks: list[float]) -> str:
+    """A tick value with just the decimals its spacing needs (0.0001 apart: 4 decimals)."""
+    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    if max(abs(t) for t in ticks) >= 1e6 or step < 1e-6:
+        return f"{v:.3g}"
+    return f"{v:.{max(0, -math.floor(math.log10(step) + 1e-9))}f}"
 
 
 def sample_tables(samples: list[dict]) -> str:
@@ -137,7 +150,7 @@ def sample_tables(samples: list[dict]) -> str:
         head = "".join(f"<th>{_e(h)}</th>" for h in ["prompt", "completion", "reward", *names, "advantage",
                                                       "length", "truncated"])
         body = "".join(
-            "<tr>" + f"<td class=text>{_e(r['prompt'])}</td><td class=text>{_e(r['completion'])}</td>"
+            "<tr>" + f'<td class="text">{_e(r["prompt"])}</td><td class="text">{_e(r["completion"])}</td>'
             + "".join(f"<td>{_num(v)}</td>" for v in [r["reward"], *(r["rewards"].get(k) for k in names),
                                                       r["advantage"]])
             + f"<td>{r['length']}</td><td>{'yes' if r['truncated'] else 'no'}</td></tr>" for r in rows)
@@ -207,7 +220,7 @@ dt {{ color: #666; }} dd {{ margin: 0; font-family: ui-monospace, monospace; }}
 .chart .g {{ stroke: #eee; }} .chart .frame {{ fill: none; stroke: #bbb; }}
 table {{ border-collapse: collapse; margin-bottom: 14px; }}
 th, td {{ border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; text-align: right; }}
-th {{ background: #f5f5f5; }}
+th {{ background: #f5f5f5; text-align: left; }}
 td.text {{ text-align: left; white-space: pre-wrap; font-family: ui-monospace, monospace; max-width: 480px; }}
 pre {{ background: #f7f7f7; padding: 8px; }}
 </style></head>
