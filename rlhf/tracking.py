@@ -122,8 +122,9 @@ class Tracking:
     def finish(self, result: dict) -> dict:
         """End of the run: close the trackers, write report.html, show a few samples; ``result``
         (the run's JSON) gains the report's path."""
-        if self.acc is not None:
-            self.acc.end_training()
+        if self.acc is not None:  # (not acc.end_training: it also ends the processes' group)
+            for tracker in self.acc.trackers:
+                tracker.finish()
         if not self.run.main:
             return result
         from rlhf.report import write_report
