@@ -139,13 +139,14 @@ def tick_label(v: float, ticks: list[float]) -> str:
 
 
 def sample_tables(samples: list[dict]) -> str:
-    """Samples of the first, middle and last logged steps, ``SAMPLES_PER_STEP`` each."""
+    """Samples of the first, middle and last logged steps, ``SAMPLES_PER_STEP`` each (from
+    different prompts where the step has several)."""
     steps = sorted({r["step"] for r in samples})
     picked = list(dict.fromkeys([steps[0], steps[len(steps) // 2], steps[-1]]))
     labels = dict(zip(picked, ("start", "middle", "end") if len(picked) == 3 else ("start", "end")))
     out = []
     for step in picked:
-        rows = [r for r in samples if r["step"] == step][:SAMPLES_PER_STEP]
+        rows = spread([r for r in samples if r["step"] == step])[:SAMPLES_PER_STEP]
         names = list(rows[0].get("rewards", {}))
         head = "".join(f"<th>{_e(h)}</th>" for h in ["prompt", "completion", "reward", *names, "advantage",
                                                       "length", "truncated"])
@@ -156,6 +157,17 @@ def sample_tables(samples: list[dict]) -> str:
             + f"<td>{r['length']}</td><td>{'yes' if r['truncated'] else 'no'}</td></tr>" for r in rows)
         out.append(f"<h3>{labels[step]}: step {step}</h3><table><tr>{head}</tr>{body}</table>")
     return "\n".join(out)
+
+
+def spread(rows: list[dict]) -> list[dict]:
+    """``rows`` reordered round-robin over their prompts (each prompt's first sample, then each
+    one's second, ...), so that the first few shown come from different prompts."""
+    rank: dict[str, int] = {}
+    order = []
+    for i, r in enumerate(rows):
+        rank[r["prompt"]] = rank.get(r["prompt"], -1) + 1
+        order.append((rank[r["prompt"]], i))
+    return [rows[i] for _, i in sorted(order)]
 
 
 def _settings(recipe: dict, history: list[dict]) -> str:

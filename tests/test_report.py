@@ -86,6 +86,13 @@ def test_the_page_escapes_what_a_model_wrote_and_needs_nothing_outside_the_file(
     assert page.count("<tr><td") == 12
 
 
+def test_samples_shown_come_from_different_prompts_first():
+    from rlhf.report import spread
+
+    rows = [{"prompt": p, "i": i} for i, p in enumerate("aaabbbcc")]
+    assert [r["i"] for r in spread(rows)] == [0, 3, 6, 1, 4, 7, 2, 5]
+
+
 def test_rlhf_report_writes_the_page_and_refuses_a_directory_without_a_run(tmp_path, capsys):
     run = fake_run(tmp_path, {"algo": "ppo", "env": "CartPole-v1"}, [{"step": 64, "return": 9.0}])
     assert main(["report", str(run)]) == 0
