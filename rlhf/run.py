@@ -109,6 +109,16 @@ class Run:
         if self.trackers is not None:
             self.trackers.log(row)
 
+    def append(self, filename: str, rows: list[dict]) -> None:
+        """Append ``rows`` as JSON lines to RUN_DIR/filename (the main process writes)."""
+        if not self.main:
+            return
+
+        def append():
+            with (self.dir / filename).open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._write(append, filename)
+
     def sync(self) -> None:
         """fsync the metrics, so that none a checkpoint covers can be lost after it is published."""
         if self.main and self.metrics_path.is_file():

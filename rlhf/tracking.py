@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -39,11 +38,11 @@ SHOWN_AT_END = 3  # sample completions printed at the end of a run with a progre
 def tracker_names(report_to, installed: bool = False) -> list[str]:
     """``report_to`` (one name, a list of them, or none) as a list of tracker names; an unknown
     name, and with ``installed`` a tracker whose package is missing, is one sentence."""
-    items = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
+    items = [] if report_to is None else [report_to] if isinstance(report_to, str) else list(report_to)
     names: list[str] = []
     for item in items:
-        name = item.strip().lower() if isinstance(item, str) else item
-        if name in (None, "none", ""):
+        name = item.strip().lower() if isinstance(item, str) else None
+        if name in ("none", ""):
             continue
         if name not in TRACKERS:
             raise UserError(f"report_to: unknown tracker {item!r}; valid: {', '.join(TRACKERS)} or none "
@@ -105,7 +104,7 @@ class Tracking:
             return
         rows = sample_rows(step, prompts, completions, rewards, reward_values, adv, roll)
         self.last_samples = rows
-        self.run._write(lambda: _append_jsonl(self.run.dir / COMPLETIONS, rows), COMPLETIONS)
+        self.run.append(COMPLETIONS, rows)
         if self.acc is not None:
             self._table(step, rows)
 
@@ -184,11 +183,6 @@ def show_samples(rows: list[dict], width: int = 160) -> None:
         print(f"  prompt:     {short(r['prompt'])}\n  completion: {short(r['completion'])}\n"
               f"  reward {r['reward']:g} ({rewards}), advantage {r['advantage']:+.3f}, {r['length']} tokens"
               f"{', truncated' if r['truncated'] else ''}", file=sys.stderr)
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _tracking_accelerator(cfg, run_dir):

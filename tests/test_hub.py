@@ -3,7 +3,6 @@ create_repo and upload_folder replaced: nothing leaves this machine)."""
 import json
 from pathlib import Path
 
-import pytest
 
 from rlhf.cli import main
 

@@ -107,6 +107,8 @@ def test_report_to_takes_one_name_a_list_or_none():
     assert tracker_names("tensorboard") == ["tensorboard"]
     assert tracker_names(["TensorBoard", "wandb", "tensorboard"]) == ["tensorboard", "wandb"]
     assert tracker_names("none") == tracker_names(None) == tracker_names([]) == []
+    with pytest.raises(UserError, match="unknown tracker"):
+        tracker_names([{"wandb": 1}])
 
 
 def test_an_unknown_tracker_is_one_sentence(tmp_path, capsys):
