@@ -222,7 +222,8 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
-body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222; max-width: 1400px; }}
+body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #222;
+       max-width: 1400px; }}
 h1 {{ font-size: 22px; margin: 0 0 12px; }} h2 {{ font-size: 18px; margin: 26px 0 8px; }} h3 {{ font-size: 15px; }}
 dl {{ display: grid; grid-template-columns: max-content auto; gap: 2px 14px; margin: 0; }}
 dt {{ color: #666; }} dd {{ margin: 0; font-family: ui-monospace, monospace; }}

@@ -24,11 +24,11 @@ def sets(*items):
     return [x for item in items for x in ("--set", item)]
 
 
-def train(capsys, *argv) -> dict:
-    code = main(["train", *argv, "--no-progress"])
+def train(capsys, *argv, progress: bool = False) -> dict:
+    code = main(["train", *argv] + ([] if progress else ["--no-progress"]))
     out, err = capsys.readouterr()
     assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
+    return {**json.loads(out.strip().splitlines()[-1]), "stderr": err}
 
 
 def tensorboard_scalars(run_dir: Path):
@@ -136,8 +136,13 @@ def test_completions_jsonl_holds_every_sample_of_the_logged_steps(tiny_model, tm
     from rlhf.core import group_normalize
 
     run_dir = tmp_path / "run"
-    train(capsys, "grpo_arith", "--run-dir", str(run_dir), *sets(f"model={tiny_model}", *TINY_LM))
+    err = train(capsys, "grpo_arith", "--run-dir", str(run_dir), *sets(f"model={tiny_model}", *TINY_LM),
+                progress=True)["stderr"]
     rows = [json.loads(x) for x in (run_dir / "completions.jsonl").read_text().splitlines()]
+    # the end of the progress output: three of the last step's samples, then the report's path
+    tail = err.splitlines()[-11:]
+    assert tail[0] == "sample completions (step 3):" and tail[-1] == f"report: {run_dir / 'report.html'}"
+    assert [line.split(":")[0].strip() for line in tail[1:10:3]] == ["prompt"] * 3
     assert [r["step"] for r in rows] == [1] * 4 + [2] * 4 + [3] * 4  # every 2nd step, the first and last
     metrics = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     for step in (1, 2, 3):
