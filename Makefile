@@ -35,7 +35,8 @@ demo: setup
 	$(BIN)/rlhf model pull; echo "[demo] model ready in $$((SECONDS - t)) s" >&2; \
 	run=runs/demo-$$(date +%Y%m%d-%H%M%S); t=$$SECONDS; \
 	$(BIN)/rlhf train $(RECIPE) --run-dir $$run; echo "[demo] trained in $$((SECONDS - t)) s" >&2; t=$$SECONDS; \
-	$(BIN)/rlhf eval $$run; echo "[demo] evaluated in $$((SECONDS - t)) s" >&2
+	$(BIN)/rlhf eval $$run; echo "[demo] evaluated in $$((SECONDS - t)) s" >&2; \
+	echo "[demo] the run's report (open it in a browser): $$run/report.html" >&2
 
 test: setup-dev
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,6 @@
 """Command line: ``rlhf train RECIPE``, ``rlhf eval RUN_DIR``, ``rlhf model pull [NAME]``;
-``rlhf generate|chat|merge RUN_DIR`` use a trained adapter; ``rlhf recipes``, ``rlhf keys [ALGO]``.
+``rlhf generate|chat|merge|push RUN_DIR`` use a trained adapter; ``rlhf report RUN_DIR`` writes
+its report page; ``rlhf recipes``, ``rlhf keys [ALGO]``.
 
 Every command prints, as its very last line on stdout, one JSON object with its results.
 Mistakes a user can make end in one sentence on stderr and exit status 2, no traceback.
@@ -89,7 +90,12 @@ def _train(args) -> dict:
         print(f"run directory: {run.dir}", file=sys.stderr)
     try:
         train = get_trainer(cfg)
-        return train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+        result = train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
+        if getattr(cfg, "push_to_hub", None) and run.main:
+            from rlhf.hub import push_adapter
+
+            result["hub"] = push_adapter(run.dir, cfg.push_to_hub, cfg.hub_private)
+        return result
     except UserError:
         if fresh and run.main:
             _remove_unstarted(run)
@@ -170,6 +176,12 @@ def _share_parsers(sub) -> None:
     mg = sub.add_parser("merge", help="fold a run's adapter into its base: a full safetensors checkpoint")
     mg.add_argument("run_dir")
     mg.add_argument("out_dir")
+    pu = sub.add_parser("push", help="upload a run's adapter/ (with tokenizer and model card) to a Hub model repo")
+    pu.add_argument("run_dir")
+    pu.add_argument("repo_id", help="user/name (created if it does not exist)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    rp = sub.add_parser("report", help="write a run's report page (RUN_DIR/report.html): curves and samples")
+    rp.add_argument("run_dir")
     sub.add_parser("recipes", help="list the installed recipes (rlhf train NAME runs one)")
     ks = sub.add_parser("keys", help="every recipe key with its default and meaning")
     ks.add_argument("algo", nargs="?", help="only the config family of this algo")
@@ -211,6 +223,18 @@ def _merge(args) -> dict:
     return {"merged": merge(args.run_dir, args.out_dir)}
 
 
+def _push(args) -> dict:
+    from rlhf.hub import push_adapter
+
+    return push_adapter(args.run_dir, args.repo_id, args.private)
+
+
+def _report(args) -> dict:
+    from rlhf.report import write_report
+
+    return {"report": str(write_report(args.run_dir))}
+
+
 def _recipes(args) -> dict:
     from rlhf.catalog import list_recipes, recipes_dir
 
@@ -240,7 +264,7 @@ def _version() -> str:
 
 
 COMMANDS = {"train": _train, "eval": _eval, "model": _model, "generate": _generate, "chat": _chat,
-            "merge": _merge, "recipes": _recipes, "keys": _keys}
+            "merge": _merge, "push": _push, "report": _report, "recipes": _recipes, "keys": _keys}
 
 
 # libraries whose own warnings are chatter to a user of the CLI (deprecations inside them,

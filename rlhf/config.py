@@ -40,6 +40,8 @@ import yaml
 
 from rlhf.errors import UserError, check_choices
 from rlhf.gym.config import GymConfig, minibatches_from_size
+from rlhf.hub import check_repo_id
+from rlhf.tracking import tracker_names
 from rlhf.validation import check_ranges
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,13 @@ class LMConfig:
                                          # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
+                                         # one or a list (none: no tracker); rlhf/tracking.py says where each writes
+    log_completions_every: int = 10      # write sampled completions (prompt, completion, rewards, advantage)
+                                         # to completions.jsonl every N steps, the first and last too (0: never)
+    push_to_hub: str | None = None       # Hub model repo (user/name): adapter/ is uploaded there when the run
+                                         # ends (token: HF_TOKEN or hf auth login); later: rlhf push RUN_DIR REPO
+    hub_private: bool = False            # push_to_hub creates the repo private (an existing repo keeps its setting)
     out_dir: str = "runs"                # where run directories are created
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
@@ -181,6 +190,12 @@ class LMConfig:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs=1, "
                             f"minibatches=1) is plain policy gradient: {ONE_STEP_PLAIN_PG[self.objective]}; "
                             "set epochs or minibatches > 1 (or objective: clip)")
+        tracker_names(self.report_to)  # an unknown tracker name: one sentence
+        if self.push_to_hub is not None:
+            if self.algo == "reward_model":
+                raise UserError("push_to_hub shares a policy's LoRA adapter; a reward_model run has none "
+                                "(remove push_to_hub)")
+            check_repo_id(self.push_to_hub)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise UserError(f"stop must be a list of non-empty strings, e.g. stop: [\"\\n\\n\"]; got {self.stop!r}")
 

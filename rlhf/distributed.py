@@ -37,10 +37,12 @@ DEEPSPEED_DIR = "deepspeed"  # in a checkpoint: the engine's own files, one opti
 class Dist:
     """A thin layer over ``accelerate.Accelerator`` with the few collectives the trainer needs."""
 
-    def __init__(self, mixed_precision: str | None = None):
+    def __init__(self, mixed_precision: str | None = None, trackers: dict | None = None):
+        """``trackers``: the Accelerator's tracking arguments (``rlhf.tracking.accelerator_kwargs``)."""
         from accelerate import Accelerator
 
         kwargs = {} if mixed_precision is None else {"mixed_precision": mixed_precision}
+        kwargs.update(trackers or {})
         self.acc = Accelerator(cpu=use_cpu(), **kwargs)
         if use_cpu() and self.acc.num_processes > 1:
             _sharding_on_cpus(self.acc)

@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.tracking import tracker_names
 
 # ------------------------------------------------------------------------------ the preflight
 def preflight(cfg) -> None:
     """Everything a run depends on that can be checked before a model loads."""
+    tracker_names(cfg.report_to, installed=True)  # each tracker's package is installed
     if type(cfg).__name__ == "GymConfig":
         from rlhf.gym.common import env_spec
 

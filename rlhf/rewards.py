@@ -239,15 +239,16 @@ def reward_kwargs(fn, available: dict) -> dict:
 
 
 def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns: dict[str, list],
-          completion_ids: list[list[int]] | None = None, trainer_state: TrainerState | None = None
-          ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+          completion_ids: list[list[int]] | None = None, trainer_state: TrainerState | None = None,
+          values_out: dict | None = None) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
     """Weighted sum of all reward functions, shape [N]; the mean of each one for logging (and,
     for functions under a timeout, ``NAME/timeouts``: the fraction of samples stopped); and
     ``scored`` [N] bool, False where every function returned None (or timed out). Such a row
     scores 0 here but has no reward: trainers give it advantage 0 and leave it out of the batch
     statistics (TRL does the same); ``all_none`` in the means is the fraction of such rows.
     ``completion_ids``: each completion's token ids (None: not known, e.g. completions given as
-    text); ``trainer_state``: default ``TrainerState()``."""
+    text); ``trainer_state``: default ``TrainerState()``.
+    ``values_out``: filled with each function's own values (unweighted, None: unscored)."""
     import torch
 
     available = {**columns, "trainer_state": trainer_state or TrainerState()}
@@ -264,6 +265,8 @@ def score(reward_fns: list[RewardFn], prompts: list, completions: list, columns:
             values, late = results[rf.name]
         if late is not None:
             means[f"{rf.name}/timeouts"] = len(late) / max(len(completions), 1)
+        if values_out is not None:
+            values_out[rf.name] = values
         present = [v for v in values if v is not None]
         means[rf.name] = sum(present) / len(present) if present else float("nan")
         total += torch.tensor([0.0 if v is None else rf.weight * v for v in values])

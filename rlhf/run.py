@@ -4,6 +4,8 @@
     runs/<name>/metrics.jsonl    one JSON object per step
     runs/<name>/adapter/         LoRA adapter in PEFT format (a link into the newest checkpoint)
     runs/<name>/reward.png       reward over steps
+    runs/<name>/completions.jsonl  sampled completions every log_completions_every steps (LM)
+    runs/<name>/report.html      the run's report page (``rlhf.report``), written at the end
     runs/<name>/run.lock         held (flock) by the process training the run
 
 Saved directories are published crash-safely (``rlhf.storage``): a run killed at any instant
@@ -22,7 +24,8 @@ import yaml
 
 from rlhf.config import to_dict
 from rlhf.errors import UserError
-from rlhf.storage import Slot, fsync_path, is_environment_error, lock_run_dir, replace_file, save_failed, unlock
+from rlhf.storage import (Slot, fsync_path, is_environment_error, lock_run_dir, read_jsonl, replace_file, save_failed,
+                          unlock)
 
 
 class Run:
@@ -42,6 +45,7 @@ class Run:
         self.dir = Path(run_dir)
         self.metrics_path = self.dir / "metrics.jsonl"
         self.history: list[dict] = []
+        self.trackers = None  # rlhf.tracking.Tracking, set by the trainer: every logged row goes there too
         self._lock = None
         if not main:
             return
@@ -84,19 +88,17 @@ class Run:
             raise save_failed(exc, self.dir, what, kept) from None
 
     def truncate_history(self, step: int) -> None:
-        """On resume: keep the logged rows up to ``step`` (later ones are redone)."""
-        rows = []
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line torn by a crash: after the checkpoint, redone
-                    break
-        self.history = [r for r in rows if r.get("step", 0) <= step]
+        """On resume: keep the logged rows (metrics and sample completions) up to ``step``
+        (later ones are redone)."""
+        self.history = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
         if not self.main:
             return
         text = "".join(json.dumps(r) + "\n" for r in self.history)
         self._write(lambda: replace_file(self.metrics_path, text.encode()), "metrics.jsonl")
+        samples = self.dir / "completions.jsonl"
+        if samples.is_file():
+            text = "".join(json.dumps(r) + "\n" for r in read_jsonl(samples) if r.get("step", 0) <= step)
+            self._write(lambda: replace_file(samples, text.encode()), samples.name)
 
     def log(self, row: dict) -> None:
         row = {k: _plain(v) for k, v in row.items()}
@@ -108,6 +110,18 @@ class Run:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         self._write(append, "metrics.jsonl")
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def append(self, filename: str, rows: list[dict]) -> None:
+        """Append ``rows`` as JSON lines to RUN_DIR/filename (the main process writes)."""
+        if not self.main:
+            return
+
+        def append():
+            with (self.dir / filename).open("a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+        self._write(append, filename)
 
     def sync(self) -> None:
         """fsync the metrics, so that none a checkpoint covers can be lost after it is published."""

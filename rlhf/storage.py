@@ -23,6 +23,7 @@ Every step goes through the ``os`` functions (``os.mkdir``, ``os.rename``, ``os.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -265,3 +266,15 @@ def lock_run_dir(run_dir: Path) -> int:
 def unlock(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file up to a line torn by a crash; [] when there is no file."""
+    rows, path = [], Path(path)
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash: after the checkpoint, redone
+                break
+    return rows

@@ -89,6 +89,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "reward_timeout_s": NON_NEGATIVE, "reward_workers": NON_NEGATIVE,   # 0 turns each off
         "top_k": NON_NEGATIVE, "min_p": UNIT, "max_prompt_length": NON_NEGATIVE,  # 0 turns each off
         "top_p": Range(0, 1, low_open=True),                                    # 1 turns it off
+        "log_completions_every": NON_NEGATIVE,                                  # 0 turns it off
     },
     "GymConfig": {
         "seed": SEED, "total_steps": AT_LEAST_1, "n_envs": AT_LEAST_1, "threads": AT_LEAST_1,

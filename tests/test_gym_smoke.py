@@ -97,7 +97,8 @@ def test_env_worker_processes_train(recipe, tmp_path, capsys):
         for item in TINY:
             args += ["--set", item]
         assert main(args) == 0
-        results[processes] = {k: v for k, v in last_json(capsys).items() if k not in ("run_dir", "wall_s", "cpu_s")}
+        results[processes] = {k: v for k, v in last_json(capsys).items()
+                              if k not in ("run_dir", "report", "wall_s", "cpu_s")}
         metrics[processes] = [{k: v for k, v in json.loads(x).items() if k != "time_s"}
                               for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics["true"] and metrics["true"] == metrics["false"]

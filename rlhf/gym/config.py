@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf.errors import UserError, check_choices
+from rlhf.tracking import tracker_names
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
@@ -89,6 +90,8 @@ class GymConfig:
     eval_episodes: int = 20              # deterministic episodes in the final evaluation
     save_every: int = 0                  # env steps between resumable checkpoints (--resume; 0: none)
     eval_seed: int = 1_000_000           # first seed of evaluation episodes (never used in training)
+    report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
+                                         # one or a list (none: no tracker); rlhf/tracking.py says where each writes
     out_dir: str = "runs"                # where run directories are created
     run_name: str | None = None          # run directory name (default: recipe name + time)
 
@@ -105,6 +108,7 @@ class GymConfig:
     def validate(self) -> None:
         # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES)
         check_choices(self)
+        tracker_names(self.report_to)  # an unknown tracker name: one sentence
         if self.algo == "ppo" and self.objective != "clip" and self.ppo_steps_per_rollout() == 1:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs="
                             f"{self.epochs}, minibatches={self.minibatches}) is plain policy gradient: the ratio is 1 and the "

@@ -5,6 +5,7 @@ from rlhf.gym.common import env_spec, save_agent
 from rlhf.gym.config import ON_POLICY, GymConfig
 from rlhf.gym.evaluate import evaluate_agent
 from rlhf.seeding import seed_everything
+from rlhf.tracking import Tracking
 from rlhf.trainers.dqn import train_dqn
 from rlhf.trainers.on_policy import train_on_policy
 from rlhf.trainers.sac import train_sac
@@ -18,6 +19,7 @@ def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> d
     """``rlhf train`` for gym recipes. Returns the final JSON: run_dir, training and eval figures."""
     seed_everything(cfg.seed, cfg.threads)
     spec = env_spec(cfg)
+    track = Tracking(cfg, run, progress=progress)  # trackers, report.html
     loop = train_on_policy if cfg.algo in ON_POLICY else LOOPS[cfg.algo]
     agent, summary = loop(cfg, spec, run, progress, resume=resume)
     save_agent(run, agent)
@@ -25,4 +27,4 @@ def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> d
     result = {"run_dir": str(run.dir), "algo": cfg.algo, "env": cfg.env, "seed": cfg.seed, **summary}
     ev = evaluate_agent(agent, cfg, cfg.eval_episodes)
     result.update(eval_mean_return=ev["mean_return"], eval_std_return=ev["std_return"])
-    return result
+    return track.finish(result)

@@ -40,10 +40,12 @@ from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
 from rlhf.tasks import task_from_config
+from rlhf.tracking import Tracking, accelerator_kwargs
 
 
 def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
-    dist = Dist()
+    dist = Dist(trackers=accelerator_kwargs(cfg, run.dir))
+    track = Tracking(cfg, run, dist.acc, progress)  # trackers, completions.jsonl, report.html
     dist.check_split(cfg.prompts_per_step, cfg.minibatches)
     seed_everything(cfg.seed, cfg.threads)
     task = task_from_config(cfg)
@@ -67,8 +69,10 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                 roll, prompts, completions, columns = collect(policy, dist.shard(rows), cfg,
                                                               uniforms=rank_uniforms(cfg, step, dist))
             t1 = time.time()
+            reward_values: dict = {}
             local_rewards, reward_means, local_scored = score(                       # score
-                reward_fns, prompts, completions, columns, completion_id_lists(roll), TrainerState(step, cfg.steps))
+                reward_fns, prompts, completions, columns, completion_id_lists(roll), TrainerState(step, cfg.steps),
+                values_out=reward_values)
             rewards = dist.gather(local_rewards.to(policy.device))  # every rank's, in rank order
             scored = dist.gather(local_scored.to(policy.device, torch.float32)) > 0
             t2 = time.time()
@@ -90,13 +94,14 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
                 run.dump_tensors(step + 1, dist.rank, rewards=rewards, adv=adv, local_rewards=local_rewards,
                                  loss_part=torch.tensor(loss_part))
             run.log(row)
+            track.completions(step + 1, prompts, completions, local_rewards, reward_values, adv, roll)
             bar.set_postfix(reward=f"{row['reward']:.2f}", kl=f"{row.get('kl', 0.0):.3f}",
                             len=f"{row['completion_len']:.1f}")
             saver.after_step(asdict(state), cfg.save_every, cfg.max_nonfinite_steps)
     full = saver.final(asdict(state))
     if dist.is_main:
         run.plot("reward")
-    return summary(run, policy, time.time() - t_start, full)
+    return track.finish(summary(run, policy, time.time() - t_start, full))
 
 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:

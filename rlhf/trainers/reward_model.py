@@ -20,6 +20,7 @@ from rlhf.evaluate import heldout_accuracy
 from rlhf.lm.reward_model import RM_DIR, RewardModel
 from rlhf.preferences import preference_rows
 from rlhf.seeding import seed_everything
+from rlhf.tracking import Tracking
 
 
 def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) -> dict:
@@ -28,6 +29,7 @@ def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) ->
     if cfg.rm_head == "log_ratio" and cfg.rm_beta <= 0:
         raise UserError(f"a reward model needs rm_beta > 0 (the scale of its log-ratio reward), got {cfg.rm_beta}")
     seed_everything(cfg.seed, cfg.threads)
+    track = Tracking(cfg, run, progress=progress)  # trackers, report.html
     t0 = time.time()
     rm = RewardModel(cfg.model, cfg.lora_r, cfg.lora_alpha, beta=cfg.rm_beta, trainable=True, head=cfg.rm_head)
     train_rows, eval_rows = preference_rows(cfg, rm)  # arith: samples the base policy (a minute or two)
@@ -61,9 +63,9 @@ def train_reward_model(cfg, run, progress: bool = True, resume: bool = False) ->
     run.save_atomic(RM_DIR, rm.save)
     run.log({"step": cfg.steps, **heldout})
     run.plot("accuracy", "accuracy.png")
-    return {"run_dir": str(run.dir), "reward_model": str(run.dir / RM_DIR), "steps": cfg.steps,
-            "train_pairs_seen": cfg.steps * bs, **heldout, "pairs_time_s": round(pairs_s, 1),
-            "train_time_s": round(train_s, 1), "eval_time_s": round(time.time() - t2, 1)}
+    return track.finish({"run_dir": str(run.dir), "reward_model": str(run.dir / RM_DIR), "steps": cfg.steps,
+                         "train_pairs_seen": cfg.steps * bs, **heldout, "pairs_time_s": round(pairs_s, 1),
+                         "train_time_s": round(train_s, 1), "eval_time_s": round(time.time() - t2, 1)})
 
 
 RM_FOLLOW = {RM_DIR: RM_DIR}  # RUN_DIR/reward_model: the newest checkpoint's until the final save
