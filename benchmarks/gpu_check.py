@@ -143,16 +143,23 @@ def _plain(v):
 # ---------------------------------------------------------------------------- watching the device
 class DeviceWatch(torch.utils._python_dispatch.TorchDispatchMode):
     """Inside the block: counts float64 tensors produced on a non-CPU device (MPS has no float64;
-    on GPUs it is slow), and records the device of every ``nn.Linear`` / ``nn.Embedding`` forward."""
+    on GPUs it is slow), and records the device of every ``nn.Linear`` / ``nn.Embedding`` forward.
+    Ops inside torch's own ``GradScaler.unscale_`` are not counted: it takes the reciprocal of
+    its scale in float64 on every device but MPS (torch's choice, skipped where float64 is
+    missing; seen on an H200: one ``_to_copy`` and one ``reciprocal`` per fp16 step)."""
 
     def __init__(self):
         super().__init__()
         self.float64_on_device: dict[str, int] = {}
         self.module_devices: set[str] = set()
         self._hook = None
+        self._in_scaler = 0
+        self._real_unscale = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._in_scaler:
+            return out
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type != "cpu":
                 name = str(func)
@@ -165,10 +172,20 @@ class DeviceWatch(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __enter__(self):
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._record)
+        self._real_unscale = real = torch.amp.GradScaler.unscale_
+
+        def unscale_(scaler, optimizer):
+            self._in_scaler += 1
+            try:
+                return real(scaler, optimizer)
+            finally:
+                self._in_scaler -= 1
+        torch.amp.GradScaler.unscale_ = unscale_
         return super().__enter__()
 
     def __exit__(self, *exc):
         self._hook.remove()
+        torch.amp.GradScaler.unscale_ = self._real_unscale
         return super().__exit__(*exc)
 
     def fields(self, device: torch.device) -> tuple[bool, dict]:
