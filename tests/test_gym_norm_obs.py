@@ -25,7 +25,7 @@ def test_norm_obs_ppo_ratio_is_one_at_the_first_minibatch(recipe, tmp_path, monk
     real = on_policy.Updater.ppo
     monkeypatch.setattr(on_policy.Updater, "ppo", lambda self, b, clip: seen.append(real(self, b, clip)) or seen[-1])
     args = ["train", f"recipes/{recipe}.yaml", "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    for item in ("n_envs=4", "n_steps=64", "total_steps=1536", "log_every=512", "eval_episodes=1"):
+    for item in ("n_envs=4", "n_steps=64", "total_steps=1536", "log_every=512", "eval_episodes=1", "norm_obs=true"):
         args += ["--set", item]
     assert main(args) == 0
     assert len(seen) >= 5  # several rollouts: the normaliser moved between and within them
@@ -44,7 +44,7 @@ def test_norm_obs_kl_after_update_is_zero_without_a_step(tmp_path, monkeypatch):
     real = on_policy.Updater.kl_after_update
     monkeypatch.setattr(on_policy.Updater, "kl_after_update", lambda self, b: seen.append(real(self, b)) or seen[-1])
     args = ["train", "recipes/ppo_pendulum.yaml", "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    for item in ("n_envs=2", "n_steps=128", "total_steps=768", "log_every=256", "eval_episodes=1", "lr=1e-12",
+    for item in ("n_envs=2", "n_steps=128", "total_steps=768", "log_every=256", "eval_episodes=1", "lr=1e-12", "norm_obs=true",
                  "objective=adaptive_kl", "target_kl=0.01", "lr_schedule=constant"):
         args += ["--set", item]
     assert main(args) == 0
