@@ -29,6 +29,8 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
+    if cfg.threads:  # the run's thread count (threads=1 on a shared machine), not torch's default
+        torch.set_num_threads(cfg.threads)
     policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter))
     policy.to(process_device())  # the device the trainer ran on (accelerate's pick)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
