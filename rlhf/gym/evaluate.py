@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from rlhf.gym.common import load_agent
 from rlhf.gym.config import GymConfig
-from rlhf.gym.envs import make_env
+from rlhf.gym.envs import make_env, obs_batch
 
 
 @torch.no_grad()
@@ -20,8 +20,7 @@ def evaluate_agent(agent, cfg: GymConfig, episodes: int, progress: bool = False)
         obs, _ = env.reset(seed=cfg.eval_seed + i)
         done, total, n = False, 0.0, 0
         while not done:
-            x = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1)
-            action = agent.act_deterministic(x)[0].numpy()
+            action = agent.act_deterministic(obs_batch(obs, env.observation_space))[0].numpy()
             obs, reward, terminated, truncated, _ = env.step(action.item() if action.ndim == 0 else action)
             total, n, done = total + float(reward), n + 1, terminated or truncated
         returns.append(total)
