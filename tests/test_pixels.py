@@ -173,6 +173,7 @@ def test_minatar_env_gives_channels_first_uint8():
     ({"network": "mlp"}, "set network: nature_cnn"),
     ({"norm_obs": "true"}, "norm_obs does not apply to the images"),
     ({"network": "nature_cnn"}, "at least 36x36"),
+    ({"save_every": 1000}, "save_every .resumable checkpoints. does not support MinAtar/Breakout-v1"),
 ])
 def test_image_settings_that_cannot_train_are_refused(over, match):
     pytest.importorskip("minatar")
