@@ -170,6 +170,9 @@ def main(argv=None) -> dict:
     if args.report:
         res = json.loads((out / "dqn_pixels.json").read_text())
     else:
+        (out / "dqn_pixels.json").unlink(missing_ok=True)  # (no stale result beside the new snapshots)
+        for old in (out / "snapshots").glob("step-*.safetensors"):
+            old.unlink()
         res = {"command": " ".join(["benchmarks/seeds/dqn_pixels.py"] + (argv if argv is not None else sys.argv[1:])),
                "env": cfg.env, "network": cfg.network, "seed": cfg.seed, "recipe": args.recipe,
                "overrides": list(args.set), "machine": f"{platform.processor() or platform.machine()}, "
