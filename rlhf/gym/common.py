@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from rlhf.errors import UserError
 from rlhf.gym import policies as P
 from rlhf.gym.config import OFF_POLICY, ON_POLICY, GymConfig
-from rlhf.gym.envs import make_env, space_kind
+from rlhf.gym.envs import is_frame_stack, is_image_space, make_env, space_kind
 
 POLICY_DIR = "policy"
 POLICY_FILE = "model.safetensors"
@@ -21,6 +22,10 @@ def env_spec(cfg: GymConfig) -> dict:
     env = make_env(cfg.env)
     obs_kind, act_kind = space_kind(env.observation_space), space_kind(env.action_space)
     spec = {"obs_kind": obs_kind, "act_kind": act_kind}
+    image = is_image_space(env.observation_space)
+    if image:
+        spec.update(obs_shape=list(env.observation_space.shape), obs_high=float(env.observation_space.high.max()),
+                    frame_stacked=is_frame_stack(env))
     env.close()
     if cfg.algo == "q_learning":
         if obs_kind != "discrete" or act_kind != "discrete":
@@ -28,10 +33,15 @@ def env_spec(cfg: GymConfig) -> dict:
                             f"observations and {act_kind} actions (try FrozenLake-v1 or Taxi-v3)")
         spec.update(n_states=int(env.observation_space.n), n_actions=int(env.action_space.n))
         return spec
-    if obs_kind != "box" or len(env.observation_space.shape) != 1:
+    if image:
+        check_image_settings(cfg, spec["obs_shape"])
+    elif obs_kind != "box" or len(env.observation_space.shape) != 1:
         raise UserError(f"{cfg.algo} needs a flat Box observation space; {cfg.env} has "
                         f"{env.observation_space} (tabular envs: use algo q_learning)")
-    spec["obs_dim"] = int(env.observation_space.shape[0])
+    elif cfg.network != "mlp":
+        raise UserError(f"network {cfg.network} reads images, but {cfg.env} has flat observations "
+                        f"{env.observation_space}; set network: mlp")
+    spec["obs_dim"] = int(np.prod(env.observation_space.shape))
     if act_kind == "discrete":
         spec["act_dim"] = int(env.action_space.n)
     elif act_kind == "box":
@@ -46,6 +56,29 @@ def env_spec(cfg: GymConfig) -> dict:
         raise UserError(f"sac needs continuous (Box) actions but {cfg.env} has discrete ones; "
                         "use algo dqn or ppo for it")
     return spec
+
+
+# smallest frame nature_cnn takes: 8x8/4 -> 4x4/2 -> 3x3/1 leaves a 1x1 map at 36 pixels
+NATURE_CNN_MIN_SIZE = 36
+
+
+def check_image_settings(cfg: GymConfig, shape: list[int]) -> None:
+    """Image observations [C, H, W] train with dqn and a CNN; anything else is one sentence."""
+    if cfg.algo != "dqn":
+        raise UserError(f"{cfg.algo} reads flat observations, but {cfg.env} gives images {tuple(shape)}; "
+                        "train image envs with algo dqn and network nature_cnn (Atari) or minatar_cnn (MinAtar)")
+    if cfg.network == "mlp":
+        raise UserError(f"{cfg.env} gives images {tuple(shape)}; set network: nature_cnn (Atari's 84x84 frames) "
+                        "or minatar_cnn (MinAtar's 10x10 grids)")
+    if cfg.norm_obs:
+        raise UserError(f"norm_obs does not apply to the images of {cfg.env} (the CNN scales pixels to [0, 1] "
+                        "itself); remove norm_obs from the recipe")
+    if cfg.save_every:  # rlhf/gym/resume.py restores plain attributes; an emulator is not one
+        raise UserError(f"save_every (resumable checkpoints) does not support {cfg.env}: the game's emulator "
+                        "state is not saved, so a resumed run would not continue the same episodes; set save_every=0")
+    if cfg.network == "nature_cnn" and min(shape[1:]) < NATURE_CNN_MIN_SIZE:
+        raise UserError(f"network nature_cnn needs images of at least {NATURE_CNN_MIN_SIZE}x{NATURE_CNN_MIN_SIZE}; "
+                        f"{cfg.env} gives {shape[1]}x{shape[2]}: use network minatar_cnn")
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -69,8 +102,9 @@ def build_agent(cfg: GymConfig, spec: dict) -> nn.Module:
                              cfg.layers, cfg.activation, cfg.ortho_init, cfg.norm_obs, cfg.clip_obs,
                              cfg.log_std_init)
     if cfg.algo == "dqn":
-        return P.QNetwork(spec["obs_dim"], spec["act_dim"], cfg.hidden, cfg.layers, cfg.activation,
-                          cfg.dueling, cfg.norm_obs, cfg.clip_obs)
+        return P.QNetwork(spec.get("obs_shape", spec["obs_dim"]), spec["act_dim"], cfg.hidden, cfg.layers,
+                          cfg.activation, cfg.dueling, cfg.norm_obs, cfg.clip_obs, cfg.network,
+                          spec.get("obs_high", 255.0))
     if cfg.algo == "sac":
         return P.SquashedGaussianActor(spec["obs_dim"], spec["act_dim"], spec["low"], spec["high"],
                                        cfg.hidden, cfg.layers, cfg.norm_obs, cfg.clip_obs)

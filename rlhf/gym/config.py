@@ -72,6 +72,10 @@ class GymConfig:
     tau: float = 0.005                   # sac: Polyak rate of the target critics
     double: bool = False                 # dqn: Double-DQN target (online argmax, target value)
     dueling: bool = False                # dqn: dueling head V(s) + A(s,a) - mean A
+    network: str = "mlp"                 # dqn Q-network: mlp (flat observations) | nature_cnn (Atari's
+                                         # 84x84 frame stacks) | minatar_cnn (MinAtar's 10x10 grids)
+    device: str = "cpu"                  # dqn: where the Q-networks train: cpu | cuda (replay stays in
+                                         # CPU memory; minibatches move); the other algos run on cpu
     eps_start: float = 1.0               # dqn: initial exploration epsilon
     eps_end: float = 0.05                # dqn: final epsilon
     eps_fraction: float = 0.1            # dqn: fraction of total_steps over which epsilon decays
@@ -103,6 +107,8 @@ class GymConfig:
         "activation": ("tanh", "relu"),
         "objective": ("clip", "kl_penalty", "adaptive_kl"),
         "loss": ("huber", "mse"),
+        "network": ("mlp", "nature_cnn", "minatar_cnn"),
+        "device": ("cpu", "cuda"),
     }
 
     def validate(self) -> None:
@@ -120,6 +126,9 @@ class GymConfig:
         if self.algo in ("ppo", "trpo") and (self.n_steps * self.n_envs) % self.minibatches:
             raise UserError(f"minibatches={self.minibatches} must divide n_steps * n_envs = "
                             f"{self.n_steps * self.n_envs} (the rows of a rollout)")
+        if self.device != "cpu" and self.algo != "dqn":
+            raise UserError(f"device {self.device} is supported by algo dqn only; {self.algo} trains on the "
+                            "cpu: remove device from the recipe")
         if self.algo == "sac" and self.norm_obs:
             raise UserError("norm_obs is not supported by sac (its twin critics read raw observations); "
                             "remove norm_obs from the recipe, or use algo ppo")

@@ -15,18 +15,67 @@ from torch import nn
 from rlhf.errors import UserError
 
 
+# Atari: the Nature DQN pipeline (Mnih et al. 2015): 30 no-op starts, the max of the last two of
+# every 4 frames, 84x84 greyscale, 4 frames stacked; uint8 throughout (the network scales).
+ATARI_FRAME_STACK = 4
+# optional packages that register pixel envs on import: id prefix -> (module, the pip line)
+# MinAtar registers its games without a time limit: a policy that never loses (Breakout's
+# bricks respawn) would never end an evaluation. Episodes are truncated here instead (training
+# bootstraps through truncation); random play ends within ~70 steps, Freeway at 2500 by its rules.
+MINATAR_MAX_STEPS = 10_000
+PIXEL_PACKAGES = {"ALE/": ("ale_py", "pip install 'rlhf[atari]'"),
+                  "MinAtar/": ("minatar", "pip install 'rlhf[minatar]'")}
+
+
+def _register_pixel_envs(env_id: str) -> None:
+    """Import the package that registers ``env_id`` (ale-py: ALE/..., *NoFrameskip-v4;
+    MinAtar: MinAtar/...); one clear sentence when it is an ALE/MinAtar id and missing."""
+    import gymnasium as gym
+
+    for prefix, (module, pip) in PIXEL_PACKAGES.items():
+        try:
+            if module == "ale_py":
+                import ale_py
+
+                gym.register_envs(ale_py)
+            else:
+                from minatar.gym import register_envs
+
+                if not any(k.startswith("MinAtar/") for k in gym.envs.registry):
+                    register_envs()
+        except ImportError:
+            if env_id.startswith(prefix):
+                raise UserError(f"env {env_id!r} needs the {module} package, which is not installed; "
+                                f"run `{pip}`") from None
+
+
 def make_env(env_id: str):
     import gymnasium as gym
 
     if env_id not in gym.envs.registry:
+        _register_pixel_envs(env_id)
+    if env_id not in gym.envs.registry:
         close = difflib.get_close_matches(env_id, list(gym.envs.registry), n=3)
         hint = f"did you mean {' or '.join(close)}?" if close else "e.g. CartPole-v1, Acrobot-v1, Pendulum-v1"
         raise UserError(f"unknown gymnasium env {env_id!r}; {hint}")
+    atari = "ale_py" in str(gym.spec(env_id).entry_point)
     try:
-        return gym.make(env_id, disable_env_checker=True)
-    except Exception as exc:  # a registered env whose extra (box2d, mujoco) is missing
+        # AtariPreprocessing skips frames itself: the ALE env must return every frame
+        extra = {"frameskip": 1} if atari else {}
+        if env_id.startswith("MinAtar/") and gym.spec(env_id).max_episode_steps is None:
+            extra["max_episode_steps"] = MINATAR_MAX_STEPS
+        env = gym.make(env_id, disable_env_checker=True, **extra)
+        if atari:
+            from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
+
+            env = FrameStackObservation(AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84),
+                                        ATARI_FRAME_STACK)
+    except Exception as exc:  # a registered env whose extra (box2d, mujoco, opencv) is missing
         raise UserError(f"env {env_id!r} cannot be created here ({type(exc).__name__}: {exc}); "
                         "install its gymnasium extra or pick another env") from exc
+    if env_id.startswith("MinAtar/"):
+        env = channels_first(env)
+    return env
 
 
 def space_kind(space) -> str:
@@ -38,6 +87,49 @@ def space_kind(space) -> str:
     if isinstance(space, spaces.Box):
         return "box"
     return type(space).__name__
+
+
+def is_image_space(space) -> bool:
+    """A Box of images: 3 dims (channels first after ``make_env``), uint8 or bool."""
+    return space_kind(space) == "box" and len(space.shape) == 3 and space.dtype in (np.uint8, np.bool_)
+
+
+def is_frame_stack(env) -> bool:
+    """Whether ``env`` (or a wrapper inside it) stacks frames on the first observation axis."""
+    from gymnasium.wrappers import FrameStackObservation
+
+    while env is not None:
+        if isinstance(env, FrameStackObservation):
+            return True
+        env = getattr(env, "env", None)
+    return False
+
+
+def obs_dtype(space) -> type:
+    """What ``VecEnv`` stores observations as: images stay uint8 (4x smaller than float32,
+    scaled inside the network), everything else is float32."""
+    return np.uint8 if is_image_space(space) else np.float32
+
+
+def obs_batch(obs, space) -> torch.Tensor:
+    """One observation as a batch of one, in the dtype ``VecEnv`` gives: [1, D] float32 or
+    [1, C, H, W] uint8."""
+    return torch.from_numpy(np.asarray(obs, dtype=obs_dtype(space)).reshape(1, *space.shape))
+
+
+def channels_first(env):
+    """MinAtar's [10, 10, C] bool grids as [C, 10, 10] uint8 in {0, 1}: the layout of torch's
+    conv layers and the dtype the replay buffer stores (the network divides by the space's
+    high, 1 here, 255 for Atari)."""
+    from gymnasium.spaces import Box
+    from gymnasium.wrappers import TransformObservation
+
+    h, w, c = env.observation_space.shape
+    return TransformObservation(env, _hwc_to_chw_uint8, Box(0, 1, (c, h, w), np.uint8))
+
+
+def _hwc_to_chw_uint8(obs: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(obs, -1, 0), dtype=np.uint8)
 
 
 class VecEnv:
@@ -54,12 +146,13 @@ class VecEnv:
         self.observation_space = self.envs[0].observation_space
         self.action_space = self.envs[0].action_space
         self.discrete = space_kind(self.action_space) == "discrete"
+        self.obs_dtype = obs_dtype(self.observation_space)
         if not self.discrete:
             self.low, self.high = self.action_space.low, self.action_space.high
         if self.vec is not None:
-            self.obs = self.vec.reset(seed=[seed + i for i in range(n)])[0].astype(np.float32)
+            self.obs = self.vec.reset(seed=[seed + i for i in range(n)])[0].astype(self.obs_dtype)
         else:
-            self.obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]).astype(np.float32)
+            self.obs = np.stack([e.reset(seed=seed + i)[0] for i, e in enumerate(self.envs)]).astype(self.obs_dtype)
         for i, e in enumerate(self.envs):
             e.action_space.seed(seed + i)
         self.ep_return = np.zeros(n)
@@ -101,7 +194,7 @@ class VecEnv:
 
     def _step_processes(self, actions: np.ndarray):
         obs, rewards, term, trunc, info = self.vec.step(actions)
-        obs = obs.astype(np.float32)
+        obs = obs.astype(self.obs_dtype)
         rewards = rewards.astype(np.float32)
         terminated, truncated = term.astype(np.float32), trunc.astype(np.float32)
         self.ep_return += rewards

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from rlhf.gym.common import load_agent
 from rlhf.gym.config import GymConfig
-from rlhf.gym.envs import make_env
+from rlhf.gym.envs import make_env, obs_batch
 
 
 @torch.no_grad()
@@ -15,13 +15,14 @@ def evaluate_agent(agent, cfg: GymConfig, episodes: int, progress: bool = False)
     """Run ``episodes`` episodes seeded ``cfg.eval_seed + i`` (seeds never used in training)."""
     torch.set_num_threads(cfg.threads)
     env = make_env(cfg.env)
+    # dqn with device: cuda selects checkpoints (select_every) while its network is on the GPU
+    device = next((t.device for t in agent.state_dict().values()), torch.device("cpu"))
     returns, lengths = [], []
     for i in tqdm(range(episodes), desc="eval", disable=not progress):
         obs, _ = env.reset(seed=cfg.eval_seed + i)
         done, total, n = False, 0.0, 0
         while not done:
-            x = torch.as_tensor(np.asarray(obs, dtype=np.float32)).reshape(1, -1)
-            action = agent.act_deterministic(x)[0].numpy()
+            action = agent.act_deterministic(obs_batch(obs, env.observation_space).to(device))[0].cpu().numpy()
             obs, reward, terminated, truncated, _ = env.step(action.item() if action.ndim == 0 else action)
             total, n, done = total + float(reward), n + 1, terminated or truncated
         returns.append(total)

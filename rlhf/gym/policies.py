@@ -172,21 +172,81 @@ class ActorCritic(nn.Module):
         return kl.sum(-1)
 
 
-class QNetwork(nn.Module):
-    """Q(s, .) [N, A]; dueling: ``V(s) + A(s, a) - mean_a A(s, a)`` (Wang et al. 2016)."""
+class NatureCNN(nn.Module):
+    """The Atari torso of Mnih et al. 2015 (seed 002's Pong network): [N, C, H, W] images ->
+    conv 32x8x8 stride 4 -> conv 64x4x4 stride 2 -> conv 64x3x3 stride 1 -> FC ``features``,
+    ReLU after each. 84x84 inputs give 20x20, 9x9, 7x7 maps (3136 inputs to the FC).
+    Inputs are the env's integers (uint8 0-255, or 0/1 grids): scaled to [0, 1] by
+    ``1 / obs_high`` here, so the replay buffer can keep uint8."""
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: int = 256, layers: int = 2,
-                 activation: str = "relu", dueling: bool = False, norm_obs: bool = False, clip_obs: float = 10.0):
+    def __init__(self, in_shape: tuple[int, int, int], obs_high: float = 255.0, features: int = 512):
         super().__init__()
-        self.obs_norm = ObsNormalizer(obs_dim, norm_obs, clip_obs)
+        self.scale = 1.0 / obs_high
+        self.convs = nn.Sequential(nn.Conv2d(in_shape[0], 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                                   nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(_flat_size(self.convs, in_shape), features)
+        self.out_dim = features
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return torch.relu(self.fc(self.convs(obs.float() * self.scale)))
+
+
+class MinAtarCNN(nn.Module):
+    """The small torso of the MinAtar paper (Young & Tian 2019): one conv 16x3x3 stride 1 on
+    the [N, C, 10, 10] grid (-> 16x8x8 = 1024), FC ``features`` (128), ReLU after each."""
+
+    def __init__(self, in_shape: tuple[int, int, int], obs_high: float = 1.0, features: int = 128):
+        super().__init__()
+        self.scale = 1.0 / obs_high
+        self.convs = nn.Sequential(nn.Conv2d(in_shape[0], 16, 3, 1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(_flat_size(self.convs, in_shape), features)
+        self.out_dim = features
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return torch.relu(self.fc(self.convs(obs.float() * self.scale)))
+
+
+def _flat_size(convs: nn.Module, in_shape: tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(convs(torch.zeros(1, *in_shape)).shape[-1])
+
+
+CNN_TORSOS = {"nature_cnn": NatureCNN, "minatar_cnn": MinAtarCNN}
+
+
+class QNetwork(nn.Module):
+    """Q(s, .) [N, A]; dueling: ``V(s) + A(s, a) - mean_a A(s, a)`` (Wang et al. 2016).
+
+    ``network="mlp"``: flat observations [N, obs_dim] through ``layers`` x ``hidden``.
+    ``network="nature_cnn" | "minatar_cnn"``: images [N, C, H, W] (``obs_dim`` is then the
+    shape) through that torso, whose features feed the Q head or, dueling, one value head and
+    one advantage head (linear each; Wang et al. give each stream its own 512 FC, here they
+    share the torso's)."""
+
+    def __init__(self, obs_dim, n_actions: int, hidden: int = 256, layers: int = 2,
+                 activation: str = "relu", dueling: bool = False, norm_obs: bool = False, clip_obs: float = 10.0,
+                 network: str = "mlp", obs_high: float = 255.0):
+        super().__init__()
         self.dueling = dueling
-        body = [obs_dim] + [hidden] * layers
-        if dueling:
-            self.body = MLP(mlp(body, activation, ortho=False), nn.ReLU() if activation == "relu" else nn.Tanh())
-            self.value_head = nn.Linear(hidden, 1)
-            self.adv_head = nn.Linear(hidden, n_actions)
+        if network != "mlp":
+            self.obs_norm = ObsNormalizer(1, False)  # identity (images are scaled in the torso)
+            torso = CNN_TORSOS[network](tuple(obs_dim), obs_high)
+            width = torso.out_dim
+            if dueling:
+                self.body = torso
+            else:
+                self.net = nn.Sequential(torso, nn.Linear(width, n_actions))
         else:
-            self.net = mlp(body + [n_actions], activation, ortho=False)
+            self.obs_norm = ObsNormalizer(obs_dim, norm_obs, clip_obs)
+            body = [obs_dim] + [hidden] * layers
+            width = hidden
+            if dueling:
+                self.body = MLP(mlp(body, activation, ortho=False), nn.ReLU() if activation == "relu" else nn.Tanh())
+            else:
+                self.net = mlp(body + [n_actions], activation, ortho=False)
+        if dueling:
+            self.value_head = nn.Linear(width, 1)
+            self.adv_head = nn.Linear(width, n_actions)
 
     def forward(self, obs: Tensor) -> Tensor:
         x = self.obs_norm(obs)

@@ -4,6 +4,9 @@ Loop: act epsilon-greedily -> store -> every ``train_freq`` steps, ``gradient_st
 updates on replayed minibatches -> hard target copy every ``target_update`` env steps.
 The targets are the pure functions of ``rlhf.core.value_learning``.
 
+Image observations (``network: nature_cnn | minatar_cnn``): uint8 frames end to end (env,
+buffer, minibatch); the network scales them to [0, 1]. Memory: rlhf/gym/replay.py.
+
 ``norm_obs``: the buffer holds raw observations and the online network normalises them with
 its current statistics, the ones it acts with (as SB3 does). The target network is a snapshot
 of the whole online Q-function, normaliser included (``load_state_dict`` copies its buffers):
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.core.value_learning import double_q_target, linear_schedule, td_target
+from rlhf.errors import UserError
 from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
 from rlhf.gym.envs import VecEnv
@@ -30,7 +34,7 @@ from rlhf.gym.resume import GymSaver
 
 
 def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
-    obs, actions, rewards, next_obs, terminated = batch
+    obs, actions, rewards, next_obs, terminated = batch  # on the networks' device
     with torch.no_grad():
         next_q_target = target(next_obs)
         if cfg.double:
@@ -47,15 +51,24 @@ def dqn_update(cfg: GymConfig, qnet, target, opt, batch) -> torch.Tensor:
     return loss.detach()
 
 
+def training_device(cfg: GymConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but torch sees no CUDA GPU here; set device: cpu "
+                        "(or install a CUDA build of torch on a GPU machine)")
+    return torch.device(cfg.device)
+
+
 def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False, probe=None):
     """``probe``: optional ``probe(steps, qnet, buffer)``, called after every env step (it keeps
     its own schedule; benchmarks/seeds/overestimation.py measures Q against true returns with
     one). Off by default; it must not change qnet or buffer."""
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
-    qnet = build_agent(cfg, spec)
+    device = training_device(cfg)
+    qnet = build_agent(cfg, spec).to(device)
     target = copy.deepcopy(qnet).requires_grad_(False)
-    opt = torch.optim.Adam(qnet.parameters(), lr=cfg.lr, fused=True)  # fused: faster on CPU
-    buffer = ReplayBuffer(cfg.buffer_size, spec["obs_dim"], (), torch.long)
+    opt = torch.optim.Adam(qnet.parameters(), lr=cfg.lr, fused=True)  # fused: faster on CPU and GPU
+    buffer = ReplayBuffer(cfg.buffer_size, spec.get("obs_shape", spec["obs_dim"]), (), torch.long,
+                          obs_dtype=env.obs_dtype, frame_stacked=spec.get("frame_stacked", False))
     rng = np.random.default_rng(cfg.seed)
     bar = Progress(cfg, run, progress, qnet)
     n, calls, since_target = cfg.n_envs, 0, 0
@@ -70,11 +83,12 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = Fa
         progress_frac = bar.steps / cfg.total_steps
         eps = linear_schedule(cfg.eps_start, cfg.eps_end, cfg.eps_fraction, progress_frac)
         obs = env.obs
-        qnet.obs_norm.update(torch.from_numpy(obs))
+        obs_t = torch.from_numpy(obs).to(device)
+        qnet.obs_norm.update(obs_t)
         if rng.random() < eps and n == 1:
             actions = np.array([env.action_space.sample()])
         else:
-            actions = qnet.act_deterministic(torch.from_numpy(obs)).numpy()
+            actions = qnet.act_deterministic(obs_t).cpu().numpy()
             if n > 1:
                 explore = rng.random(n) < eps
                 actions[explore] = rng.integers(0, spec["act_dim"], explore.sum())
@@ -84,7 +98,8 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = Fa
         if bar.steps + n > cfg.learning_starts and calls % cfg.train_freq == 0:
             k = cfg.gradient_steps if cfg.gradient_steps > 0 else cfg.train_freq * n
             for _ in range(k):
-                stats["losses/td"] = dqn_update(cfg, qnet, target, opt, buffer.sample(cfg.batch_size))
+                batch = [t.to(device, non_blocking=True) for t in buffer.sample(cfg.batch_size)]
+                stats["losses/td"] = dqn_update(cfg, qnet, target, opt, batch)
         if since_target >= cfg.target_update:
             target.load_state_dict(qnet.state_dict())
             since_target = 0
@@ -96,4 +111,5 @@ def train_dqn(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = Fa
     saver.final(bar.steps, counters)
     bar.close()
     env.close()
-    return qnet, bar.summary()
+    qnet.cpu()  # saved and evaluated on the CPU
+    return qnet, dict(bar.summary(), replay_mb=round(buffer.nbytes() / 2**20, 1))
