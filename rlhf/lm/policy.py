@@ -26,6 +26,7 @@ from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
+from rlhf.lm.precision import resolve_dtype
 from rlhf.lm.share import make_portable
 
 
@@ -100,13 +101,18 @@ class InPlaceLayer(DynamicLayer):
 
 
 class LMPolicy:
-    """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs."""
+    """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs.
+
+    ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
+    ``device``, the device the policy will run on, computes it faster; ``self.dtype`` is the
+    choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
+    log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
                  value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
-                 disable_dropout: bool = True):
+                 disable_dropout: bool = True, device: torch.device | str | None = None):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -116,9 +122,8 @@ class LMPolicy:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32 or bfloat16")
+        self.dtype = resolve_dtype(dtype, device)  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
+        torch_dtype = getattr(torch, self.dtype)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=lora_targets, task_type="CAUSAL_LM")
 
