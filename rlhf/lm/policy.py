@@ -104,8 +104,8 @@ class LMPolicy:
     """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs.
 
     ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
-    ``device``, the device the policy will run on, computes it faster; ``self.dtype`` is the
-    choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
+    ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
+    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
     log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
@@ -122,7 +122,7 @@ class LMPolicy:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dtype = resolve_dtype(dtype, device)  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
+        self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
         torch_dtype = getattr(torch, self.dtype)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=lora_targets, task_type="CAUSAL_LM")
