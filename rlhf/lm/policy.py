@@ -167,6 +167,8 @@ class LMPolicy:
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
+        # sampling folds the adapter into fp32 weights (fast_lora.merged): one GEMM per layer
+        self.merge_for_sampling, self._merged_weights = True, {}
         self.disable_dropout = disable_dropout
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -231,6 +233,8 @@ class LMPolicy:
                             "model per run there); use critic: shared")
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
+        if dist.kind not in DATA_PARALLEL:  # sharded or engine-managed weights: never swapped
+            self.merge_for_sampling = False
         if dist.zero_stage == 3:  # ZeRO-3 gathers a weight in its module's forward, so run every module's
             fast_lora.uninstall(self.model)
             self.net.fused_head = False
@@ -296,7 +300,9 @@ class LMPolicy:
         (default: torch's global generator). Rows that have emitted EOS leave the batch, so
         later tokens cost only live rows. Samples in eval mode (``eval_mode``)."""
         self.eval_mode()
-        with self.sampling_context(), self._adapter(adapter):
+        merge = adapter and self.merge_for_sampling
+        with (self.sampling_context(), self._adapter(adapter),
+              fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
             return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
 
     def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy, uniforms) -> Rollout:
