@@ -77,7 +77,6 @@ class InPlaceLayer(DynamicLayer):
         self.kbuf[:, :, :n], self.vbuf[:, :, :n] = k, v
         self.n = n
         self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-        self._spare: tuple[Tensor, Tensor] | None = None  # compaction's target, allocated once
         self._views()
 
     def _views(self) -> None:
@@ -92,22 +91,12 @@ class InPlaceLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep the rows ``indices`` (rows that ended leave the batch). Rows only ever leave, so
-        they are gathered into the first rows of a second buffer allocated once and the two
-        buffers swap: a fresh gather would allocate (and page in) the whole cache every time a
-        row ends, ~2.5x the cost of the copy itself on a CPU."""
-        if self._spare is None:
-            self._spare = (torch.empty_like(self.kbuf), torch.empty_like(self.vbuf))
-        sk, sv = self._spare
-        self._spare = (self.kbuf, self.vbuf)
-        self.kbuf = torch.index_select(self.kbuf, 0, indices, out=sk[:len(indices)])
-        self.vbuf = torch.index_select(self.vbuf, 0, indices, out=sv[:len(indices)])
+        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
         self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.kbuf = self.kbuf.repeat_interleave(repeats, 0)
         self.vbuf = self.vbuf.repeat_interleave(repeats, 0)
-        self._spare = None
         self._views()
 
 
