@@ -124,8 +124,9 @@ class LMConfig:
     lora_alpha: int = 32                 # LoRA alpha (scale = alpha / r)
     lora_dropout: float = 0.0            # LoRA dropout (acts only with disable_dropout: false)
     lora_targets: str | list = "all-linear"  # peft target_modules
-    dtype: str = "float32"               # model weights: float32 | bfloat16 | float16 (GPUs without bf16:
-                                         # trains with a loss scaler; LoRA weights stay float32)
+    dtype: str = "float32"               # base model weights: float32 | bfloat16 | float16 | auto (bf16 where
+                                         # this machine runs it faster); LoRA, log-probs and loss stay fp32;
+                                         # float16 (GPUs without bf16) trains with a loss scaler
     disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
@@ -157,7 +158,7 @@ class LMConfig:
         "critic": ("shared", "separate"),
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
-        "dtype": ("float32", "bfloat16", "float16"),
+        "dtype": ("auto", "float32", "bfloat16", "float16"),
         "rm_head": ("log_ratio", "classifier"),
     }
 

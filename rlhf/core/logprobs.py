@@ -86,7 +86,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 weighted = weighted * rescale + (e * logits).sum(-1)
             top = new_top
         lse = top + total.log()
-        picked = (hidden * weight[ids]).sum(-1).float() / temperature
+        picked = (hidden.float() * weight[ids].float()).sum(-1) / temperature  # fp32 under a bf16 model too
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         if not with_entropy:
@@ -111,13 +111,22 @@ class _LinearLogProbs(torch.autograd.Function):
             # d logp / d logits = onehot - softmax; the onehot part is added outside the loop
             grad_logits = torch.exp_(logits.sub_(lse[:, None])).mul_(-g[:, None])
             if need_h:
-                grad_h += grad_logits @ w.float()
+                grad_h += _matmul_in(grad_logits, w)
             if need_w:
                 grad_w[s:s + chunk] += grad_logits.t() @ hidden.float()
         if need_w:
             grad_w.index_add_(0, ids, g[:, None] * hidden.float())
         return (None if grad_h is None else grad_h.to(hidden.dtype),
                 None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None)
+
+
+def _matmul_in(grad: Tensor, weight: Tensor) -> Tensor:
+    """``grad @ weight`` as fp32, multiplied in the weight's precision: a bf16 head's backward
+    runs a bf16 GEMM (rounding the fp32 gradient to bf16, relative error 2^-9) rather than an
+    fp32 copy of the weight block and an fp32 GEMM."""
+    if weight.dtype == torch.float32:
+        return grad @ weight
+    return (grad.to(weight.dtype) @ weight).float()
 
 
 def linear_logprobs(hidden: Tensor, weight: Tensor, ids: Tensor, temperature: float = 1.0,
@@ -212,7 +221,7 @@ class _TruncatedLinearLogProbs(torch.autograd.Function):
             grad_x[torch.arange(len(i)), i] += g
             grad_x /= t
             if need_h:
-                grad_h[s:s + rows] = grad_x @ weight.float()
+                grad_h[s:s + rows] = _matmul_in(grad_x, weight)
             if need_w:
                 grad_w += grad_x.t() @ h.float()
         return (None if grad_h is None else grad_h.to(hidden.dtype),

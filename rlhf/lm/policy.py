@@ -26,6 +26,7 @@ from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
+from rlhf.lm.precision import resolve_dtype
 from rlhf.lm.share import make_portable
 
 
@@ -100,13 +101,18 @@ class InPlaceLayer(DynamicLayer):
 
 
 class LMPolicy:
-    """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs."""
+    """Causal LM + LoRA. ``generate`` collects, ``logp`` is what the loss needs.
+
+    ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
+    ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
+    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
+    log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
                  value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
-                 disable_dropout: bool = True):
+                 disable_dropout: bool = True, device: torch.device | str | None = None):
         import transformers
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -116,12 +122,8 @@ class LMPolicy:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise UserError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
-        # the base model's weights; peft keeps the LoRA weights (the trained ones) in float32
-        # whatever this is (get_peft_model's autocast_adapter_dtype), and log-probs are float32
-        self.dtype = torch_dtype
+        self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
+        torch_dtype = getattr(torch, self.dtype)
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                           target_modules=lora_targets, task_type="CAUSAL_LM")
 
@@ -165,6 +167,8 @@ class LMPolicy:
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
+        # sampling folds the adapter into fp32 weights (fast_lora.merged): one GEMM per layer
+        self.merge_for_sampling, self._merged_weights = True, {}
         self.disable_dropout = disable_dropout
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -233,13 +237,15 @@ class LMPolicy:
         if self.critic_net is not None and dist.kind not in DATA_PARALLEL:
             raise UserError(f"critic: separate is not supported under {dist.kind} (accelerate prepares one "
                             "model per run there); use critic: shared")
-        if self.dtype == torch.float16:  # float16's range needs a loss scaler (_step in the trainer)
+        if self.dtype == "float16":  # float16's range needs a loss scaler (_step in the trainer)
             if dist.kind not in DATA_PARALLEL:
                 raise UserError(f"dtype: float16 trains with a loss scaler in one process or under DDP, not "
                                 f"under {dist.kind}; use dtype: bfloat16 there")
             self.scaler = torch.amp.GradScaler(dist.device.type)
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
+        if dist.kind not in DATA_PARALLEL:  # sharded or engine-managed weights: never swapped
+            self.merge_for_sampling = False
         if dist.zero_stage == 3:  # ZeRO-3 gathers a weight in its module's forward, so run every module's
             fast_lora.uninstall(self.model)
             self.net.fused_head = False
@@ -307,7 +313,9 @@ class LMPolicy:
         (default: torch's global generator). Rows that have emitted EOS leave the batch, so
         later tokens cost only live rows. Samples in eval mode (``eval_mode``)."""
         self.eval_mode()
-        with self.sampling_context(), self._adapter(adapter):
+        merge = adapter and self.merge_for_sampling
+        with (self.sampling_context(), self._adapter(adapter),
+              fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
             return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
 
     def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy, uniforms) -> Rollout:

@@ -111,7 +111,8 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
-                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout)
+                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
+                      device=dist.device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -384,7 +385,8 @@ def summary(run: Run, policy: LMPolicy, seconds: float, full: dict | None = None
     out = {"run_dir": str(run.dir), "steps": len(hist), "train_time_s": round(seconds, 1),
            "reward_first": hist[0]["reward"] if hist else None,
            "reward_last5": sum(r["reward"] for r in last) / len(last) if last else None,
-           "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(full), 4)}
+           "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(full), 4),
+           "dtype": policy.dtype}  # the base weights' precision (dtype: auto's choice)
     if hist and out["adapter_norm"] == 0.0:
         out["warning"] = "the LoRA adapter did not move: check lr and the reward signal"
     return out
