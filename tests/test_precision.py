@@ -155,7 +155,7 @@ def test_matmul_probe_times_both_dtypes():
 def test_dtype_is_checked(tiny_model):
     LMConfig(dtype="auto").validate()
     with pytest.raises(UserError, match="dtype"):
-        precision.resolve_dtype("float16", "cpu")
+        precision.resolve_dtype("float64", "cpu")
     with pytest.raises(UserError, match="dtype"):
         LMPolicy(tiny_model, dtype="half")
 
