@@ -16,6 +16,23 @@ def make_tiny_checkpoint(path) -> str:
     return tiny_checkpoint(path)
 
 
+def policy_with_adapter(model: str, **kw):
+    """An LMPolicy (lora_r 4) whose LoRA B is drawn non-zero (N(0, 0.25), seed 1), so the adapter
+    changes the outputs; the draws do not depend on the base's dtype (the adapter is fp32)."""
+    import torch
+
+    from rlhf.lm.policy import LMPolicy
+
+    torch.manual_seed(0)
+    policy = LMPolicy(model, lora_r=4, lora_alpha=8, **kw)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return policy
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))

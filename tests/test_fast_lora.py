@@ -4,19 +4,13 @@ import pytest
 import torch
 
 from rlhf.lm import fast_lora
-from rlhf.lm.policy import LMPolicy
 from rlhf.tasks import arith_row
+
+from conftest import policy_with_adapter
 
 
 def _policy(tiny_model, **kw):
-    torch.manual_seed(0)
-    policy = LMPolicy(tiny_model, lora_r=4, lora_alpha=8, **kw)
-    with torch.no_grad():  # a non-zero adapter, so merging has something to fold
-        gen = torch.Generator().manual_seed(1)
-        for n, p in policy.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return policy
+    return policy_with_adapter(tiny_model, **kw)  # a non-zero adapter, so merging has something to fold
 
 
 def _sample(policy):

@@ -12,18 +12,13 @@ from rlhf.lm import fast_lora, precision
 from rlhf.lm.policy import LMPolicy
 from rlhf.tasks import arith_row
 
+from conftest import policy_with_adapter
+
 U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, round to nearest
 
 
 def _policy(tiny_model, dtype):
-    torch.manual_seed(0)
-    policy = LMPolicy(tiny_model, lora_r=4, lora_alpha=8, dtype=dtype)
-    with torch.no_grad():  # a non-zero adapter (same draws for both dtypes: the adapter is fp32)
-        gen = torch.Generator().manual_seed(1)
-        for n, p in policy.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return policy
+    return policy_with_adapter(tiny_model, dtype=dtype)  # same adapter draws for both dtypes
 
 
 def _rollout(policy):
