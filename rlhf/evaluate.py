@@ -31,8 +31,10 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # the run's thread count (threads=1 on a shared machine), not torch's default
         torch.set_num_threads(cfg.threads)
-    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter))
-    policy.to(process_device())  # the device the trainer ran on (accelerate's pick)
+    device = process_device()  # the device the trainer ran on (accelerate's pick); dtype auto resolves for it
+    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter),
+                      device=device)
+    policy.to(device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
     task = task_from_config(cfg)
