@@ -130,9 +130,20 @@ class Tracking:
 
         result = {**result, "report": str(write_report(self.run.dir))}
         if self.progress:
-            show_samples(self.last_samples[:SHOWN_AT_END])
+            show_samples(distinct_prompts_first(self.last_samples, SHOWN_AT_END))
             print(f"report: {result['report']}", file=sys.stderr)
         return result
+
+
+def distinct_prompts_first(rows: list[dict], k: int) -> list[dict]:
+    """Up to ``k`` of ``rows``: one per prompt first (a step's rows come in groups of one prompt),
+    then the rest in order, so the samples shown at the end are not one prompt's group."""
+    seen, first, rest = set(), [], []
+    for r in rows:
+        key = str(r["prompt"])
+        (rest if key in seen else first).append(r)
+        seen.add(key)
+    return (first + rest)[:k]
 
 
 def sample_rows(step: int, prompts: list, completions: list, rewards, reward_values: dict, adv, roll) -> list[dict]:

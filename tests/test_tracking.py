@@ -211,3 +211,15 @@ def test_the_end_of_a_run_shows_a_few_samples(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.splitlines() == ["sample completions (step 5):", "  prompt:     What is 2 + 2?", "  completion: 4",
                                 "  reward 1 (arith_correct 1, x -), advantage +0.500, 2 tokens"]
+
+
+def test_samples_shown_at_the_end_spread_over_prompts():
+    """Groups of one prompt come together in a step's rows; the end-of-run display takes one row
+    per prompt first, then the rest in order."""
+    from rlhf.tracking import distinct_prompts_first
+
+    rows = [{"prompt": p, "i": i} for i, p in enumerate(["a", "a", "a", "b", "b", "c"])]
+    assert [r["i"] for r in distinct_prompts_first(rows, 3)] == [0, 3, 5]
+    assert [r["i"] for r in distinct_prompts_first(rows, 5)] == [0, 3, 5, 1, 2]
+    assert [r["i"] for r in distinct_prompts_first(rows[:3], 3)] == [0, 1, 2]
+    assert distinct_prompts_first([], 3) == []
