@@ -140,14 +140,10 @@ def context_window(model_dir: str) -> tuple[int | None, str]:
 
 
 # ------------------------------------------------------------------------------- 3. the data
-# what every reward receives besides the dataset's columns (completions_ids: TRL's documented spelling)
-GIVEN = ("prompts", "completions", "completion_ids", "completions_ids", "trainer_state")
-
-
 def reward_columns(specs) -> dict[str, str]:
     """Column -> which reward needs it: each named parameter without a default (names or
     callables, as ``rlhf.rewards.parse_reward_specs`` takes them)."""
-    from rlhf.rewards import _label, load_reward, parse_reward_specs
+    from rlhf.rewards import GIVEN, _label, load_reward, parse_reward_specs
 
     needed = {}
     for spec, _ in parse_reward_specs(specs):

@@ -221,6 +221,11 @@ def is_async_callable(fn) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
+# what every reward receives besides the dataset's columns (``score``; completions_ids: TRL's
+# documented spelling of completion_ids); the preflight checks the other parameters against the data
+GIVEN = ("prompts", "completions", "completion_ids", "completions_ids", "trainer_state")
+
+
 def reward_kwargs(fn, available: dict) -> dict:
     """What ``fn`` is called with: everything in ``available`` when it takes ``**kwargs`` (or its
     signature cannot be read), else the keywords it names; ``completions_ids`` (TRL's documented
