@@ -2,6 +2,7 @@
 
     RUN_DIR/checkpoint -> checkpoint-000012/   the newest complete checkpoint (a symlink)
     RUN_DIR/checkpoint-000012/state.pt         optimiser, scheduler, RNG streams, loop counters
+                                               (and dtype float16's loss scale)
     RUN_DIR/checkpoint-000012/adapter/         LM runs: the LoRA adapter (PEFT, safetensors)
     RUN_DIR/adapter -> checkpoint-000012/adapter
 
@@ -103,14 +104,16 @@ def set_rng_state(state: dict) -> None:
 
 # ---------------------------------------------------------------------- LM policy-gradient runs
 def save_checkpoint(run, step: int, write_weights, opt, sched, counters: dict,
-                    optimizer_state: dict | None = None, fresh: bool = True) -> Path:
+                    optimizer_state: dict | None = None, fresh: bool = True, extra: dict | None = None) -> Path:
     """``optimizer_state``: written instead of ``opt.state_dict()`` (a sharded optimiser's state
     gathered whole); ``fresh=False``: the temporary directory (``tmp_dir``) already holds files
-    written by every rank (DeepSpeed's), kept in the checkpoint."""
+    written by every rank (DeepSpeed's), kept in the checkpoint; ``extra``: more state to keep
+    (``dtype: float16``'s loss scaler)."""
     def writer(tmp: Path) -> None:
         write_weights(tmp)
         write_state(tmp, {"optimizer": opt.state_dict() if optimizer_state is None else optimizer_state,
-                          "scheduler": sched.state_dict(), **rng_state(), "counters": counters})
+                          "scheduler": sched.state_dict(), **rng_state(), "counters": counters,
+                          **(extra or {})})
 
     return publish(run, step, writer, follow=LM_FOLLOW, fresh=fresh)
 
@@ -164,6 +167,9 @@ class LMSaver:
         Steps logged after the checkpoint are dropped from the metrics: they are redone."""
         counters = restore(state, self.opt, self.sched, lambda sd: self.dist.load_optimizer_state(
             self.policy.train_net, self.opt, sd, ckpt))
+        scaler = self.policy.scaler
+        if scaler is not None and "amp_scaler" in state:  # float16: go on at the scale it had reached
+            scaler.load_state_dict(state["amp_scaler"])
         self.run.truncate_history(counters["step"])
         self.saved_at = counters["step"]
         return counters
@@ -178,8 +184,10 @@ class LMSaver:
         error = None
         if dist.is_main:
             try:
+                scaler = policy.scaler
                 save_checkpoint(run, step, lambda d: self.write_adapter(d / "adapter", full), self.opt,
-                                self.sched, counters, optimizer_state=opt_state, fresh=not shards)
+                                self.sched, counters, optimizer_state=opt_state, fresh=not shards,
+                                extra=None if scaler is None else {"amp_scaler": scaler.state_dict()})
             except UserError as exc:
                 error = exc
         error = dist.broadcast(error)

@@ -232,3 +232,24 @@ def test_training_logprobs_equal_the_models_own_logits(tiny_model, tmp_path, fam
     assert (roll.rollout_logp - want).abs().max() < 1e-4  # the sampler's own record agrees
     if family != "llama":  # the transform matters at this scale: skipping it would be caught
         assert (raw - want).abs().max() > 0.05
+
+
+def test_float16_resume_keeps_the_loss_scale(tiny_model, tmp_path):
+    """A checkpoint of a float16 run keeps the scaler's state, and ``--resume`` goes on at the
+    scale reached, not at torch's initial 2^16 (which would overflow again, skipping steps)."""
+    from rlhf.checkpoint import read_state
+
+    cfg = tiny_cfg(tiny_model, tmp_path, "dtype=float16", "save_every=1")
+    run = Run(cfg, run_dir=str(tmp_path / "run"))
+    train(cfg, run, progress=False)
+    run.close()
+    state = read_state(run.dir / "checkpoint")
+    assert state["amp_scaler"]["scale"] == 2.0 ** 16
+    state["amp_scaler"]["scale"] = 2.0 ** 9  # as if overflows had halved it seven times
+    torch.save(state, run.dir / "checkpoint" / "state.pt")
+    cfg3 = tiny_cfg(tiny_model, tmp_path, "dtype=float16", "save_every=1", "steps=3")
+    resumed = Run(cfg3, run_dir=str(run.dir), resume=True)
+    train(cfg3, resumed, progress=False, resume=True)
+    last = resumed.history[-1]
+    assert last["step"] == 3 and last["amp/loss_scale"] == 2.0 ** 9
+    assert read_state(run.dir / "checkpoint")["amp_scaler"]["scale"] == 2.0 ** 9
