@@ -1,6 +1,7 @@
 """GRPO step time: TRL's GRPOTrainer vs ours on identical work, side by side in one invocation.
 
     .venv/bin/python benchmarks/grpo_vs_trl.py --steps 10 [--seeds 0 1] [--dtype float32|bfloat16]
+    .venv/bin/python benchmarks/grpo_vs_trl.py --steps 30 --seeds 0 1 --best-precision
 
 Work (both sides): SmolLM2-135M-Instruct, LoRA r=16 alpha=32 on all linear layers, 4 prompts x
 8 completions per step, at most 24 new tokens, temperature 1.0, beta 0.04 (k3 KL to the
@@ -12,6 +13,16 @@ Prints per side: time per phase (generation, reference/old log-probs, scoring, u
 seconds per step, completion tokens per second, peak RSS, mean reward; the update phase's
 achieved FLOP/s against this machine's measured matmul throughput; and last, one JSON line with
 ``trl_median_step_s``, ``ours_median_step_s`` and ``speedup``.
+
+``--best-precision`` runs each side in the fastest precision this CPU offers it, and the fp32 pair
+beside it. The choice is the one ``dtype: auto`` makes (rlhf/lm/precision.py): bf16 where a matmul
+of the model's shapes (a decode step's 64 rows and an update's 1024 rows through SmolLM2's MLP
+projection) runs at least 1.25x faster in bf16 than in fp32, else fp32. Both sides get the same
+rule because both run the same GEMMs: TRL's ``bf16=True`` is autocast on the CPU, ours bf16 base
+weights with fp32 LoRA, log-probs and loss. Whether a side still learns in the precision chosen is
+read from its mean reward against its own fp32 run (printed). When the rule picks fp32 for both
+sides the fp32 pair is the best-precision pair and runs once. The last JSON line keeps
+``speedup`` (best vs best) and adds ``fp32_speedup``, ``precision`` and ``why``.
 """
 from __future__ import annotations
 
@@ -145,15 +156,18 @@ def run_trl(steps: int, seed: int, dtype: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- driver
-def matmul_gflops(dtype: str, n: int = 2048, reps: int = 10) -> float:
+def matmul_gflops(dtype: str, n: int = 2048, min_s: float = 1.0) -> float:
+    """A 2048x2048 matmul repeated for at least ``min_s`` seconds (at ~1 GFLOP/s, bf16 on a CPU
+    without bf16 units, ten repetitions would take minutes)."""
     import torch
 
     a = torch.randn(n, n, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, dtype=getattr(torch, dtype))
     a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
+    reps, t = 0, time.perf_counter()
+    while reps < 10 and (reps == 0 or time.perf_counter() - t < min_s):
         a @ b
+        reps += 1
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -208,12 +222,49 @@ def summarise(side: str, runs: list[dict], peak_gflops: float) -> dict:
     }
 
 
+def choose_precision() -> tuple[str, str, dict]:
+    """(dtype, why, probe timings): bf16 when it beats fp32 by ``MIN_SPEEDUP`` at both shapes."""
+    import torch
+
+    from rlhf.lm.precision import MIN_SPEEDUP, matmul_seconds
+
+    probe = {}
+    for rows in (64, 1024):
+        f32 = matmul_seconds(torch.float32, rows=rows, reps=5)
+        b16 = matmul_seconds(torch.bfloat16, rows=rows, reps=5)
+        probe[f"rows{rows}"] = {"fp32_ms": round(f32 * 1e3, 3), "bf16_ms": round(b16 * 1e3, 3),
+                                "bf16_speedup": round(f32 / b16, 2)}
+    worst = min(v["bf16_speedup"] for v in probe.values())
+    if worst >= MIN_SPEEDUP:
+        return "bfloat16", (f"bf16 ran the model's matmul shapes at least {worst:.2f}x faster than fp32 "
+                            f"on this CPU (>= {MIN_SPEEDUP}x needed)"), probe
+    return "float32", (f"bf16 ran the model's matmul shapes at {worst:.2f}x the speed of fp32 on this CPU "
+                       f"(a {MIN_SPEEDUP}x gain is needed to pay for the lost precision): no bf16 "
+                       "matrix units here, so fp32 is both sides' fastest precision"), probe
+
+
+def run_sides(sides, steps, seeds, dtype, peak, label) -> dict:
+    results = {}
+    for side in sides:
+        runs = []
+        for seed in seeds:
+            t = time.time()
+            runs.append(spawn(side, steps, seed, dtype))
+            print(f"{label} {side} seed {seed}: {steps} steps in {time.time() - t:.0f} s wall "
+                  f"(incl. start-up), mean reward {statistics.mean(runs[-1]['reward']):.3f}", flush=True)
+        results[side] = summarise(side, runs, peak[dtype])
+        print(f"{label} {side:>5}: " + json.dumps(results[side]), flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--sides", nargs="+", default=["trl", "ours"], choices=["trl", "ours"])
+    ap.add_argument("--best-precision", action="store_true",
+                    help="each side in this CPU's fastest precision, and the fp32 pair beside it")
     ap.add_argument("--worker", choices=["trl", "ours"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -223,22 +274,27 @@ def main() -> None:
     peak = {d: round(matmul_gflops(d), 1) for d in ("float32", "bfloat16")}
     print(f"matmul 2048x2048: {peak['float32']} GFLOP/s fp32, {peak['bfloat16']} GFLOP/s bf16, "
           f"{torch.get_num_threads()} threads", flush=True)
-    results = {}
-    for side in args.sides:
-        runs = []
-        for seed in args.seeds:
-            t = time.time()
-            runs.append(spawn(side, args.steps, seed, args.dtype))
-            print(f"{side} seed {seed}: {args.steps} steps in {time.time() - t:.0f} s wall "
-                  f"(incl. start-up), mean reward {statistics.mean(runs[-1]['reward']):.3f}", flush=True)
-        results[side] = summarise(side, runs, peak[args.dtype])
-        print(f"{side:>5}: " + json.dumps(results[side]), flush=True)
-    final = {"steps": args.steps, "seeds": args.seeds, "dtype": args.dtype, "matmul_gflops": peak}
+    if args.best_precision:
+        best, why, probe = choose_precision()
+        print(f"precision: {best} for both sides: {why}; probe {json.dumps(probe)}", flush=True)
+        fp32 = run_sides(args.sides, args.steps, args.seeds, "float32", peak, "fp32")
+        results = fp32 if best == "float32" else run_sides(args.sides, args.steps, args.seeds, best, peak, best)
+    else:
+        results = run_sides(args.sides, args.steps, args.seeds, args.dtype, peak, args.dtype)
+    final = {"steps": args.steps, "seeds": args.seeds, "dtype": best if args.best_precision else args.dtype,
+             "matmul_gflops": peak}
     for side, r in results.items():
         final[f"{side}_median_step_s"] = r["median_step_s"]
         final[f"{side}_mean_reward"] = r["mean_reward"]
     if "trl" in results and "ours" in results:
         final["speedup"] = round(results["trl"]["median_step_s"] / results["ours"]["median_step_s"], 2)
+    if args.best_precision:
+        final.update(precision={side: best for side in results}, why=why, probe=probe)
+        for side, r in fp32.items():
+            final[f"{side}_fp32_median_step_s"] = r["median_step_s"]
+            final[f"{side}_fp32_mean_reward"] = r["mean_reward"]
+        if "trl" in fp32 and "ours" in fp32:
+            final["fp32_speedup"] = round(fp32["trl"]["median_step_s"] / fp32["ours"]["median_step_s"], 2)
     print(json.dumps(final))
 
 
