@@ -15,9 +15,10 @@ achieved FLOP/s against this machine's measured matmul throughput; and last, one
 ``trl_median_step_s``, ``ours_median_step_s`` and ``speedup``.
 
 ``--best-precision`` runs each side in the fastest precision this CPU offers it, and the fp32 pair
-beside it. The choice is the one ``dtype: auto`` makes (rlhf/lm/precision.py): bf16 where a matmul
-of the model's shapes (a decode step's 64 rows and an update's 1024 rows through SmolLM2's MLP
-projection) runs at least 1.25x faster in bf16 than in fp32, else fp32. Both sides get the same
+beside it. The rule is ``dtype: auto``'s (rlhf/lm/precision.py: its probe and its 1.25x margin),
+checked at an update's 1024 rows as well as at the decode step's 64 that ``auto`` times (that one
+probe keeps a run's start-up short): bf16 where the matmul through SmolLM2's MLP projection runs
+at least 1.25x faster in bf16 than in fp32 at both, else fp32. Both sides get the same
 rule because both run the same GEMMs: TRL's ``bf16=True`` is autocast on the CPU, ours bf16 base
 weights with fp32 LoRA, log-probs and loss. Whether a side still learns in the precision chosen is
 read from its mean reward against its own fp32 run (printed). When the rule picks fp32 for both
@@ -239,8 +240,8 @@ def choose_precision() -> tuple[str, str, dict]:
         return "bfloat16", (f"bf16 ran the model's matmul shapes at least {worst:.2f}x faster than fp32 "
                             f"on this CPU (>= {MIN_SPEEDUP}x needed)"), probe
     return "float32", (f"bf16 ran the model's matmul shapes at {worst:.2f}x the speed of fp32 on this CPU "
-                       f"(a {MIN_SPEEDUP}x gain is needed to pay for the lost precision): no bf16 "
-                       "matrix units here, so fp32 is both sides' fastest precision"), probe
+                       f"(a {MIN_SPEEDUP}x gain is needed to pay for the lost precision), so fp32 is "
+                       "both sides' precision"), probe
 
 
 def run_sides(sides, steps, seeds, dtype, peak, label) -> dict:
