@@ -62,7 +62,8 @@ def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
     """(what to call it in a message, its rows) for every dataset the run reads; a task's rows
     as the run will see them (its column mapping, template and chat settings applied), in the
     dataset's own order."""
-    from rlhf.tasks import ArithTask, RowFormat, arith_row, load_dataset_source, load_rows
+    from rlhf.tasks import (ArithTask, RowFormat, arith_row, held_out_source, load_dataset_source,
+                            load_rows)
 
     if cfg.task != "arith" and cfg.algo == "reward_model":
         out = [(f"preference file {cfg.task!r}", load_rows(cfg.task))]
@@ -72,9 +73,9 @@ def _row_sources(cfg) -> list[tuple[str, list[dict]]]:
     if cfg.task != "arith":
         fmt = RowFormat(cfg.columns, cfg.prompt_template, cfg.system_prompt, cfg.chat)
         sources = [("task file" if Path(cfg.task).is_file() else "task", cfg.task, cfg.task_split)]
-        if cfg.eval_task or cfg.eval_split:  # the held-out rows FileTask will read
-            sources.append(("eval_task file" if cfg.eval_task else "task", cfg.eval_task or cfg.task,
-                            cfg.eval_split or cfg.task_split))
+        held = held_out_source(cfg.task, cfg.task_split, cfg.eval_task, cfg.eval_split)
+        if held is not None:  # the held-out rows FileTask will read
+            sources.append(("eval_task file" if cfg.eval_task else "task", *held))
         out = []
         for kind, source, split in sources:
             data = load_dataset_source(source, cfg.task_config, split)

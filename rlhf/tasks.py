@@ -60,9 +60,10 @@ class FileTask:
         self._fmt = fmt or RowFormat()
         self._data = load_dataset_source(path, config, split)
         self._fmt.check(self._data, path)
-        if eval_path or eval_split:  # a separate held-out dataset (or split of this one)
-            self._held = load_dataset_source(eval_path or path, config, eval_split or split)
-            self._fmt.check(self._held, eval_path or path)
+        held = held_out_source(path, split, eval_path, eval_split)
+        if held is not None:  # a separate held-out dataset (or split of this one)
+            self._held = load_dataset_source(held[0], config, held[1])
+            self._fmt.check(self._held, held[0])
             self._train_idx, self._eval_idx = list(range(len(self._data))), list(range(len(self._held)))
         else:  # the same permutation split_held_out makes of the rows, on their indices
             self._held = self._data
@@ -79,6 +80,15 @@ class FileTask:
 
     def held_out(self, n: int, seed: int) -> list[dict]:
         return [self._fmt(self._held[i]) for i in self._eval_idx[:n]]
+
+
+def held_out_source(path: str, split: str, eval_path: str | None = None,
+                    eval_split: str | None = None) -> tuple[str, str] | None:
+    """(source, split) of the held-out rows when they are a dataset of their own (``eval_path``
+    or ``eval_split``, which default to the task's), else None: a shuffled 10% of the task's rows."""
+    if eval_path or eval_split:
+        return eval_path or path, eval_split or split
+    return None
 
 
 class RowFormat:
