@@ -33,13 +33,22 @@ _SKIP = {"np_random", "_np_random", "_np_random_seed", "spec", "metadata", "rend
 
 # ---------------------------------------------------------------------- plain values
 def _encode(v):
-    """NumPy values as tensors / tagged scalars (``torch.load(weights_only=True)`` reads them);
-    ``...`` for what cannot be stored as plain data (skipped)."""
+    """NumPy values as tensors / tagged scalars, dicts with str/int keys as lists of pairs
+    (``torch.load(weights_only=True)`` reads them); ``...`` for what cannot be stored as plain
+    data (``unsaved`` says whether that matters)."""
     if isinstance(v, np.ndarray):
+        if v.dtype.kind in "SU":  # text grids (FrozenLake's map): latin-1 round-trips every byte
+            text = np.char.decode(v, "latin-1") if v.dtype.kind == "S" else v
+            return {"__nd_text__": text.tolist(), "dtype": v.dtype.str}
         try:
             return {"__nd__": torch.from_numpy(v.copy())}
-        except TypeError:  # (byte strings, objects: an env's constant map, not its state)
+        except TypeError:  # (object arrays)
             return ...
+    if isinstance(v, dict):
+        if not all(isinstance(k, (str, int)) for k in v):
+            return ...
+        items = [[k, _encode(x)] for k, x in v.items()]
+        return ... if any(x is ... for _, x in items) else {"__map__": items}
     if isinstance(v, np.generic):
         return {"__np__": v.item(), "dtype": str(v.dtype)}
     if v is None or isinstance(v, (bool, int, float, str)):
@@ -53,6 +62,12 @@ def _encode(v):
 def _decode(v):
     if isinstance(v, dict) and "__nd__" in v:
         return v["__nd__"].numpy().copy()
+    if isinstance(v, dict) and "__nd_text__" in v:
+        dtype = np.dtype(v["dtype"])
+        text = np.array(v["__nd_text__"], dtype=str)
+        return (np.char.encode(text, "latin-1") if dtype.kind == "S" else text).astype(dtype)
+    if isinstance(v, dict) and "__map__" in v:
+        return {k: _decode(x) for k, x in v["__map__"]}
     if isinstance(v, dict) and "__np__" in v:
         return np.dtype(v["dtype"]).type(v["__np__"])
     if isinstance(v, dict) and "__seq__" in v:
@@ -69,21 +84,82 @@ def _layers(env):
     return out
 
 
-# ---------------------------------------------------------------------- envs
-def env_state(vec) -> dict:
-    """Each sub-env's simulator state (every plain attribute of every wrapper layer: physics
-    state, time-limit counter...), its RNG and its action space's RNG; the episode counters."""
+def _mujoco(env):
+    """(model, data) of a gymnasium MuJoCo env, else None."""
+    u = env.unwrapped
+    model, data = getattr(u, "model", None), getattr(u, "data", None)
+    if model is None or type(data).__module__.split(".")[0] != "mujoco":
+        return None
+    return model, data
+
+
+# a MuJoCo env's simulator: ``data`` is saved as mj_getState's integration state (time, qpos, qvel,
+# act, warm start, controls...: everything mj_step reads); ``model`` is the constant physics
+# description, the renderer draws frames only
+_MUJOCO_KEYS = {"model", "data", "mujoco_renderer"}
+_STRUCTURE_KEYS = {"env", "_saved_kwargs", "_ezpickle_args", "_ezpickle_kwargs"}  # the next layer, constructor args
+
+
+def unsaved(env) -> list[str]:
+    """``Layer.attribute`` of every attribute of ``env``'s layers that a checkpoint would not
+    hold and that is not known to be constant (spaces, functions, constructor arguments, a
+    MuJoCo model): state a resumed run would lose (an emulator, a deque of frames...)."""
+    from gymnasium.spaces import Space
+
+    sim = _mujoco(env) is not None
+    out = []
+    for layer in _layers(env):
+        for k, v in vars(layer).items():
+            if (k in _SKIP or k in _STRUCTURE_KEYS or (sim and k in _MUJOCO_KEYS)
+                    or isinstance(v, Space) or callable(v) or _encode(v) is not ...):
+                continue
+            out.append(f"{type(layer).__name__}.{k}")
+    return out
+
+
+def check_saveable(vec, env_id: str) -> None:
+    """One sentence, before the run starts, when ``save_every`` could not checkpoint these envs
+    (raised at the first save instead, it would end a run that had trained for a while)."""
     if vec.vec is not None:
         raise UserError("save_every needs env_processes: false (the envs' state lives in worker processes); "
                         "set save_every=0 or env_processes=false")
+    lost = unsaved(vec.envs[0])
+    if lost:
+        raise UserError(f"save_every (resumable checkpoints) cannot save the state of {env_id} "
+                        f"({', '.join(lost[:3])} {'is' if len(lost) == 1 else 'are'} not plain data), so a "
+                        "resumed run would not continue the same episodes; set save_every=0")
+
+
+def _mj_state(model, data) -> torch.Tensor:
+    import mujoco
+
+    spec = mujoco.mjtState.mjSTATE_INTEGRATION
+    state = np.empty(mujoco.mj_stateSize(model, spec))
+    mujoco.mj_getState(model, data, state, spec)
+    return torch.from_numpy(state)
+
+
+def _set_mj_state(model, data, state: torch.Tensor) -> None:
+    import mujoco
+
+    mujoco.mj_setState(model, data, state.numpy().copy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+
+
+# ---------------------------------------------------------------------- envs
+def env_state(vec) -> dict:
+    """Each sub-env's simulator state (every plain attribute of every wrapper layer: physics
+    state, time-limit counter...; a MuJoCo env's integration state), its RNG and its action
+    space's RNG; the episode counters. ``check_saveable`` says beforehand whether that is all."""
     envs = []
     for e in vec.envs:
         layers = []
         for layer in _layers(e):
             attrs = {k: _encode(v) for k, v in vars(layer).items() if k not in _SKIP}
             layers.append({k: v for k, v in attrs.items() if v is not ...})
+        sim = _mujoco(e)
         envs.append({"layers": layers, "rng": e.unwrapped.np_random.bit_generator.state,
-                     "action_rng": e.action_space.np_random.bit_generator.state})
+                     "action_rng": e.action_space.np_random.bit_generator.state,
+                     **({"mujoco": _mj_state(*sim)} if sim else {})})
     return {"envs": envs, "obs": torch.from_numpy(vec.obs.copy()),
             "ep_return": torch.from_numpy(vec.ep_return.copy()), "ep_len": torch.from_numpy(vec.ep_len.copy())}
 
@@ -93,6 +169,8 @@ def set_env_state(vec, s: dict) -> None:
         for layer, attrs in zip(_layers(e), es["layers"], strict=True):
             for k, v in attrs.items():
                 setattr(layer, k, _decode(v))
+        if "mujoco" in es:
+            _set_mj_state(*_mujoco(e), es["mujoco"])
         e.unwrapped.np_random.bit_generator.state = es["rng"]
         e.action_space.np_random.bit_generator.state = es["action_rng"]
     vec.obs = s["obs"].numpy().copy()
@@ -166,6 +244,12 @@ class GymSaver:
     def __init__(self, cfg, run, agent, parts: dict):
         self.run, self.every, self.agent, self.parts = run, cfg.save_every, agent, parts
         self.next = self.every
+        if self.every:
+            from rlhf.gym.envs import VecEnv
+
+            for obj in parts.values():
+                if isinstance(obj, VecEnv):
+                    check_saveable(obj, cfg.env)
         self.saved_at: int | None = None
 
     def resume(self) -> dict:
