@@ -180,6 +180,12 @@ def test_save_every_refuses_env_state_it_cannot_save():
     with pytest.raises(UserError, match=r"cannot save the state of CartPole-v1 \(Frames.frames is not plain data\).*save_every=0"):
         check_saveable(Vec(), "CartPole-v1")
 
+    class Workers:  # envs stepped in worker processes
+        vec, envs = object(), []
+
+    with pytest.raises(UserError, match="save_every needs env_processes: false"):
+        check_saveable(Workers(), "CartPole-v1")
+
 
 def test_env_constants_round_trip_through_a_checkpoint(tmp_path):
     """FrozenLake's byte map and transition table come back equal from a weights_only load."""
