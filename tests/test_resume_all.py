@@ -95,6 +95,7 @@ def run_pair(tmp_path, monkeypatch, capsys, train_args: list[str], k: int, out: 
 def test_resume_gym_matches_uninterrupted(name, tmp_path, monkeypatch, capsys):
     if name in NEEDS:
         pytest.importorskip(NEEDS[name])
+    monkeypatch.chdir(tmp_path)  # (MuJoCo writes its warnings to MUJOCO_LOG.TXT in the working directory)
     recipe, overrides, k = GYM[name]
     args = [str(RECIPES / f"{recipe}.yaml"), "--no-progress", *_sets(COMMON + overrides)]
     run_pair(tmp_path, monkeypatch, capsys, args, k, "policy")
