@@ -26,8 +26,10 @@ def preflight(cfg) -> None:
     tracker_names(cfg.report_to, installed=True)  # each tracker's package is installed
     if type(cfg).__name__ == "GymConfig":
         from rlhf.gym.common import env_spec
+        from rlhf.gym.resume import check_saveable
 
         env_spec(cfg)  # the env exists here and suits the algorithm
+        check_saveable(cfg)  # save_every can checkpoint it
         return
     if cfg.algo == "reward_model":  # preference pairs: generated for arith, else the file's
         completion_keys = ("chosen", "rejected")

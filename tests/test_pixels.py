@@ -173,14 +173,15 @@ def test_minatar_env_gives_channels_first_uint8():
     ({"network": "mlp"}, "set network: nature_cnn"),
     ({"norm_obs": "true"}, "norm_obs does not apply to the images"),
     ({"network": "nature_cnn"}, "at least 36x36"),
-    ({"save_every": 1000}, "save_every .resumable checkpoints. does not support MinAtar/Breakout-v1"),
+    ({"save_every": 1000}, "save_every .resumable checkpoints. cannot save the state of MinAtar/Breakout-v1 "
+                           ".BaseEnv.game is not plain data."),
 ])
 def test_image_settings_that_cannot_train_are_refused(over, match):
     pytest.importorskip("minatar")
-    from rlhf.gym.common import env_spec
+    from rlhf.preflight import preflight
 
     with pytest.raises(UserError, match=match):
-        env_spec(_cfg(**over))
+        preflight(_cfg(**over))
 
 
 def test_cnn_on_flat_observations_and_cuda_elsewhere_are_refused():

@@ -164,7 +164,7 @@ def test_resume_extends_a_finished_budget(tmp_path, capsys):
     assert weights(cut, "policy") == weights(full, "policy")
 
 
-def test_save_every_refuses_env_state_it_cannot_save():
+def test_save_every_refuses_env_state_it_cannot_save(tmp_path):
     """An env whose state is not plain data (here a wrapper's deque of frames) is refused before
     the run starts, in one sentence naming the attribute; constants (spaces, functions, text maps,
     transition tables) do not count."""
@@ -172,6 +172,7 @@ def test_save_every_refuses_env_state_it_cannot_save():
 
     import gymnasium as gym
 
+    from rlhf.config import load_recipe
     from rlhf.errors import UserError
     from rlhf.gym.resume import check_saveable, unsaved
 
@@ -180,18 +181,18 @@ def test_save_every_refuses_env_state_it_cannot_save():
             super().__init__(env)
             self.frames = deque(maxlen=4)
 
-    class Vec:  # what check_saveable reads of a VecEnv
-        vec, envs = None, [Frames(gym.make("CartPole-v1"))]
-
+    cfg = load_recipe(str(RECIPES / "ppo_cartpole.yaml"), ["save_every=256"])
     assert unsaved(gym.make("CartPole-v1")) == [] and unsaved(gym.make("FrozenLake-v1")) == []
+    check_saveable(cfg)
     with pytest.raises(UserError, match=r"cannot save the state of CartPole-v1 \(Frames.frames is not plain data\).*save_every=0"):
-        check_saveable(Vec(), "CartPole-v1")
-
-    class Workers:  # envs stepped in worker processes
-        vec, envs = object(), []
-
-    with pytest.raises(UserError, match="save_every needs env_processes: false"):
-        check_saveable(Workers(), "CartPole-v1")
+        check_saveable(cfg, Frames(gym.make("CartPole-v1")))
+    check_saveable(load_recipe(str(RECIPES / "ppo_cartpole.yaml")), Frames(gym.make("CartPole-v1")))  # save_every 0
+    with pytest.raises(UserError, match="save_every needs env_processes: false"):  # envs in worker processes
+        check_saveable(load_recipe(str(RECIPES / "ppo_cartpole.yaml"), ["save_every=256", "env_processes=true"]))
+    # preflight runs it: one sentence and exit status 2 before a run directory is written
+    assert main(["train", str(RECIPES / "ppo_cartpole.yaml"), "--set", "save_every=256",
+                 "--set", "env_processes=true", "--run-dir", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r").exists()
 
 
 def test_env_constants_round_trip_through_a_checkpoint(tmp_path):

@@ -73,9 +73,6 @@ def check_image_settings(cfg: GymConfig, shape: list[int]) -> None:
     if cfg.norm_obs:
         raise UserError(f"norm_obs does not apply to the images of {cfg.env} (the CNN scales pixels to [0, 1] "
                         "itself); remove norm_obs from the recipe")
-    if cfg.save_every:  # rlhf/gym/resume.py restores plain attributes; an emulator is not one
-        raise UserError(f"save_every (resumable checkpoints) does not support {cfg.env}: the game's emulator "
-                        "state is not saved, so a resumed run would not continue the same episodes; set save_every=0")
     if cfg.network == "nature_cnn" and min(shape[1:]) < NATURE_CNN_MIN_SIZE:
         raise UserError(f"network nature_cnn needs images of at least {NATURE_CNN_MIN_SIZE}x{NATURE_CNN_MIN_SIZE}; "
                         f"{cfg.env} gives {shape[1]}x{shape[2]}: use network minatar_cnn")

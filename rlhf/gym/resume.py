@@ -117,14 +117,30 @@ def unsaved(env) -> list[str]:
     return out
 
 
-def check_saveable(vec, env_id: str) -> None:
-    """One sentence, before the run starts, when ``save_every`` could not checkpoint these envs
-    (raised at the first save instead, it would end a run that had trained for a while)."""
-    if vec.vec is not None:
-        raise UserError("save_every needs env_processes: false (the envs' state lives in worker processes); "
-                        "set save_every=0 or env_processes=false")
-    lost = unsaved(vec.envs[0])
+WORKER_ENVS = ("save_every needs env_processes: false (the envs' state lives in worker processes); "
+               "set save_every=0 or env_processes=false")
+
+
+def check_saveable(cfg, env=None) -> None:
+    """One sentence, before the run starts (preflight), when ``save_every`` could not checkpoint
+    ``cfg.env`` (raised at the first save instead, it would end a run that had trained for a
+    while). ``env``: one of them to inspect (default: one made and closed here)."""
+    if not cfg.save_every:
+        return
+    if cfg.env_processes:
+        raise UserError(WORKER_ENVS)
+    from rlhf.gym.envs import make_env
+
+    own = env is None
+    env = make_env(cfg.env) if own else env
+    try:
+        env.reset(seed=0)  # (attributes an env creates at its first reset)
+        lost = unsaved(env)
+    finally:
+        if own:
+            env.close()
     if lost:
+        env_id = cfg.env
         raise UserError(f"save_every (resumable checkpoints) cannot save the state of {env_id} "
                         f"({', '.join(lost[:3])} {'is' if len(lost) == 1 else 'are'} not plain data), so a "
                         "resumed run would not continue the same episodes; set save_every=0")
@@ -150,6 +166,8 @@ def env_state(vec) -> dict:
     """Each sub-env's simulator state (every plain attribute of every wrapper layer: physics
     state, time-limit counter...; a MuJoCo env's integration state), its RNG and its action
     space's RNG; the episode counters. ``check_saveable`` says beforehand whether that is all."""
+    if vec.vec is not None:  # (refused by the preflight; here for a loop started without it)
+        raise UserError(WORKER_ENVS)
     envs = []
     for e in vec.envs:
         layers = []
@@ -244,12 +262,6 @@ class GymSaver:
     def __init__(self, cfg, run, agent, parts: dict):
         self.run, self.every, self.agent, self.parts = run, cfg.save_every, agent, parts
         self.next = self.every
-        if self.every:
-            from rlhf.gym.envs import VecEnv
-
-            for obj in parts.values():
-                if isinstance(obj, VecEnv):
-                    check_saveable(obj, cfg.env)
         self.saved_at: int | None = None
 
     def resume(self) -> dict:
