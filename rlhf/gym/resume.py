@@ -140,8 +140,7 @@ def check_saveable(cfg, env=None) -> None:
         if own:
             env.close()
     if lost:
-        env_id = cfg.env
-        raise UserError(f"save_every (resumable checkpoints) cannot save the state of {env_id} "
+        raise UserError(f"save_every (resumable checkpoints) cannot save the state of {cfg.env} "
                         f"({', '.join(lost[:3])} {'is' if len(lost) == 1 else 'are'} not plain data), so a "
                         "resumed run would not continue the same episodes; set save_every=0")
 
