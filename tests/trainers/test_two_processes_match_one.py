@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from rlhf.cli import main as cli_main
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"  # not the working directory
 
 REWARD = '''
 def length_reward(prompts, completions, **kw):

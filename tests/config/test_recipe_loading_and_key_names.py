@@ -6,7 +6,7 @@ import yaml
 from rlhf.config import LMConfig, load_recipe, to_dict
 from rlhf.errors import UserError
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"  # not the working directory
 
 
 def test_recipe_overrides_defaults(tmp_path):

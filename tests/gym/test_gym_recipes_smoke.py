@@ -9,7 +9,7 @@ pytest.importorskip("gymnasium")
 
 from rlhf.cli import main  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GYM_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
                      if p.stem.endswith(("_cartpole", "_acrobot", "_pendulum", "_frozenlake", "_lunarlander")))
 TINY = ["total_steps=300", "log_every=100", "eval_episodes=2", "learning_starts=50", "n_steps=16",

@@ -18,7 +18,7 @@ from rlhf.errors import UserError
 from rlhf.gym.policies import MinAtarCNN, NatureCNN, QNetwork
 from rlhf.gym.replay import ReplayBuffer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FRAME = 84 * 84
 
 

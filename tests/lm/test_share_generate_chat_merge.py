@@ -14,7 +14,7 @@ from rlhf.cli import main
 
 HUB_ID = "someorg/tiny-llama"
 REV = "c0ffee" + "0" * 34
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["steps=2", "rewards=[arith_correct, length_penalty]", "prompts_per_step=2", "group_size=2",
         "max_new_tokens=4", "lora_r=2", "lora_alpha=4", "lr=0.05", "threads=1"]
 EPS32 = torch.finfo(torch.float32).eps

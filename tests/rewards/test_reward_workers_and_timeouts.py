@@ -10,7 +10,7 @@ from rlhf.config import load_recipe
 from rlhf.errors import UserError
 from rlhf.rewards import load_rewards, score
 from rlhf.sandbox import Limits
-from tests.test_cli_lm import TINY, run_cli, sets
+from tests.trainers.test_lm_recipes_smoke import TINY, run_cli, sets
 
 # spins (bounded at 60 s, so a failed kill cannot leave a runaway) on completions that say "hang"
 SLOW = ("import time\n"

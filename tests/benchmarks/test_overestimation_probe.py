@@ -16,7 +16,7 @@ from rlhf.config import load_recipe
 from rlhf.gym.envs import make_env
 from rlhf.gym.replay import ReplayBuffer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("overestimation", ROOT / "benchmarks/seeds/overestimation.py")
 oe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(oe)

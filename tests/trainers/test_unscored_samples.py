@@ -106,7 +106,7 @@ def test_none_mask_of_the_wrong_shape_is_an_error():
 from rlhf.lm.rollout import RolloutPass  # noqa: E402
 from rlhf.rewards import load_rewards, score  # noqa: E402
 from rlhf.trainers.lm import Baseline, advantages  # noqa: E402
-from tests.test_lm_algos import roll_of  # noqa: E402
+from tests.trainers.test_lm_advantage_settings import roll_of  # noqa: E402
 
 
 def test_score_returns_the_rows_no_reward_function_scored_none(tmp_path):
@@ -158,7 +158,7 @@ def test_lm_training_with_none_rows_logs_all_none_and_zeroes_their_advantage(tin
     import json
 
     import rlhf.trainers.lm as lm
-    from tests.test_cli_lm import TINY, run_cli, sets
+    from tests.trainers.test_lm_recipes_smoke import TINY, run_cli, sets
 
     f = tmp_path / "first_none.py"  # the first completion of every batch has no reward
     f.write_text("def fn(prompts, completions, **kw):\n    return [None] + [float(len(str(c)) % 3) "
@@ -220,7 +220,7 @@ def test_lm_adaptive_kl_controller_is_fed_the_kl_after_the_update(tiny_model, tm
     import json
 
     import rlhf.trainers.lm as lm
-    from tests.test_cli_lm import TINY, run_cli, sets
+    from tests.trainers.test_lm_recipes_smoke import TINY, run_cli, sets
 
     measured, fed = [], []
     real_update, real_coef = lm.update, lm.adaptive_kl_coef

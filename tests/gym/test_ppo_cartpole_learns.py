@@ -10,7 +10,7 @@ pytest.importorskip("gymnasium")
 def test_ppo_cartpole_learns(tmp_path, capsys):
     from rlhf.cli import main
 
-    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "ppo_cartpole.yaml")
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "ppo_cartpole.yaml")
     args = ["train", recipe, "--run-dir", str(tmp_path / "r"), "--no-progress",
             "--set", "total_steps=25000", "--set", "eval_episodes=5"]
     assert main(args) == 0

@@ -9,7 +9,7 @@ import torch
 
 from rlhf.cli import main
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"  # not the working directory
 
 RECIPES = sorted(str(p) for p in RECIPE_DIR.glob("*_arith.yaml") if not p.name.startswith("rm_"))
 TINY = ["steps=2", "rewards=[arith_correct, length_penalty]", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_problems=4",
@@ -90,7 +90,7 @@ def test_bf16_trains_and_evaluates(recipe, tiny_model, tmp_path, capsys):
     assert code == 0, err
     assert result["dtype"] == "bfloat16" and result["adapter_norm"] > 0
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    # the bound of tests/test_precision.py for this model is ~0.18; a wrong path (a dropped adapter,
+    # the bound of tests/lm/test_bf16_and_auto_dtype.py for this model is ~0.18; a wrong path (a dropped adapter,
     # bf16 log-softmax over a masked vocabulary) shows up far above it
     assert all(math.isfinite(r["loss"]) and r["logp_gap_rollout_trainer"] < 0.18 for r in rows), rows
     code, ev, err = run_cli(capsys, "eval", str(tmp_path / "r"), "--no-progress")

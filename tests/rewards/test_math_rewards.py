@@ -73,7 +73,7 @@ def test_missing_math_verify_is_one_sentence(monkeypatch):
 
 def test_generator_writes_consistent_gsm8k_rows(tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "make_gsm8k_like", Path(__file__).parents[1] / "benchmarks" / "make_gsm8k_like.py")
+        "make_gsm8k_like", Path(__file__).parents[2] / "benchmarks" / "make_gsm8k_like.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     rows = gen.make_rows(200, seed=1)
@@ -101,7 +101,7 @@ def test_gsm8k_recipe_runs_on_a_local_file_with_generation_options(tiny_model, t
     from rlhf.cli import main
 
     spec = importlib.util.spec_from_file_location(
-        "make_gsm8k_like", Path(__file__).parents[1] / "benchmarks" / "make_gsm8k_like.py")
+        "make_gsm8k_like", Path(__file__).parents[2] / "benchmarks" / "make_gsm8k_like.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     data = tmp_path / "gsm8k_like.jsonl"
@@ -118,7 +118,7 @@ def test_gsm8k_recipe_runs_on_a_local_file_with_generation_options(tiny_model, t
     assert {"rewards/math_correct", "rewards/think_format"} <= set(rows[0])
     # the system prompt alone is longer than 48 tokens: every prompt is cut (2 per step)
     assert [r["prompts_truncated"] for r in rows] == [2, 4]
-    assert all(r["logp_gap_rollout_trainer"] < 1e-4 for r in rows)  # bound: tests/test_generation_options.py
+    assert all(r["logp_gap_rollout_trainer"] < 1e-4 for r in rows)  # bound: tests/lm/test_sampling_truncation_and_stop_strings.py
     assert main(["eval", str(tmp_path / "run"), "--no-progress"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["problems"] == 3 and 0 <= ev["trained_reward"] <= 1.2

@@ -20,7 +20,7 @@ import pytest
 from rlhf import checkpoint
 from rlhf.cli import main
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 COMMON = ["seed=3", "threads=1", "eval_episodes=2"]
 GYM = {  # name -> (recipe, overrides, the checkpoint to stop after); a few seconds each
     "ppo": ("ppo_cartpole", ["total_steps=1024", "n_envs=4", "n_steps=32", "epochs=2", "log_every=128",

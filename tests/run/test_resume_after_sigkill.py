@@ -11,7 +11,7 @@ import pytest
 
 from rlhf.cli import main
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"  # not the working directory
 
 STEPS = 24
 ARGS = ["--no-progress", "--set", "steps=%d" % STEPS, "--set", "save_every=1", "--set", "threads=1",

@@ -18,7 +18,7 @@ import rlhf
 from rlhf.cli import main
 from rlhf.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # imports that belong to an extra, not to the base install: module -> extra
 OPTIONAL = {"gymnasium": "gym", "deepspeed": "deepspeed", "math_verify": "math", "ale_py": "atari",
             "minatar": "minatar", "mujoco": "mujoco"}

@@ -1,4 +1,4 @@
-"""Learned rewards (the Bradley-Terry loss by hand is in tests/test_core.py): the log-ratio
+"""Learned rewards (the Bradley-Terry loss by hand is in tests/core/test_advantages_and_objectives_by_hand.py): the log-ratio
 reward against a by-hand computation, reward-model runs on a tiny model (generated pairs and a preference file), and
 GRPO rewarded by such a model (recipes/grpo_rm_arith.yaml)."""
 import json
@@ -17,7 +17,7 @@ from rlhf.preferences import arith_pairs, sampled_arith_pairs
 from rlhf.trainers.reward_model import linear_lr
 from rlhf.tasks import FileTask, fresh_problems, split_held_out
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"  # not the working directory
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"  # not the working directory
 
 
 def test_linear_lr_warms_up_then_decays_to_zero():

@@ -20,7 +20,7 @@ from rlhf.errors import UserError
 from rlhf.preflight import check_rows, reward_columns
 from rlhf.validation import RANGES, Range
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LM_RECIPE, GYM_RECIPE = str(ROOT / "recipes/grpo_arith.yaml"), str(ROOT / "recipes/ppo_cartpole.yaml")
 LM_GOOD = ["steps=2", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_problems=4", "lora_r=2",
            "lora_alpha=4", "threads=1"]
