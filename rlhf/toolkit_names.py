@@ -67,18 +67,18 @@ SENTENCE: dict[str, dict[str, str]] = {
         "max_steps": f"steps: N {_STEPS}",
         "save_steps": f"save_every: N writes the adapter every N steps, which {_STEPS}",
         "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
-            "its whole minibatch at once (minibatches: N is not accumulation: it makes N separate optimiser "
+            "its whole minibatch at once (minibatches: N is not accumulation, it makes N separate optimiser "
             "steps per epoch, which changes the algorithm)",
         "per_device_train_batch_size": "TRL counts completions per device per micro-batch; here a rollout "
             "samples prompts_per_step x group_size completions, so set prompts_per_step (distinct prompts) and "
             "group_size (completions per prompt) for the rollout you want",
-        "generation_batch_size": "a rollout here samples prompts_per_step x group_size completions: set "
+        "generation_batch_size": "a rollout here samples prompts_per_step x group_size completions; set "
             "prompts_per_step (distinct prompts) and group_size (completions per prompt)",
         "steps_per_generation": "minibatches: N splits each pass over a rollout into N optimiser steps on whole "
             "groups (prompts_per_step / N prompts each), as TRL reuses one generation for several steps",
-        "reward_weights": "weights go with the reward names here: rewards: [{name: weight}, ...]",
-        "loss_type": "agg is how the loss is averaged here, with its own values: TRL's dapo (and bnpo) is "
-            "token_mean, grpo is seq_mean, dr_grpo is constant; its other loss types have no counterpart",
+        "reward_weights": "weights go with the reward names here, as rewards: [{name: weight}, ...]",
+        "loss_type": "agg is how the loss is averaged here, with its own values (TRL's dapo and bnpo are "
+            "token_mean, grpo is seq_mean, dr_grpo is constant); its other loss types have no counterpart",
         "use_bias_correction_kl": "kl_estimator: k3+ (the default in the loss) is TRL's bias-corrected k3, and "
             "kl_estimator: k3 the uncorrected one",
         "bf16": "dtype: bfloat16 loads the base model's weights in bf16 (LoRA, log-probs and the loss stay fp32)",
@@ -104,7 +104,7 @@ SENTENCE: dict[str, dict[str, str]] = {
         "per_device_eval_batch_size": "eval_batch: N sets the prompts per greedy generation batch of rlhf eval",
     },
     "GymConfig": {
-        "anneal_lr": "lr_schedule: linear decays lr to 0 over total_steps (CleanRL's anneal_lr: true)",
+        "anneal_lr": "lr_schedule: linear decays lr to 0 over total_steps, as CleanRL's anneal_lr does",
         "normalize": "norm_obs and norm_reward are VecNormalize's two halves here",
         "policy_kwargs": "hidden, layers, activation and ortho_init set the networks here",
         "net_arch": "hidden (width) and layers (count) set the networks here",
