@@ -49,7 +49,7 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         # CleanRL
         "env_id": "env", "num_envs": "n_envs", "num_steps": "n_steps", "update_epochs": "epochs",
         "num_minibatches": "minibatches", "clip_coef": "clip_range", "start_e": "eps_start",
-        "end_e": "eps_end", "train_frequency": "train_freq", "target_network_frequency": "target_update",
+        "end_e": "eps_end", "target_network_frequency": "target_update",
         # TRL
         "lam": "gae_lambda", "cliprange": "clip_range", "cliprange_value": "clip_range_value",
     },
@@ -114,6 +114,8 @@ SENTENCE: dict[str, dict[str, str]] = {
             "number fixes it",
         "policy_frequency": "sac updates actor and critics together here, gradient_steps per update phase",
         "vf_clip_param": "clip_range_value is the value clipping epsilon here",
+        "train_frequency": "train_freq: N counts steps of each env here, as SB3 does (CleanRL's train_frequency "
+            "counts the steps of all envs together, the same with n_envs: 1)",
     },
 }
 
