@@ -122,7 +122,9 @@ SENTENCE: dict[str, dict[str, str]] = {
 # a value of a key we share that the toolkit writes another way: the sentence joins the type error
 VALUE_NOTE: dict[str, dict[str, str]] = {
     "LMConfig": {"push_to_hub": "it takes the Hub repo here (push_to_hub: user/name), not true/false",
-                 "scale_rewards": "TRL's true is group here, and false is none"},
+                 "scale_rewards": "TRL's true is group here, and false is none",
+                 "warmup_steps": "it counts steps here (TRL's float in [0, 1) is a fraction of the run)",
+                 "min_p": "0 turns it off here (TRL's null)"},
     "GymConfig": {"clip_range_value": "CleanRL's clip_vloss: true is clip_range_value: C, its clip_coef C",
                   "ent_coef": "sac tunes its entropy temperature when alpha is unset (alpha: null)"},
 }

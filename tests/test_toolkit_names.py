@@ -119,12 +119,14 @@ def test_beta_loads_as_kl_coef_with_one_line_naming_trl(caplog):
                                        "TRL's true is group here, and false is none"),
     ("push_to_hub=true", "LMConfig", "recipe key 'push_to_hub' must be str or NoneType, got True; it takes the "
                                      "Hub repo here (push_to_hub: user/name), not true/false"),
+    ("warmup_steps=0.1", "LMConfig", "recipe key 'warmup_steps' must be int, got 0.1; it counts steps here "
+                                     "(TRL's float in [0, 1) is a fraction of the run)"),
     ("kl_estimator=3", "LMConfig", "recipe key 'kl_estimator' must be one of k1, k2, k3, k3+, got 3"),
     ("optimizer=1", "GymConfig", "recipe key 'optimizer' must be one of adam, rmsprop, got 1"),
     ("clip_vloss=true", "GymConfig", "recipe key 'clip_range_value' must be float or NoneType, got True; "
                                      "CleanRL's clip_vloss: true is clip_range_value: C, its clip_coef C"),
 ])
-def test_a_bad_choice_lists_the_choices(item, family, message):
+def test_a_bad_choice_lists_the_choices_and_a_toolkits_form_is_explained(item, family, message):
     with pytest.raises(UserError) as err:
         load_recipe(None, FAMILIES[family][1] + [item])
     assert str(err.value) == message
