@@ -1,50 +1,38 @@
-"""Typed recipe configs. A recipe is YAML that only overrides these defaults.
+"""Typed recipe configs, and a recipe's values turned into one. A recipe is YAML that only
+overrides these defaults.
 
     rlhf train recipes/grpo_arith.yaml --set lr=1e-4 --set steps=50
 
 Each key is documented once, by the comment on its field (``LMConfig`` below, ``GymConfig`` in
 rlhf/gym/config.py). A concept both families have has one name in both, chosen for what a
-TRL / CleanRL / SB3 user already knows. The old names still load (recipes, ``--set``, the
-``recipe.yaml`` of older runs) with a one-line deprecation hint naming the new key; an old name
-maps to its own family's concept (``RENAMED``), never to a different concept of the same name:
+TRL / CleanRL / SB3 user already knows. From a recipe to a config:
 
-    concept                               name              old names (family)
-    clip epsilon of the ratio (below 1)   clip_range        clip_low (LM); gym already clip_range
-    clip epsilon above 1 (DAPO)           clip_range_high   clip_high (LM)
-    value clipping epsilon                clip_range_value  value_clip (LM), clip_vloss (gym)
-    GAE lambda                            gae_lambda        lam (LM)
-    advantage whitening                   norm_adv          whiten_advantages (LM)
-    minibatches per epoch (a count)       minibatches       minibatch_size (gym, a size: converted
-                                                            to n_steps * n_envs / size, refused if
-                                                            that is not a whole number)
-    PPO-paper KL penalty beta             penalty_coef      kl_coef (gym)
-    KL(pi || ref) coefficient             kl_coef           beta (LM, algos other than reward_model)
-    reward-model log-ratio scale          rm_beta           beta (LM, algo reward_model)
-
-``minibatches`` is a count because an LM minibatch holds whole groups; a gym minibatch holds
-n_steps * n_envs / minibatches rows, which is the old ``minibatch_size`` exactly whenever that
-divided the batch (every shipped recipe). TRL's ``kl_coef`` / ``beta`` mean ``kl_coef`` here
-(``ALIASES``).
+    rlhf/recipe_yaml.py     the YAML file and ``--set key=value`` -> a key: value mapping
+    config_class (here)     the family (LM or gym) whose algo and keys the mapping names
+    rlhf/renamed_keys.py    old keys -> their new keys, one logged line each (the concept/name table)
+    rlhf/toolkit_names.py   unknown keys, all in one error; TRL / SB3 / CleanRL names answered
+    build (here)            each value typed as its field, then rlhf/validation.py's ranges and
+                            the family's own checks (``validate``; the KL pairs: rlhf/kl_placement.py)
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import logging
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import yaml
 
 from rlhf.errors import UserError, check_choices
-from rlhf.gym.config import GymConfig, minibatches_from_size
+from rlhf.gym.config import GymConfig
 from rlhf.hub import check_repo_id
+from rlhf.kl_placement import DEFAULT_KL_ESTIMATOR, KL_REFUSED
+from rlhf.recipe_yaml import apply_overrides, read_recipe, read_run_recipe
+from rlhf.renamed_keys import RENAMED, rename_deprecated
+from rlhf.toolkit_names import unknown_keys_message, value_note
 from rlhf.tracking import tracker_names
 from rlhf.validation import check_ranges
 
-log = logging.getLogger(__name__)
+__all__ = ["LMConfig", "CONFIGS", "KL_REFUSED", "DEFAULT_KL_ESTIMATOR", "load_recipe", "read_recipe",
+           "config_class", "build", "to_dict", "load_run_config"]
 
 
 @dataclass
@@ -98,7 +86,7 @@ class LMConfig:
     kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
                                          # Gradients: loss k2, k3+ -> KL(pi||ref); loss k3 -> KL(ref||pi)
                                          # (GRPO paper); reward k1 -> KL(pi||ref). Other pairs are
-                                         # refused (KL_REFUSED below; rlhf.core.objectives.kl_estimate)
+                                         # refused (rlhf/kl_placement.py; rlhf.core.objectives.kl_estimate)
     kl_placement: str = "loss"           # loss: kl_coef * KL term in the loss (GRPO); reward: -kl_coef * KL
                                          # folded into the reward (InstructGPT; per token for ppo)
     critic: str = "shared"               # ppo: shared (value head on the policy's LoRA trunk) | separate
@@ -209,94 +197,6 @@ ONE_STEP_PLAIN_PG = {
                    "and the controller would steer a coefficient that does nothing",
     "none": "the importance ratio is 1 at its only step",
 }
-# Default KL estimator of each placement. In the loss, k3+ (ratio-weighted k3, TRL's bias
-# correction): on-policy its per-sample gradient is k2's, log(pi/ref) * grad log pi, so both
-# descend KL(pi||ref) with the same variance; after the first of several minibatches (samples
-# from pi_old) its importance ratio keeps the expected gradient exact where k2's drifts, and its
-# logged value stays an unbiased KL(pi||ref) where k2's is biased (tests/test_kl_grad.py).
-DEFAULT_KL_ESTIMATOR = {"loss": "k3+", "reward": "k1"}
-# (estimator, placement) pairs whose expected gradient has no correct meaning, and the fix
-KL_REFUSED = {
-    ("k1", "loss"): "k1 in the loss has zero expected gradient (E_pi[grad log pi] = 0), so it adds "
-                    "noise and no pull toward the reference; use k3+ or k2 in the loss, or k1 with "
-                    "kl_placement: reward",
-    ("k2", "reward"): "k2 in the reward is a biased penalty whose score-function gradient descends "
-                      "neither KL direction; use k1 in the reward (InstructGPT), or k2 / k3+ with "
-                      "kl_placement: loss",
-    ("k3", "reward"): "k3 in the reward has almost no gradient (it descends KL(pi||ref) - KL(ref||pi), "
-                      "~0 near the reference); use k1 in the reward (InstructGPT), or k3+ with "
-                      "kl_placement: loss",
-    ("k3+", "reward"): "k3+ is a loss-side correction (its ratio weight is 1 in a reward, which leaves "
-                       "k3, with almost no gradient); use k1 in the reward (InstructGPT), or k3+ with "
-                       "kl_placement: loss",
-}
-
-# old recipe key -> its new key, per family (the module docstring's table); (new key, note) adds a
-# note to the hint. A function maps an old key whose new key or value depends on the recipe:
-# (old value, recipe values) -> (new key, new value, note).
-RENAMED: dict[str, dict] = {
-    "LMConfig": {
-        "clip_low": "clip_range", "clip_high": "clip_range_high", "value_clip": "clip_range_value",
-        "lam": "gae_lambda", "whiten_advantages": "norm_adv",
-        # beta was the KL(pi || ref) coefficient, and a reward model's log-ratio scale
-        "beta": lambda v, values: ("rm_beta" if values.get("algo") == "reward_model" else "kl_coef", v, ""),
-    },
-    "GymConfig": {
-        "clip_vloss": "clip_range_value",
-        "kl_coef": ("penalty_coef", "; kl_coef was the PPO-paper penalty here, and names the KL-to-reference "
-                    "coefficient of LM recipes"),
-        "minibatch_size": lambda v, values: ("minibatches", minibatches_from_size(v, values), "converted"),
-    },
-}
-
-
-def rename_deprecated(cls, values: dict) -> dict:
-    """``values`` with each old key of ``cls``'s family replaced by its new key, one logged line
-    per old key; of an old key and its new key both given, the later one counts."""
-    renamed = RENAMED.get(cls.__name__, {})
-    out = {}
-    for key, value in values.items():
-        if key not in renamed:
-            out[key] = value
-            continue
-        rule = renamed[key]
-        if callable(rule):
-            new, new_value, note = rule(value, values)
-        else:
-            (new, note), new_value = (rule, "") if isinstance(rule, str) else rule, value
-        if new in values:  # the later one wins, as a repeated --set does (an override comes after the file)
-            order = list(values)
-            later = key if order.index(key) > order.index(new) else new
-            log.warning(f"recipe keys {key!r} and {new!r} are the same setting ({key!r} is its old name); "
-                        f"the later, {later!r}, is used")
-            if later == new:
-                continue
-        same = f": {new}={new_value!r} makes the same minibatches here" if note == "converted" else \
-            f", the same setting{note}"
-        log.warning(f"recipe key {key!r} is deprecated: use {new!r}{same}")
-        out[new] = new_value
-    return out
-
-
-# names users bring from TRL / other toolkits -> ours, for "did you mean" hints: true
-# equivalents only (following a hint must not change the algorithm)
-ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "beta": "kl_coef",
-           "epsilon": "clip_range", "epsilon_high": "clip_range_high", "num_iterations": "epochs",
-           "cliprange": "clip_range", "cliprange_value": "clip_range_value", "lam": "gae_lambda",
-           "clip_coef": "clip_range", "num_minibatches": "minibatches",
-           "max_completion_length": "max_new_tokens", "reward_funcs": "rewards",
-           "model_name_or_path": "model", "max_steps": "steps", "loss_type": "agg",
-           "dataset_name": "task", "dataset_config": "task_config", "dataset_train_split": "task_split",
-           "dataset_test_split": "eval_split"}
-# names whose nearest knob here means something else: what to do instead
-NOT_EQUIVALENT = {
-    "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
-        "its whole minibatch at once (minibatches: N is not accumulation: it makes N separate optimiser "
-        "steps per epoch, which changes the algorithm)",
-    "per_device_train_batch_size": "TRL counts completions per device per micro-batch; here a rollout "
-        "samples prompts_per_step x group_size completions, so set prompts_per_step (distinct prompts) and "
-        "group_size (completions per prompt) for the rollout you want",
-}
 # algo name -> config class; names both families use (ppo, reinforce) keep their LM entry and
 # config_class settles them by the recipe's keys
 CONFIGS: dict[str, type] = {a: LMConfig for a in LMConfig.choices["algo"]}
@@ -305,30 +205,8 @@ CONFIGS.update({a: GymConfig for a in GymConfig.choices["algo"] if a not in CONF
 
 def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
     """Read a YAML recipe (safe loader), apply ``key=value`` overrides, validate."""
-    values = read_recipe(path) if path is not None else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r} must look like key=value")
-        try:
-            values[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            values[key.strip()] = raw
+    values = apply_overrides(read_recipe(path) if path is not None else {}, overrides)
     return build(config_class(values), values)
-
-
-def read_recipe(path: str) -> dict:
-    """The key: value mapping of a YAML recipe file (safe loader), unvalidated."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe {path!r} does not exist; see recipes/ for examples")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(values, dict):
-        raise UserError(f"recipe {path!r} must be a mapping of key: value")
-    return values
 
 
 def config_class(values: dict) -> type:
@@ -347,31 +225,21 @@ def config_class(values: dict) -> type:
 
 
 def build(cls, values: dict):
+    """A validated ``cls`` from a recipe's ``values``: old keys renamed, every unknown key named
+    in one error, each value typed as its field, then ranges and the family's own checks."""
     values = rename_deprecated(cls, values)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        other = key not in hints and next((k for k in NOT_EQUIVALENT if k == key or
-                                           difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
-        if other:
-            raise UserError(f"unknown recipe key {key!r}: {NOT_EQUIVALENT[other]}")
-        if key not in hints:
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-            alias = ALIASES.get(key) or next((v for k, v in ALIASES.items()
-                                              if difflib.SequenceMatcher(None, key, k).ratio() > 0.8), None)
-            if alias in names:  # the true equivalent first
-                close = [alias] + [c for c in close if c != alias]
-            hint = f"did you mean {' or '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
-            raise UserError(f"unknown recipe key {key!r}; {hint}")
-        kwargs[key] = _coerce(key, value, hints[key])
-    cfg = cls(**kwargs)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        raise UserError(unknown_keys_message(cls.__name__, unknown, names))
+    cfg = cls(**{key: _coerce(cls, key, value, hints[key]) for key, value in values.items()})
     check_ranges(cfg)  # every numeric key of every family: rlhf/validation.py's table
     cfg.validate()
     return cfg
 
 
-def _coerce(key: str, value, hint):
+def _coerce(cls, key: str, value, hint):
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -388,8 +256,11 @@ def _coerce(key: str, value, hint):
             continue
         if isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
-    want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise UserError(f"recipe key {key!r} must be {want}, got {value!r}")
+    if key in cls.choices:  # a choice key: the choices, not the type, are what the user needs
+        want = "one of " + ", ".join(cls.choices[key])
+    else:
+        want = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise UserError(f"recipe key {key!r} must be {want}, got {value!r}{value_note(cls.__name__, key)}")
 
 
 def to_dict(cfg) -> dict:
@@ -398,9 +269,5 @@ def to_dict(cfg) -> dict:
 
 def load_run_config(run_dir: str):
     """The resolved config of a run directory (its ``recipe.yaml``), of either family."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
-                        "printed by `rlhf train`")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_run_recipe(run_dir)
     return build(config_class(values), values)

@@ -105,11 +105,14 @@ OLD_GYM = {"clip_range_value": "clip_vloss", "penalty_coef": "kl_coef"}
     ("kl_coef", "penalty_coef", 0.3, ["env=CartPole-v1", "algo=ppo"]),  # gym: the PPO-paper penalty
 ])
 def test_old_key_maps_to_its_family_concept_with_one_line_hint(old, new, value, base, caplog):
-    with caplog.at_level("WARNING", logger="rlhf.config"):
+    with caplog.at_level("WARNING", logger="rlhf.renamed_keys"):
         cfg = load_recipe(None, base + [f"{old}={value}"])
     assert getattr(cfg, new) == value
-    note = ("; kl_coef was the PPO-paper penalty here, and names the KL-to-reference coefficient of LM recipes"
-            if old == "kl_coef" else "")
+    note = ""
+    if old == "kl_coef":
+        note = "; kl_coef was the PPO-paper penalty here, and names the KL-to-reference coefficient of LM recipes"
+    elif (old, new) == ("beta", "kl_coef"):  # TRL's beta: the same line says so
+        note = "; beta is TRL's name for it"
     assert [r.getMessage() for r in caplog.records] == [
         f"recipe key {old!r} is deprecated: use {new!r}, the same setting{note}"]
     fresh = load_recipe(None, base + [f"{new}={value}"])
@@ -120,7 +123,7 @@ def test_gym_kl_coef_is_the_penalty_never_the_lm_kl_to_reference(caplog):
     gym = load_recipe(None, ["env=CartPole-v1", "algo=ppo", "objective=adaptive_kl", "kl_coef=0.3"])
     assert type(gym).__name__ == "GymConfig" and gym.penalty_coef == 0.3 and not hasattr(gym, "kl_coef")
     caplog.clear()
-    with caplog.at_level("WARNING", logger="rlhf.config"):
+    with caplog.at_level("WARNING", logger="rlhf.renamed_keys"):
         lm = load_recipe(None, ["algo=ppo", "kl_coef=0.3"])       # the new LM name: no hint
     assert (lm.kl_coef, lm.penalty_coef, caplog.records) == (0.3, LMConfig().penalty_coef, [])
 
@@ -129,7 +132,7 @@ def test_gym_kl_coef_is_the_penalty_never_the_lm_kl_to_reference(caplog):
     (256, 32, 8, 1), (512, 32, 8, 1), (64, 256, 16, 64), (512, 512, 2, 2)])
 def test_gym_minibatch_size_becomes_the_count_of_the_same_minibatches(size, n_steps, n_envs, count, caplog):
     base = ["env=CartPole-v1", "algo=ppo", f"n_steps={n_steps}", f"n_envs={n_envs}"]
-    with caplog.at_level("WARNING", logger="rlhf.config"):
+    with caplog.at_level("WARNING", logger="rlhf.renamed_keys"):
         cfg = load_recipe(None, base + [f"minibatch_size={size}"])
     # the old loop made minibatches of min(size, N) rows; N / count rows is the same size
     assert cfg.minibatches == count and n_steps * n_envs // count == min(size, n_steps * n_envs)
