@@ -85,8 +85,8 @@ class LMPolicy:
 
     ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
     ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
-    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
-    log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
+    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser
+    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
