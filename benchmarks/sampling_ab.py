@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     args = ap.parse_args(argv)
-    import rlhf.lm.policy as P
+    import rlhf.lm.kv_cache as kv
     from rlhf.catalog import find_recipe
     from rlhf.config import load_recipe
     from rlhf.distributed import Dist
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     rows_iter = task_from_config(cfg).train_rows()
     rows = [next(rows_iter) for _ in range(cfg.prompts_per_step)]
     uniforms = rank_uniforms(cfg, 0, dist)
-    plain_select = P.InPlaceLayer.batch_select_indices
+    plain_select = kv.InPlaceLayer.batch_select_indices
     if args.change == "merge":
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         if args.change == "merge":
             policy.merge_for_sampling = on
         else:
-            P.InPlaceLayer.batch_select_indices = _spare_buffer if on else plain_select
+            kv.InPlaceLayer.batch_select_indices = _spare_buffer if on else plain_select
 
     def rollout(on: bool) -> tuple[float, int, float]:
         variant(on)

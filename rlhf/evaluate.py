@@ -13,7 +13,8 @@ from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
 from rlhf.lm.policy import LMPolicy
 from rlhf.lm.reward_model import RM_DIR, RewardModel
-from rlhf.lm.rollout import collect, completion_id_lists
+from rlhf.lm.rollout import collect
+from rlhf.lm.rollout_record import completion_id_lists
 from rlhf.preferences import preference_rows
 from rlhf.rewards import RewardFn, TrainerState, load_rewards, score
 from rlhf.tasks import task_from_config

@@ -1,32 +1,34 @@
-"""An LM policy: a causal LM with a LoRA adapter, turned into token log-probs.
+"""LMPolicy: a causal LM with a LoRA adapter (and PPO's value head): loading it, placing it
+across devices and processes, its module modes, saving it.
+
+What it does with the model lives beside it: ``rlhf.lm.sampler`` writes completions (the
+decode loop, over ``rlhf.lm.kv_cache``), ``rlhf.lm.forward`` is the training forward (log-probs,
+values, entropy of given ids), ``rlhf.lm.prompts`` renders and tokenises prompts, and
+``rlhf.lm.rollout_record`` is the record that passes between them. ``LMPolicy`` holds the
+settings they share and calls them in the right mode.
 
 Shapes: P prompts, G completions each, N = P * G rows, Lp prompt length (left-padded),
 C completion length (right-padded after EOS). The reference policy is the same weights with
 the adapter disabled, so it costs no second copy of the model.
-
-Both sampling and the training forward run each prompt through the model once and repeat
-its KV cache for the G completions of its group: on the addition task the prompt is ~2/3
-of every sequence, so this cuts the work of a step by about half.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from rlhf.core import entropy_from_logits, linear_logprobs, sample_categorical, selective_log_softmax
-from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation_mask, wide_dtype
+from rlhf.core.logprobs import Truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
+from rlhf.lm.forward import PolicyNet
 from rlhf.lm.precision import resolve_dtype
+from rlhf.lm.prompts import decode_completions, render_prompt, tokenize_prompts
+from rlhf.lm.rollout_record import Rollout
+from rlhf.lm.sampler import DecodeSettings, decode, eos_ids
 from rlhf.lm.share import make_portable
 
 
@@ -34,70 +36,48 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_DIR = "critic"  # the separate critic's adapter, inside the policy's adapter directory
 
 
-@dataclass
-class Rollout:
-    """One batch of sampled completions (the LM's version of a gym rollout buffer).
+def load_tokenizer(model_path: str):
+    """The model's tokenizer, padding on the left (prompts end where generation starts), its
+    end token as the padding token where it has none."""
+    import transformers
 
-    Prompts are stored once per group: completion row ``i`` belongs to prompt ``i // group_size``.
-    """
-
-    prompt_ids: Tensor        # [P, Lp] left-padded
-    prompt_mask: Tensor       # [P, Lp]
-    completion_ids: Tensor    # [N, C] right-padded, N = P * group_size
-    mask: Tensor              # [N, C] 1 on real completion tokens (EOS included)
-    truncated: Tensor         # [N] bool: hit max_new_tokens without EOS
-    group_size: int = 1
-    rollout_logp: Tensor | None = None  # [N, C] log-probs as seen while sampling
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-    def select_groups(self, groups: Tensor) -> "Rollout":
-        """The sub-rollout made of whole groups (prompt indices ``groups``)."""
-        rows = self.rows_of(groups)
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return Rollout(self.prompt_ids[groups], self.prompt_mask[groups], pick(self.completion_ids),
-                       pick(self.mask), pick(self.truncated), self.group_size, pick(self.rollout_logp))
-
-    def rows_of(self, groups: Tensor) -> Tensor:
-        """Completion rows of the prompts ``groups``."""
-        return (groups[:, None] * self.group_size + torch.arange(self.group_size, device=groups.device)).reshape(-1)
+    transformers.logging.set_verbosity_error()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-class InPlaceLayer(DynamicLayer):
-    """A KV-cache layer for decoding whose keys and values live in a buffer with room for
-    ``extra`` more tokens: each step writes its slot, where transformers' DynamicLayer
-    concatenates (copies) the whole cache of every layer at every step."""
+def load_adapted(model_path: str, dtype: str, lora, saved: Path | None):
+    """The base model (its weights in ``dtype``) with a LoRA adapter: the saved one at ``saved``,
+    or a fresh one of config ``lora``; its LoRA layers on the cheaper forward (``fast_lora``)."""
+    import transformers
+    from peft import PeftModel, get_peft_model
 
-    def __init__(self, layer: DynamicLayer, extra: int):
-        super().__init__()
-        k, v = layer.keys, layer.values
-        b, h, n, d = k.shape
-        self.kbuf, self.vbuf = k.new_empty(b, h, n + extra, d), v.new_empty(b, h, n + extra, d)
-        self.kbuf[:, :, :n], self.vbuf[:, :, :n] = k, v
-        self.n = n
-        self.dtype, self.device, self.is_initialized = k.dtype, k.device, True
-        self._views()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if getattr(base.config, "quantization_config", None) is not None:
+        raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
+                        "quantization_config (rlhf model pull does this) to train it")
+    if saved is None:
+        model = get_peft_model(base, lora)
+    elif not (saved / "adapter_config.json").is_file():
+        raise UserError(f"no LoRA adapter in {str(saved)!r} (adapter_config.json is missing); "
+                        "point at a run's adapter/ directory")
+    else:
+        model = PeftModel.from_pretrained(base, str(saved), is_trainable=True)
+    fast_lora.install(model)
+    return model
 
-    def _views(self) -> None:
-        self.keys, self.values = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        m = self.n + key_states.shape[-2]
-        self.kbuf[:, :, self.n:m] = key_states
-        self.vbuf[:, :, self.n:m] = value_states
-        self.n = m
-        self._views()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: Tensor) -> None:
-        self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
-        self._views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self.kbuf = self.kbuf.repeat_interleave(repeats, 0)
-        self.vbuf = self.vbuf.repeat_interleave(repeats, 0)
-        self._views()
+def load_value_head(hidden_size: int, saved: Path | None) -> torch.nn.Linear:
+    """PPO's value head: a scalar linear head, zero at the start, or as saved beside the adapter."""
+    head = torch.nn.Linear(hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    if saved and (saved / VALUE_HEAD_FILE).is_file():
+        head.load_state_dict(load_file(saved / VALUE_HEAD_FILE))
+    return head
 
 
 class LMPolicy:
@@ -105,60 +85,34 @@ class LMPolicy:
 
     ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
     ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
-    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser state, the log-softmax, the
-    log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
+    faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser
+    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
                  value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
                  disable_dropout: bool = True, device: torch.device | str | None = None):
-        import transformers
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        transformers.logging.set_verbosity_error()
-        self.temperature = temperature
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
-        torch_dtype = getattr(torch, self.dtype)
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=lora_targets, task_type="CAUSAL_LM")
-
-        def adapted(saved: Path | None):
-            """The base model with a LoRA adapter: the saved one at ``saved``, or a fresh one."""
-            base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-            if getattr(base.config, "quantization_config", None) is not None:
-                raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
-                                "quantization_config (rlhf model pull does this) to train it")
-            if saved is None:
-                return get_peft_model(base, lora)
-            if not (saved / "adapter_config.json").is_file():
-                raise UserError(f"no LoRA adapter in {str(saved)!r} (adapter_config.json is missing); "
-                                "point at a run's adapter/ directory")
-            return PeftModel.from_pretrained(base, str(saved), is_trainable=True)
+        from peft import LoraConfig
 
         if critic not in ("shared", "separate"):
             raise UserError(f"critic must be 'shared' (value head on the policy's trunk) or 'separate' "
                             f"(its own LoRA adapter on a second copy of the base), got {critic!r}")
-        self.model = adapted(adapter_path and Path(adapter_path))
-        fast_lora.install(self.model)
-        self.eos_ids = _eos_ids(self.tokenizer, self.model)
+        self.temperature = temperature
+        self.tokenizer = load_tokenizer(model_path)
+        self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=lora_targets, task_type="CAUSAL_LM")
+        saved = adapter_path and Path(adapter_path)
+        self.model = load_adapted(model_path, self.dtype, lora, saved)
+        self.eos_ids = eos_ids(self.tokenizer, self.model)
         # PPO's critic: a scalar head on the final hidden state of the policy's LoRA-adapted
         # trunk (shared), or of a second LoRA-adapted copy of the base (separate)
         self.value_head, self.critic_model = None, None
         if value_head:
-            self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
-            torch.nn.init.zeros_(self.value_head.weight)
-            torch.nn.init.zeros_(self.value_head.bias)
-            saved = adapter_path and Path(adapter_path) / VALUE_HEAD_FILE
-            if saved and saved.is_file():
-                self.value_head.load_state_dict(load_file(saved))
+            self.value_head = load_value_head(self.model.config.hidden_size, saved)
             if critic == "separate":
-                self.critic_model = adapted(Path(adapter_path) / CRITIC_DIR if adapter_path else None)
-                fast_lora.install(self.critic_model)
+                self.critic_model = load_adapted(model_path, self.dtype, lora, saved / CRITIC_DIR if saved else None)
         # what gets gradients, as one module: one forward call per optimiser step, so DDP can
         # wrap it (``distribute``) even though a forward runs the LM several times
         shared = self.critic_model is None
@@ -273,36 +227,28 @@ class LMPolicy:
         self.stop = tuple(stop)
         self.chat_template_kwargs, self.max_prompt_length = dict(chat_template_kwargs or {}), max_prompt_length
 
-    # ------------------------------------------------------------------ prompts
+    # ------------------------------------------------------------------ prompts (rlhf/lm/prompts.py)
     def encode_prompts(self, prompts: list) -> tuple[Tensor, Tensor]:
         """Chat-template conversational prompts (lists of messages), tokenize, keep the last
         ``max_prompt_length`` tokens of longer ones (counted in ``prompts_truncated``), left-pad."""
         texts = [self.apply_template(p) for p in prompts]
-        if not self.max_prompt_length:
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            self.prompts_seen += len(texts)
-            return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
-        ids = self.tokenizer(texts, add_special_tokens=False).input_ids
-        self.prompts_seen += len(ids)
-        self.prompts_truncated += sum(len(x) > self.max_prompt_length for x in ids)
-        ids = [x[-self.max_prompt_length:] for x in ids]
-        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        ids, mask, cut = tokenize_prompts(self.tokenizer, texts, self.max_prompt_length)
+        self.prompts_seen += len(texts)
+        self.prompts_truncated += cut
+        return ids.to(self.device), mask.to(self.device)
 
     def apply_template(self, prompt) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if self.tokenizer.chat_template is None:
-            raise UserError("the prompts are conversations but the tokenizer has no chat template; "
-                            "use plain-text prompts or a model with a chat template")
-        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                                  **(self.chat_template_kwargs or {}))
+        return render_prompt(self.tokenizer, prompt, self.chat_template_kwargs)
 
     def decode(self, completion_ids: Tensor, mask: Tensor) -> list[str]:
-        return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-                for ids, m in zip(completion_ids, mask)]
+        return decode_completions(self.tokenizer, completion_ids, mask)
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ sampling (rlhf/lm/sampler.py)
+    def decode_settings(self) -> DecodeSettings:
+        """The sampler's settings as this policy's options set them."""
+        return DecodeSettings(self.temperature, self.truncation, tuple(self.eos_ids), self.tokenizer.pad_token_id,
+                              self.stop, self.tokenizer)
+
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int,
                  max_new_tokens: int, greedy: bool = False, adapter: bool = True,
@@ -310,75 +256,14 @@ class LMPolicy:
         """Sample ``group_size`` completions per prompt (a group's rows are contiguous);
         ``greedy`` takes the argmax instead; ``adapter=False`` samples the reference.
         ``uniforms`` [N, max_new_tokens] in [0, 1) are the random numbers of each row's draws
-        (default: torch's global generator). Rows that have emitted EOS leave the batch, so
-        later tokens cost only live rows. Samples in eval mode (``eval_mode``)."""
+        (default: torch's global generator). Samples in eval mode (``eval_mode``), with the
+        parameters whole and the adapter folded into the weights where it can be."""
         self.eval_mode()
         merge = adapter and self.merge_for_sampling
         with (self.sampling_context(), self._adapter(adapter),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
-            return self._decode(prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, uniforms)
-
-    def _decode(self, prompt_ids, prompt_mask, g, max_new_tokens, greedy, uniforms) -> Rollout:
-        n, dev = prompt_ids.shape[0] * g, prompt_ids.device
-        pad, eos = self.tokenizer.pad_token_id, torch.tensor(self.eos_ids, device=dev)
-        tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=dev)
-        logps = torch.zeros(n, max_new_tokens, device=dev)
-        if uniforms is not None:  # (float64 from the CPU's generators: float32 on an accelerator)
-            uniforms = uniforms.to(dev, wide_dtype(dev))
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         position_ids=positions(prompt_mask), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(g)
-        cache.layers = [InPlaceLayer(layer, max_new_tokens) for layer in cache.layers]
-        logits = out.logits[:, -1].repeat_interleave(g, 0)
-        attn = prompt_mask.repeat_interleave(g, 0)
-        live = torch.arange(n, device=dev)  # rows still generating
-        stopped = torch.full((n,), -1, dtype=torch.long)  # where a stop string ended a row
-        steps = 0
-        for t in range(max_new_tokens):
-            x = logits.float()
-            if self.temperature != 1.0:
-                x = x / self.temperature
-            top = x.amax(-1, keepdim=True)
-            e = torch.exp(x - top)  # unnormalised probabilities
-            if self.truncation.active:  # top_k / top_p / min_p: the rest get probability 0
-                e = e * truncation_mask(x, self.truncation)
-            nxt = x.argmax(-1) if greedy else sample_categorical(
-                e, uniform=None if uniforms is None else uniforms[live, t])
-            tokens[live, t] = nxt
-            logps[live, t] = x.gather(-1, nxt[:, None]).squeeze(-1) - top.squeeze(-1) - e.sum(-1).log()
-            steps = t + 1
-            ended = torch.isin(nxt, eos)
-            if self.stop:
-                ended = ended | self._stopped(tokens, live, t, stopped)
-            if t == max_new_tokens - 1 or bool(ended.all()):
-                break
-            if bool(ended.any()):  # drop finished rows from the batch and the cache
-                keep = (~ended).nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                live, nxt, attn = live[keep], nxt[keep], attn[keep]
-            attn = torch.cat([attn, torch.ones(len(live), 1, dtype=attn.dtype, device=dev)], dim=1)
-            out = self.model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=cache,
-                             position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
-            logits = out.logits[:, -1]
-        tokens, logps = tokens[:, :steps], logps[:, :steps]
-        mask, truncated = completion_mask(tokens, self.eos_ids)
-        if self.stop and bool((stopped >= 0).any()):  # tokens after a stop string's last one
-            rows = (stopped >= 0).nonzero().squeeze(-1)
-            after = torch.arange(steps)[None, :] > stopped[rows, None]
-            mask[rows.to(dev)] = mask[rows.to(dev)] * (~after).to(dev, mask.dtype)
-            truncated[rows.to(dev)] = False
-        return Rollout(prompt_ids, prompt_mask, tokens, mask, truncated, g, logps * mask)
-
-    def _stopped(self, tokens: Tensor, live: Tensor, t: int, stopped: Tensor) -> Tensor:
-        """Bool [len(live)]: the token just sampled (position ``t``) completes a stop string in
-        its row; records ``t`` in ``stopped``. Decodes only the last few tokens: enough for the
-        longest stop string (a token is at least one byte, a character at most four)."""
-        width = 4 * max(len(s) for s in self.stop) + 1
-        tails = self.tokenizer.batch_decode(tokens[live, max(0, t - width + 1):t + 1].tolist())
-        hit = torch.tensor([any(s in text for s in self.stop) for text in tails], dtype=torch.bool)
-        stopped[live.cpu()[hit]] = t
-        return hit.to(live.device)
+            return decode(self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
+                          greedy, uniforms)
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:
@@ -392,9 +277,10 @@ class LMPolicy:
         ``entropy`` the policy entropy per position [N, C] (detached). Zero past each row's end.
         See ``PolicyNet.forward``."""
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask)
-        out = self.train_net(*args, group_size=batch.group_size, adapter=adapter, values=values, entropy=entropy)
+        kw = {"group_size": batch.group_size, "attn_mask": batch.attn_mask}
+        out = self.train_net(*args, **kw, adapter=adapter, values=values, entropy=entropy)
         if values and self.train_critic is not None:  # the separate critic's own pass
-            out["values"] = self.train_critic(*args, group_size=batch.group_size, values=True, logp=False)["values"]
+            out["values"] = self.train_critic(*args, **kw, values=True, logp=False)["values"]
         return out
 
     def _adapter(self, enabled: bool):
@@ -437,167 +323,3 @@ class LMPolicy:
             self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
         # portable: the base's Hub id in adapter_config.json, the tokenizer and chat template beside it
         make_portable(path, self.model.get_base_model().config._name_or_path, self.tokenizer)
-
-
-class PolicyNet(torch.nn.Module):
-    """The modules that get gradients (LoRA-adapted LM, optional value head) and the training
-    forward over a rollout, as one ``nn.Module`` call."""
-
-    def __init__(self, model, value_head, temperature: float):
-        super().__init__()
-        self.model, self.value_head, self.temperature = model, value_head, temperature
-        # the blocks FSDP shards one by one (accelerate's transformer-based wrap policy reads it)
-        self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
-        self.full_sequence = False  # set by gradient checkpointing (no KV cache to share)
-        self.truncation = Truncation()  # the sampler's top_k / top_p / min_p (LMPolicy.set_options)
-        self.fused_head = True      # LM head + log-softmax in blocks (reads the head's weight directly)
-        # what the model's own head does after its linear layer (Cohere, Granite, Gemma-2/3): the
-        # sampler sees those logits (``model(...).logits``), so the training log-probs must too
-        self.logit_scale, self.logit_softcap = logit_transform(model.config)
-
-    def forward(self, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, mask: Tensor,
-                group_size: int = 1, adapter: bool = True, values: bool = False,
-                entropy: bool = False, logp: bool = True, owner: Tensor | None = None) -> dict[str, Tensor]:
-        """``logp=False`` (a separate critic): values only, the LM head is skipped. ``owner`` [N]:
-        the prompt of each completion row (default: a group's ``group_size`` rows are contiguous).
-
-        Each prompt runs once. Its KV cache (autograd graph included) is gathered for the rows
-        of its group, and the completions run on top, in up to two buckets of similar length
-        so short answers do not pay for the longest one's padding. The LM head runs only on
-        the completion tokens themselves (never on the prompt or padding), fused with the
-        log-softmax in blocks of rows (``linear_logprobs``).
-        """
-        want_hidden = values and self.value_head is not None
-        c = completion_ids.shape[1]
-        if owner is None:
-            owner = torch.div(torch.arange(len(completion_ids), device=completion_ids.device), group_size,
-                              rounding_mode="floor")
-        decoder = self.model.get_base_model().get_decoder()
-        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
-            if self.full_sequence:  # one plain pass over each row's prompt + completion
-                ids = torch.cat([prompt_ids[owner], completion_ids], 1)
-                attn = torch.cat([prompt_mask[owner], mask.to(prompt_mask.dtype)], 1)
-                res = decoder(input_ids=ids, attention_mask=attn, position_ids=positions(attn))
-                hidden = res.last_hidden_state[:, -c - 1:-1]  # position i predicts completion token i
-            else:
-                prompt = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                 position_ids=positions(prompt_mask), use_cache=True)
-                parts, order = [], []
-                for rows, width in length_buckets(mask):
-                    part = self._completions(decoder, prompt, prompt_mask, completion_ids, mask, owner[rows],
-                                             rows, width)
-                    parts.append(F.pad(part, (0, 0, 0, c - width)))
-                    order.append(rows)
-                hidden = torch.cat(parts)[torch.argsort(torch.cat(order))]  # back to the rollout's order
-        # the policy's log-probs use the sampler's truncated distribution; the reference's full one
-        trunc = self.truncation if adapter else Truncation()
-        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp, trunc)
-
-    def _completions(self, decoder, prompt, prompt_mask, completion_ids, mask, owner, rows, width):
-        """Final hidden states [n, width, d] of the positions that predict completion ``rows``'
-        tokens (``owner``: their prompts), run on top of their prompts' cached keys and values."""
-        hidden = prompt.last_hidden_state[owner, -1:]                       # predicts token 0
-        if width == 1:
-            return hidden
-        cache = DynamicCache(ddp_cache_data=[(k[owner], v[owner]) for k, v, *_ in prompt.past_key_values],
-                             config=self.model.config)
-        p_mask = prompt_mask[owner]
-        attn = torch.cat([p_mask, mask[rows, :width - 1]], dim=1)
-        rest = decoder(input_ids=completion_ids[rows, :width - 1], attention_mask=attn, past_key_values=cache,
-                       use_cache=True, position_ids=p_mask.sum(-1, keepdim=True)
-                       + torch.arange(width - 1, device=p_mask.device))
-        return torch.cat([hidden, rest.last_hidden_state], dim=1)
-
-    def _outputs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, values: bool, entropy: bool,
-                 logp: bool, trunc: Truncation = Truncation()) -> dict[str, Tensor]:
-        """Log-probs (and entropy) of the completion tokens, values, from the hidden states
-        [N, C, d] that predict them; zero past each row's end."""
-        out = {}
-        if logp:
-            real = mask.bool()
-            lp, ent = self._head(hidden[real], completion_ids[real], entropy, trunc)
-            out["logp"] = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).index_put((real,), lp)
-            if entropy:
-                out["entropy"] = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put((real,), ent)
-        if values:
-            out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
-        return out
-
-    def _head(self, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
-              ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d],
-        under the distribution truncated by ``trunc`` (renormalised over the kept tokens)."""
-        head = self.model.get_base_model().get_output_embeddings()
-        # fused: a plain linear head, and no soft-capping (a scale folds into the temperature)
-        fused = self.fused_head and type(head) is torch.nn.Linear and head.bias is None and not self.logit_softcap
-        temperature = self.temperature / self.logit_scale
-        if trunc.active and fused:
-            return truncated_linear_logprobs(hidden, head.weight, ids, temperature, trunc, entropy=entropy)
-        if trunc.active:  # an adapted or biased head, or capped logits: full logits, masked as the sampler does
-            logits = self._logits(head, hidden) / self.temperature
-            keep = truncation_mask(logits.detach(), trunc)
-            keep[torch.arange(len(ids), device=ids.device), ids] = True
-            logits = logits.masked_fill(~keep, float("-inf"))
-            ent = None
-            if entropy:
-                lp_all = torch.log_softmax(logits.detach(), -1)
-                ent = -(lp_all.exp() * lp_all.masked_fill(~keep, 0.0)).sum(-1)
-            return selective_log_softmax(logits, ids), ent
-        if fused:  # in blocks
-            return linear_logprobs(hidden, head.weight, ids, temperature, entropy=entropy)
-        logits = self._logits(head, hidden) / self.temperature       # an adapted or biased head, or capped logits
-        ent = entropy_from_logits(logits.detach()) if entropy else None
-        return selective_log_softmax(logits, ids), ent
-
-    def _logits(self, head, hidden: Tensor) -> Tensor:
-        """The model's own logits [M, V] in float32: its head, then its scale and soft-cap."""
-        logits = head(hidden).float()
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.logit_softcap:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return logits
-
-
-def logit_transform(config) -> tuple[float, float | None]:
-    """``(scale, softcap)`` of what a causal LM's own forward does to its head's output ``z``:
-    ``logits = softcap * tanh(scale * z / softcap)`` (no cap: ``scale * z``). Read from the config:
-    Cohere's ``logit_scale`` multiplies, Granite's ``logits_scaling`` divides, Gemma-2/3's
-    ``final_logit_softcapping`` caps (None or 0: no cap)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = float(getattr(text, "logit_scale", None) or 1.0) / float(getattr(text, "logits_scaling", None) or 1.0)
-    cap = getattr(text, "final_logit_softcapping", None)
-    return scale, float(cap) if cap else None
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    ids.update(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])
-    return sorted(i for i in ids if i is not None)
-
-
-def length_buckets(mask: Tensor, min_saving: float = 0.2) -> list[tuple[Tensor, int]]:
-    """Split rows into at most two buckets by completion length, as ``(rows, width)``, when
-    that saves at least ``min_saving`` of the padded positions; else one bucket."""
-    lengths = mask.sum(1).long().clamp(min=1).cpu()
-    order = torch.argsort(lengths)
-    sorted_len = lengths[order]
-    n, longest = len(lengths), int(sorted_len[-1])
-    costs = [(s * int(sorted_len[s - 1]) + (n - s) * longest, s) for s in range(1, n)]
-    best, split = min(costs, default=(n * longest, n))
-    if best > (1 - min_saving) * n * longest:
-        return [(torch.arange(n, device=mask.device), longest)]
-    order = order.to(mask.device)
-    return [(order[:split], int(sorted_len[split - 1])), (order[split:], longest)]
-
-
-def positions(mask: Tensor) -> Tensor:
-    """Position ids under left padding: real tokens count from 0."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def completion_mask(completion: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
-    """1 on tokens up to and including the first EOS, 0 after it. Returns (mask, truncated)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))
-    seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly earlier
-    return (~seen_before).float(), ~is_eos.any(-1)

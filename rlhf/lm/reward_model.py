@@ -30,7 +30,7 @@ from rlhf.config import LMConfig
 from rlhf.distributed import process_device
 from rlhf.errors import UserError
 from rlhf.lm.models import resolve_model
-from rlhf.lm.policy import PolicyNet, positions
+from rlhf.lm.forward import PolicyNet, positions
 
 RM_DIR = "reward_model"
 META_FILE = "reward_model.json"  # base model, head and beta, beside the adapter

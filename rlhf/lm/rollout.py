@@ -1,4 +1,6 @@
-"""Sampling a rollout from the LM policy, and the no-grad passes over it that the update needs.
+"""Rollouts from the LM policy: today's source (single-turn sampling, ``SamplerSource``; the
+record it fills is ``rlhf.lm.rollout_record``), the per-prompt sampling noise, and the no-grad
+passes over a rollout that the update needs.
 
 Shapes: N = prompts * group_size rows, C completion tokens; ``logp, ref_logp, mask : [N, C]``.
 """
@@ -13,7 +15,8 @@ from torch import Tensor
 
 from rlhf.config import LMConfig
 from rlhf.core import kl_estimate
-from rlhf.lm.policy import LMPolicy, Rollout
+from rlhf.lm.policy import LMPolicy
+from rlhf.lm.rollout_record import RewardInputs, Rollout
 
 
 @dataclass
@@ -42,25 +45,40 @@ def sampling_uniforms(seed: int, prompt_ids, group_size: int, max_new_tokens: in
     return torch.cat(parts)
 
 
+@dataclass
+class SamplerSource:
+    """Today's rollout source (``rlhf.lm.rollout_record.RolloutSource``): a single turn per
+    prompt, sampled by the policy's decode loop (``LMPolicy.generate``, ``rlhf.lm.sampler``),
+    ``group_size`` completions of at most ``max_new_tokens`` tokens each (greedy: one)."""
+
+    policy: LMPolicy
+    group_size: int
+    max_new_tokens: int
+
+    def __call__(self, rows: list[dict], *, greedy: bool = False, adapter: bool = True,
+                 uniforms: Tensor | None = None) -> Rollout:
+        g = 1 if greedy else self.group_size
+        prompts = [r["prompt"] for r in rows]
+        ids, attn = self.policy.encode_prompts(prompts)
+        roll = self.policy.generate(ids, attn, g, self.max_new_tokens, greedy=greedy, adapter=adapter,
+                                    uniforms=uniforms)
+        texts = self.policy.decode(roll.completion_ids, roll.attention)
+        conversational = not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
+        roll.reward_inputs = RewardInputs([p for p in prompts for _ in range(g)], completions, columns)
+        return roll
+
+
 def collect(policy: LMPolicy, rows: list[dict], cfg: LMConfig, greedy: bool = False, adapter: bool = True,
             uniforms: torch.Tensor | None = None):
-    """Sample group_size completions per prompt (greedy: one argmax completion); return the
-    rollout and what reward functions take: prompts, completions and dataset columns, one per row."""
-    g = 1 if greedy else cfg.group_size
-    prompts = [r["prompt"] for r in rows]
-    ids, attn = policy.encode_prompts(prompts)
-    roll = policy.generate(ids, attn, g, cfg.max_new_tokens, greedy=greedy, adapter=adapter, uniforms=uniforms)
-    texts = policy.decode(roll.completion_ids, roll.mask)
-    conversational = not isinstance(prompts[0], str)
-    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-    columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
-    return roll, [p for p in prompts for _ in range(g)], completions, columns
-
-
-def completion_id_lists(roll: Rollout) -> list[list[int]]:
-    """Each completion's token ids, its end token included (what reward functions get as
-    ``completion_ids``, as in TRL)."""
-    return [row[m > 0].tolist() for row, m in zip(roll.completion_ids.cpu(), roll.mask.cpu())]
+    """Sample group_size completions per prompt (greedy: one argmax completion) with the
+    recipe's sampler source; return the rollout and, unpacked from it, what reward functions
+    take: prompts, completions and dataset columns, one per row."""
+    roll = SamplerSource(policy, cfg.group_size, cfg.max_new_tokens)(rows, greedy=greedy, adapter=adapter,
+                                                                      uniforms=uniforms)
+    inputs = roll.reward_inputs
+    return roll, inputs.prompts, inputs.completions, inputs.columns
 
 
 @torch.no_grad()

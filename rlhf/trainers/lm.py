@@ -32,9 +32,10 @@ from rlhf.core import (
 )
 from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
-from rlhf.lm.policy import LMPolicy, Rollout, length_buckets
-from rlhf.lm.rollout import (RolloutPass, collect, completion_id_lists, kl_after_update, rollout_pass,
-                             sampling_uniforms)
+from rlhf.lm.forward import length_buckets
+from rlhf.lm.policy import LMPolicy
+from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, rollout_pass, sampling_uniforms
+from rlhf.lm.rollout_record import Rollout, completion_id_lists
 from rlhf.lm.share import adapter_writer
 from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run

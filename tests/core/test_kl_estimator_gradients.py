@@ -23,7 +23,7 @@ import torch
 from rlhf.config import KL_REFUSED, LMConfig, load_recipe
 from rlhf.core import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, policy_loss
 from rlhf.errors import UserError
-from rlhf.lm.policy import Rollout
+from rlhf.lm.rollout_record import Rollout
 from rlhf.lm.rollout import RolloutPass
 from rlhf.trainers.lm import advantages
 

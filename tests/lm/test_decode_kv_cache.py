@@ -1,9 +1,9 @@
-"""The decode loop's KV cache (policy.InPlaceLayer): writes in place, and rows that end leave it
+"""The decode loop's KV cache (kv_cache.InPlaceLayer): writes in place, and rows that end leave it
 with every other row's keys and values intact."""
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from rlhf.lm.policy import InPlaceLayer
+from rlhf.lm.kv_cache import InPlaceLayer
 
 
 def test_rows_leave_and_the_rest_keep_their_keys_and_values():

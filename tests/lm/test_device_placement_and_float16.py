@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 import rlhf.core.advantages
 import rlhf.core.logprobs
 import rlhf.distributed
-import rlhf.lm.policy
+import rlhf.lm.sampler
 import rlhf.trainers.lm
 from rlhf.config import load_recipe
 from rlhf.distributed import Dist, process_device
@@ -76,7 +76,7 @@ def test_no_float64_tensor_in_a_training_step_under_the_accelerator_dtypes(tiny_
     (``sampling_uniforms``: CPU generators), run outside the watch here; the sampler converts it
     with ``wide_dtype`` of the device (float32 on an accelerator) before use."""
     float32 = lambda device: torch.float32  # noqa: E731
-    for module in (rlhf.core.logprobs, rlhf.core.advantages, rlhf.distributed, rlhf.lm.policy):
+    for module in (rlhf.core.logprobs, rlhf.core.advantages, rlhf.distributed, rlhf.lm.sampler):
         monkeypatch.setattr(module, "wide_dtype", float32)
     host_noise = rlhf.trainers.lm.rank_uniforms
 

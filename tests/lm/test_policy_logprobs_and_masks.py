@@ -1,7 +1,8 @@
 """The LM adapter on a tiny model: masks, log-probs, reference, padding, saved adapters."""
 import torch
 
-from rlhf.lm.policy import LMPolicy, completion_mask
+from rlhf.lm.policy import LMPolicy
+from rlhf.lm.sampler import completion_mask
 from rlhf.tasks import arith_row
 
 
@@ -101,7 +102,7 @@ def test_adapter_saves_in_peft_format(tiny_model, tmp_path):
 
 
 def test_length_buckets():
-    from rlhf.lm.policy import length_buckets
+    from rlhf.lm.forward import length_buckets
 
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     (short, w1), (long, w2) = length_buckets(mask.float())

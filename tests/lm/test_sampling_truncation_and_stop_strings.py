@@ -7,6 +7,7 @@ import torch
 
 from rlhf.core.logprobs import Truncation, truncated_linear_logprobs, truncation_mask
 from rlhf.lm.policy import LMPolicy
+from rlhf.lm.sampler import stop_hit
 from rlhf.tasks import arith_row
 
 P = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
@@ -142,8 +143,8 @@ def test_stop_string_across_tokens(tiny_model):
     tokens = torch.tensor([_char_ids(policy, "xaby")])
     stopped = torch.full((1,), -1)
     live = torch.tensor([0])
-    assert not policy._stopped(tokens, live, 1, stopped)[0]      # "xa"
-    assert policy._stopped(tokens, live, 2, stopped)[0]          # "xab": the stop string ends at token 2
+    assert not stop_hit(policy.decode_settings(), tokens, live, 1, stopped)[0]      # "xa"
+    assert stop_hit(policy.decode_settings(), tokens, live, 2, stopped)[0]          # "xab": the stop string ends at token 2
     assert stopped.tolist() == [2]
 
 

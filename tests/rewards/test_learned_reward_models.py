@@ -11,7 +11,7 @@ import torch
 
 from rewards.arith import last_integer
 from rlhf.cli import main
-from rlhf.lm.policy import length_buckets
+from rlhf.lm.forward import length_buckets
 from rlhf.lm.reward_model import RewardModel, RewardModelFn
 from rlhf.preferences import arith_pairs, sampled_arith_pairs
 from rlhf.trainers.reward_model import linear_lr

@@ -114,7 +114,8 @@ def sampled(tiny_model):
     text prompts with a ground_truth column and for the same prompts as chats."""
     from rlhf.config import LMConfig
     from rlhf.lm.policy import LMPolicy
-    from rlhf.lm.rollout import collect, completion_id_lists
+    from rlhf.lm.rollout import collect
+    from rlhf.lm.rollout_record import completion_id_lists
 
     torch.manual_seed(0)
     cfg = LMConfig(model=tiny_model, group_size=3, max_new_tokens=12)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf.config import load_recipe
-from rlhf.lm.policy import Rollout
+from rlhf.lm.rollout_record import Rollout
 from rlhf.core import explained_variance
 from rlhf.lm.rollout import RolloutPass
 from rlhf.trainers.lm import Baseline, advantages
