@@ -221,7 +221,7 @@ def _open_run(cfg, recipe, run_dir, resume: bool):
 
     from rlhf.distributed import partial_state
 
-    if getattr(cfg, "algo", None) not in ("grpo", "rloo", "reinforce", "ppo"):
+    if not hasattr(cfg, "model") or cfg.algo not in ("grpo", "rloo", "reinforce", "ppo"):  # gym's ppo: one
         raise UserError(f"algo {cfg.algo!r} runs in one process; launch it without accelerate (the LM "
                         "RL algorithms grpo, rloo, reinforce and ppo run on several)")
     state = partial_state()
