@@ -113,6 +113,9 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
                             "agent on its environment")
     if rewards is not None:
         values["rewards"] = recipe_rewards(rewards)  # names: what recipe.yaml can hold
+    if (dataset is not None or eval_dataset is not None) and _world() > 1:  # each process would move its copy
+        raise UserError("dataset= and eval_dataset= run in one process; under accelerate launch save the rows "
+                        "(Dataset.save_to_disk(PATH)) and pass task=PATH (eval_task=PATH)")
     staged: dict = {}
     try:
         for key, data, name in (("task", dataset, DATASET_DIR), ("eval_task", eval_dataset, EVAL_DATASET_DIR)):
@@ -210,12 +213,17 @@ def _remove_unstarted(run) -> None:
         shutil.rmtree(run.dir, ignore_errors=True)
 
 
+def _world() -> int:
+    """Number of processes of this run (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _open_run(cfg, recipe, run_dir, resume: bool):
     """The run directory: with several processes (``accelerate launch`` / torchrun set
     WORLD_SIZE), the main process creates it and the others learn its name from it."""
     from rlhf.run import Run
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if _world() == 1:
         return Run(cfg, recipe, run_dir, resume=resume)
     from accelerate.utils import broadcast_object_list
 
