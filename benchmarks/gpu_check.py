@@ -18,7 +18,7 @@ here the same way so that pytest is not needed) trained a few steps through the 
   the sampler/trainer log-prob gap (``logp_gap_rollout_trainer``, mean |log p| difference per
   token) under ``GAP_BOUND``, the adapter moved, every ``nn.Linear`` / ``nn.Embedding`` forward on
   the device, and no float64 tensor created on it (a dispatch mode watches every op's outputs);
-- ``eval``: ``rlhf.evaluate.evaluate_lm`` of the GRPO run, on the device;
+- ``eval``: ``rlhf.lm.evaluate.evaluate_lm`` of the GRPO run, on the device;
 - ``reward_model``: an ``algo: reward_model`` run, then a GRPO run rewarded by it (``rm:DIR``),
   both on the device.
 
@@ -244,7 +244,7 @@ def check_training(ctx, algo: str, dtype: str):
 
 
 def check_eval(ctx):
-    from rlhf.evaluate import evaluate_lm
+    from rlhf.lm.evaluate import evaluate_lm
 
     if ctx.grpo_run is None:
         return False, {"error": "no GRPO run to evaluate (grpo_bfloat16 failed)"}

@@ -7,8 +7,6 @@ the facade at the top of the house, and the modules below it that write ``from r
 (an import of ``rlhf.x``) must not be seen to import the API.
 """
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 __all__ = ["Policy", "TrainResult", "UserError", "evaluate", "train"]
@@ -23,20 +21,3 @@ def __getattr__(name: str):
         return importlib.import_module("rlhf.errors").UserError
     raise AttributeError(f"module 'rlhf' has no attribute {name!r}")
 
-
-class _Package(types.ModuleType):
-    """``rlhf.evaluate`` is the API function, although a submodule has that name too
-    (``rlhf/evaluate.py``, the LM evaluator): importing a submodule sets it as an attribute of its
-    package, which would hide the function; here that assignment is kept aside instead. The module
-    stays importable by its dotted name (``from rlhf.evaluate import ...``)."""
-
-    @property
-    def evaluate(self):
-        return importlib.import_module("rlhf.api").evaluate
-
-    @evaluate.setter
-    def evaluate(self, module) -> None:
-        self.__dict__["_evaluate_module"] = module
-
-
-sys.modules[__name__].__class__ = _Package

@@ -15,11 +15,17 @@ names or callables (sync or ``async def``), each alone or as ``{fn: weight}``; `
 (``RUN_DIR/dataset``, Arrow) so the run can be evaluated and resumed from the command line too.
 ``recipe.yaml`` names each callable by ``module:function`` when it can be imported, else
 ``callable:NAME`` (then ``rlhf.evaluate`` needs it again: ``rewards=``; a TrainResult keeps it).
+
+The command line is a shell over this module: ``rlhf train`` builds its config from the recipe
+file and ``--set``, then calls ``run_recipe`` as ``train`` does; ``rlhf eval`` is ``evaluate``;
+``rlhf generate`` and ``rlhf chat`` use ``Policy``.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +71,8 @@ class Policy:
         self.run_dir = Path(run_dir)
         self._loaded = None
 
-    def _load(self):
+    def load(self) -> tuple:
+        """(model, tokenizer), loaded now if not yet (else on first use)."""
         if self._loaded is None:
             from rlhf.lm.share import load_adapted
 
@@ -75,11 +82,11 @@ class Policy:
     @property
     def model(self):
         """The PEFT model (base + adapter), as ``rlhf generate`` uses it."""
-        return self._load()[0]
+        return self.load()[0]
 
     @property
     def tokenizer(self):
-        return self._load()[1]
+        return self.load()[1]
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
         """The reply to a text or to chat messages (through the chat template); temperature 0: greedy."""
@@ -93,12 +100,8 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
     """Train from ``recipe`` with ``overrides`` (recipe keys), ``rewards`` and ``dataset`` (see the
     module docstring); the run directory is ``run_dir``, else ``out_dir/<recipe>-<time>``;
     ``progress``: a progress bar (tqdm.auto: a widget in a notebook)."""
-    from rlhf.cli import _new_dir, _remove_unstarted
     from rlhf.config import build, config_class
-    from rlhf.preflight import preflight
     from rlhf.rewards import recipe_rewards
-    from rlhf.run import Run
-    from rlhf.trainers import get_trainer
 
     recipe_path, values = _recipe_values(recipe)
     values.update(overrides)
@@ -110,7 +113,10 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
                             "agent on its environment")
     if rewards is not None:
         values["rewards"] = recipe_rewards(rewards)  # names: what recipe.yaml can hold
-    staged = {}
+    if (dataset is not None or eval_dataset is not None) and _world() > 1:  # each process would move its copy
+        raise UserError("dataset= and eval_dataset= run in one process; under accelerate launch save the rows "
+                        "(Dataset.save_to_disk(PATH)) and pass task=PATH (eval_task=PATH)")
+    staged: dict = {}
     try:
         for key, data, name in (("task", dataset, DATASET_DIR), ("eval_task", eval_dataset, EVAL_DATASET_DIR)):
             if data is not None:
@@ -118,29 +124,59 @@ def train(recipe: str | Path | dict = "grpo_arith", rewards=None, dataset=None, 
                 values[key] = str(staged[key][0])
         cfg = build(cls, values)  # the CLI's checks, the CLI's sentences
         given = dataclasses.replace(cfg, rewards=rewards) if rewards is not None else cfg  # callables kept
-        preflight(given)
-        fresh = _new_dir(cfg, run_dir)
-        run = Run(cfg, recipe_path, None if run_dir is None else str(run_dir))
-    except BaseException as exc:
-        _unstage(staged, exc)
-        raise
-    try:
-        if staged:  # the data moves into the run directory; recipe.yaml names it there
-            for key, (path, name) in staged.items():
+
+        def move_data(run) -> None:  # the data moves into the run directory; recipe.yaml names it there
+            for key, (path, name) in list(staged.items()):
                 target = (run.dir / name).resolve()
                 shutil.move(str(path), str(target))
                 shutil.rmtree(path.parent, ignore_errors=True)
+                del staged[key]
                 setattr(cfg, key, str(target))
                 setattr(given, key, str(target))
             run.write_recipe(cfg)
-        summary = get_trainer(cfg)(given, run, progress=progress, resume=False)
+
+        run, summary = run_recipe(cfg, recipe_path, None if run_dir is None else str(run_dir), given=given,
+                                  progress=progress, prepare=move_data if staged else None)
+    except BaseException as exc:
+        _unstage(staged, exc)  # whatever was not moved into a run directory
+        raise
+    return TrainResult(run.dir, cfg, summary, list(run.history), rewards)
+
+
+def run_recipe(cfg, recipe: str | None = None, run_dir: str | None = None, *, resume: bool = False,
+               progress: bool = True, given=None, prepare=None, announce: bool = False):
+    """What ``rlhf train`` and ``rlhf.train`` both do with a built config: the preflight, the run
+    directory (made by the main process when several run), the trainer, and the push to the Hub
+    the recipe asks for; returns ``(run, summary)``, the run closed. ``given``: the config the
+    preflight and the trainer see when it differs from the one ``recipe.yaml`` holds (callable
+    rewards); ``prepare(run)``: called once the run directory exists, before training;
+    ``announce``: name the run directory on stderr. A run directory this call made is removed
+    again when a ``UserError`` stops the run before it logged or saved anything."""
+    from rlhf.preflight import preflight
+    from rlhf.trainers import get_trainer
+
+    given = cfg if given is None else given
+    preflight(given)  # model files, data, env: checked before a run directory is touched
+    fresh = not resume and _new_dir(cfg, run_dir)
+    # (before the trainer's heavy imports: a locked run directory is refused at once)
+    run = _open_run(cfg, recipe, run_dir, resume)
+    if announce and run.main:
+        print(f"run directory: {run.dir}", file=sys.stderr)
+    try:
+        if prepare is not None:
+            prepare(run)
+        summary = get_trainer(cfg)(given, run, progress=progress, resume=resume)
+        if getattr(cfg, "push_to_hub", None) and run.main:
+            from rlhf.hub import push_adapter
+
+            summary["hub"] = push_adapter(run.dir, cfg.push_to_hub, cfg.hub_private)
     except UserError:
-        if fresh:
+        if fresh and run.main:
             _remove_unstarted(run)
         raise
     finally:
-        run.close()
-    return TrainResult(run.dir, cfg, summary, list(run.history), rewards)
+        run.close()  # the run directory's lock
+    return run, summary
 
 
 def evaluate(run, problems: int | None = None, rewards=None, progress: bool = False, episodes: int = 20) -> dict:
@@ -150,17 +186,64 @@ def evaluate(run, problems: int | None = None, rewards=None, progress: bool = Fa
     from rlhf.config import load_run_config
     from rlhf.trainers import get_evaluator
 
-    run_dir = run.run_dir if isinstance(run, TrainResult) else Path(run)
+    run_dir = str(run.run_dir if isinstance(run, TrainResult) else run)
     rewards = _as_list(rewards)
     if rewards is None and isinstance(run, TrainResult):
         rewards = run.rewards
-    cfg = load_run_config(str(run_dir))
+    cfg = load_run_config(run_dir)
     if rewards is not None:
         if not hasattr(cfg, "rewards"):
-            raise UserError(f"rewards= applies to language-model runs; {str(run_dir)!r} is a gym run")
+            raise UserError(f"rewards= applies to language-model runs; {run_dir!r} is a gym run")
         cfg = dataclasses.replace(cfg, rewards=rewards)
     args = SimpleNamespace(problems=problems, episodes=episodes, no_progress=not progress)
-    return get_evaluator(cfg)(str(run_dir), cfg, args)
+    return get_evaluator(cfg)(run_dir, cfg, args)
+
+
+def _new_dir(cfg, run_dir) -> bool:
+    """Whether ``Run`` will create its directory: a named one that does not exist yet, or one
+    it names itself (``Run`` picks a fresh name then)."""
+    target = run_dir or (cfg.run_name and Path(cfg.out_dir) / cfg.run_name)
+    return not target or not Path(target).exists()
+
+
+def _remove_unstarted(run) -> None:
+    """A run this call created that stopped before logging a step or saving anything leaves no
+    directory behind (nothing in it was trained)."""
+    if not any((run.dir / name).exists() for name in (run.metrics_path.name, "checkpoint", "adapter")):
+        shutil.rmtree(run.dir, ignore_errors=True)
+
+
+def _world() -> int:
+    """Number of processes of this run (``accelerate launch`` / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _open_run(cfg, recipe, run_dir, resume: bool):
+    """The run directory: with several processes (``accelerate launch`` / torchrun set
+    WORLD_SIZE), the main process creates it and the others learn its name from it."""
+    from rlhf.run import Run
+
+    if _world() == 1:
+        return Run(cfg, recipe, run_dir, resume=resume)
+    from accelerate.utils import broadcast_object_list
+
+    from rlhf.distributed import partial_state
+
+    if not hasattr(cfg, "model") or cfg.algo not in ("grpo", "rloo", "reinforce", "ppo"):  # gym's ppo: one
+        raise UserError(f"algo {cfg.algo!r} runs in one process; launch it without accelerate (the LM "
+                        "RL algorithms grpo, rloo, reinforce and ppo run on several)")
+    state = partial_state()
+    box: list = [None]
+    if state.is_main_process:
+        try:
+            run = Run(cfg, recipe, run_dir, resume=resume)
+            box = [str(run.dir)]
+        except UserError as exc:
+            box = [exc]
+    broadcast_object_list(box)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return run if state.is_main_process else Run(cfg, recipe, box[0], resume=resume, main=False)
 
 
 def _as_list(rewards) -> list | None:

@@ -2,7 +2,9 @@
 ``rlhf generate|chat|merge|push RUN_DIR`` use a trained adapter; ``rlhf report RUN_DIR`` writes
 its report page; ``rlhf recipes``, ``rlhf keys [ALGO]``.
 
-Every command prints, as its very last line on stdout, one JSON object with its results.
+What the commands do is the Python API's (``rlhf/api.py``: ``run_recipe``, ``evaluate``,
+``Policy``); here are the flags, the output and the exit status. Every command prints, as its
+very last line on stdout, one JSON object with its results.
 Mistakes a user can make end in one sentence on stderr and exit status 2, no traceback.
 """
 from __future__ import annotations
@@ -11,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -58,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> dict:
+    from rlhf.api import run_recipe
     from rlhf.config import load_recipe
     from rlhf.errors import UserError
-    from rlhf.run import Run
-    from rlhf.trainers import get_trainer
-    from rlhf.preflight import preflight
 
     if args.resume:
         if args.recipe or args.run_dir:
@@ -80,80 +79,15 @@ def _train(args) -> dict:
         cfg, run_dir = load_recipe(args.recipe, args.overrides), args.run_dir
     else:
         raise UserError("give a recipe (rlhf train recipes/grpo_arith.yaml) or --resume RUN_DIR")
-    preflight(cfg)  # model files, data, env: checked before a run directory is touched
-    fresh = not args.resume and _new_dir(cfg, run_dir)
-    if _world() == 1:  # (before the trainer's heavy imports: a locked run directory is refused at once)
-        run = Run(cfg, args.recipe, run_dir, resume=bool(args.resume))
-    else:
-        run = _multi_process_run(cfg, args.recipe, run_dir, bool(args.resume))
-    if run.main:
-        print(f"run directory: {run.dir}", file=sys.stderr)
-    try:
-        train = get_trainer(cfg)
-        result = train(cfg, run, progress=not args.no_progress, resume=bool(args.resume))
-        if getattr(cfg, "push_to_hub", None) and run.main:
-            from rlhf.hub import push_adapter
-
-            result["hub"] = push_adapter(run.dir, cfg.push_to_hub, cfg.hub_private)
-        return result
-    except UserError:
-        if fresh and run.main:
-            _remove_unstarted(run)
-        raise
-    finally:
-        run.close()  # the run directory's lock
-
-
-def _new_dir(cfg, run_dir) -> bool:
-    """Whether ``Run`` will create its directory: a named one that does not exist yet, or one
-    it names itself (``Run`` picks a fresh name then)."""
-    target = run_dir or (cfg.run_name and Path(cfg.out_dir) / cfg.run_name)
-    return not target or not Path(target).exists()
-
-
-def _remove_unstarted(run) -> None:
-    """A run this command created that stopped before logging a step or saving anything leaves
-    no directory behind (nothing in it was trained)."""
-    if not any((run.dir / name).exists() for name in (run.metrics_path.name, "checkpoint", "adapter")):
-        shutil.rmtree(run.dir, ignore_errors=True)
-
-
-def _world() -> int:
-    """Number of processes of this run (``accelerate launch`` / torchrun set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _multi_process_run(cfg, recipe, run_dir, resume: bool):
-    """The main process creates the run directory; the others learn its name from it."""
-    from accelerate.utils import broadcast_object_list
-
-    from rlhf.distributed import partial_state
-    from rlhf.errors import UserError
-    from rlhf.run import Run
-
-    if getattr(cfg, "algo", None) not in ("grpo", "rloo", "reinforce", "ppo"):
-        raise UserError(f"algo {cfg.algo!r} runs in one process; launch it without accelerate (the LM "
-                        "RL algorithms grpo, rloo, reinforce and ppo run on several)")
-    state = partial_state()
-    box: list = [None]
-    if state.is_main_process:
-        try:
-            run = Run(cfg, recipe, run_dir, resume=resume)
-            box = [str(run.dir)]
-        except UserError as exc:
-            box = [exc]
-    broadcast_object_list(box)
-    if isinstance(box[0], UserError):
-        raise box[0]
-    return run if state.is_main_process else Run(cfg, recipe, box[0], resume=resume, main=False)
+    _, summary = run_recipe(cfg, args.recipe, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+                            announce=True)
+    return summary
 
 
 def _eval(args) -> dict:
-    from rlhf.config import load_run_config
-    from rlhf.trainers import get_evaluator
+    from rlhf.api import evaluate
 
-    cfg = load_run_config(args.run_dir)
-    return get_evaluator(cfg)(args.run_dir, cfg, args)
+    return evaluate(args.run_dir, args.problems, progress=not args.no_progress, episodes=args.episodes)
 
 
 def _model(args) -> dict:
@@ -188,18 +122,18 @@ def _share_parsers(sub) -> None:
 
 
 def _generate(args) -> dict:
-    from rlhf.lm.share import load_adapted, reply
+    from rlhf.api import Policy
 
-    model, tokenizer = load_adapted(args.run_dir)
-    text = reply(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature)
+    text = Policy(args.run_dir).generate(args.prompt, args.max_new_tokens, args.temperature)
     print(text)
     return {"prompt": args.prompt, "completion": text}
 
 
 def _chat(args) -> dict:
-    from rlhf.lm.share import load_adapted, reply
+    from rlhf.api import Policy
 
-    model, tokenizer = load_adapted(args.run_dir)
+    policy = Policy(args.run_dir)
+    policy.load()  # before the first message: a run without an adapter is refused at once
     messages: list[dict] = []
     interactive = sys.stdin.isatty()
     while True:
@@ -211,7 +145,7 @@ def _chat(args) -> dict:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        answer = reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+        answer = policy.generate(messages, args.max_new_tokens, args.temperature)
         messages.append({"role": "assistant", "content": answer})
         print(answer if not interactive else f"model> {answer}", flush=True)
     return {"turns": len(messages) // 2}

@@ -122,10 +122,6 @@ class ActorCritic(nn.Module):
             return entropy_from_logits(params)
         return (self.log_std + 0.5 * (1 + LOG_2PI)).sum(-1).expand(params.shape[0])
 
-    def logp_entropy(self, params: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
-        """``(log_prob, entropy)``, each [N]."""
-        return self.log_prob(params, actions), self.entropy(params)
-
     def sampler(self, rng: np.random.Generator) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
         """``sample(obs [N, D]) -> (actions, logp [N], values [N])``, NumPy in and out: the
         rollout side of ``log_prob`` and ``value`` on the same (viewed) weights, drawing from

@@ -14,8 +14,8 @@ from typing import Callable
 # (config class name, algo or None for any, trainer, evaluator)
 FAMILIES = [
     ("LMConfig", "reward_model", "rlhf.trainers.reward_model:train_reward_model",
-     "rlhf.evaluate:evaluate_rm_cli"),
-    ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.evaluate:evaluate_lm_cli"),
+     "rlhf.lm.evaluate:evaluate_rm_cli"),
+    ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.lm.evaluate:evaluate_lm_cli"),
     ("GymConfig", None, "rlhf.trainers.gym:train", "rlhf.gym.evaluate:evaluate_cli"),
 ]
 

@@ -4,7 +4,7 @@
                                                                   Ouyang et al. 2022)
 
 The reward model and its two heads: ``rlhf/lm/reward_model.py``; the pairs:
-``rlhf/preferences.py``; its held-out accuracy (also ``rlhf eval``): ``rlhf/evaluate.py``.
+``rlhf/preferences.py``; its held-out accuracy (also ``rlhf eval``): ``rlhf/lm/evaluate.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from rlhf import checkpoint
 from rlhf.core import bradley_terry_loss
 from rlhf.errors import UserError
-from rlhf.evaluate import heldout_accuracy
+from rlhf.lm.evaluate import heldout_accuracy
 from rlhf.lm.reward_model import RM_DIR, RewardModel
 from rlhf.preferences import preference_rows
 from rlhf.seeding import seed_everything

@@ -42,7 +42,7 @@ def test_gaussian_logp_and_entropy_by_hand():
     pol = ActorCritic(3, 1, discrete=False, log_std_init=math.log(2.0))
     mu = torch.tensor([[0.5]])
     # log N(1.5 | 0.5, 2^2) = -0.5 * (1/2)^2 - log 2 - 0.5 log(2 pi)
-    logp, ent = pol.logp_entropy(mu, torch.tensor([[1.5]]))
+    logp, ent = pol.log_prob(mu, torch.tensor([[1.5]])), pol.entropy(mu)
     torch.testing.assert_close(logp, torch.tensor([-0.125 - math.log(2) - 0.5 * math.log(2 * math.pi)]))
     torch.testing.assert_close(ent, torch.tensor([math.log(2) + 0.5 * (1 + math.log(2 * math.pi))]))
 

@@ -37,7 +37,7 @@ def tiny_cfg(tiny_model, tmp_path, *overrides):
 def test_eval_and_reward_models_run_on_the_trainers_device(tiny_model, tmp_path):
     """The trainer's device (accelerate's pick, ``Dist``) is the one evaluation and reward models
     use; ``rlhf eval`` reports it. (On this CPU they are all the CPU; gpu_check.py checks CUDA.)"""
-    from rlhf.evaluate import evaluate_lm
+    from rlhf.lm.evaluate import evaluate_lm
     from rlhf.lm.reward_model import RewardModel
 
     assert process_device() == Dist().device

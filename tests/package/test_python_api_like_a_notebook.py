@@ -92,3 +92,35 @@ def test_gym_recipes_train_and_evaluate_too(tmp_path):
     assert rlhf.evaluate(result, episodes=2)["episodes"] == 2
     with pytest.raises(UserError, match="rewards= applies to language-model recipes"):
         rlhf.train("ppo_cartpole", rewards=["arith_correct"], run_dir=tmp_path / "g2")
+
+
+def test_the_cli_and_the_api_run_a_recipe_through_one_function(tmp_path, monkeypatch, capsys):
+    """``rlhf train`` and ``rlhf.train`` differ in how they build the config, not in what runs it."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from rlhf import api
+    from rlhf.cli import main
+
+    calls = []
+
+    def run_recipe(cfg, recipe=None, run_dir=None, **kwargs):
+        calls.append((type(cfg).__name__, cfg.algo, cfg.total_steps, run_dir, kwargs.get("resume", False)))
+        return SimpleNamespace(dir=Path(run_dir), history=[]), {"ran": cfg.algo}
+
+    monkeypatch.setattr(api, "run_recipe", run_recipe)
+    assert main(["train", "ppo_cartpole", "--run-dir", str(tmp_path / "c"), "--set", "total_steps=512"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"ran": "ppo"}
+    assert rlhf.train("ppo_cartpole", run_dir=tmp_path / "a", total_steps=512).summary == {"ran": "ppo"}
+    assert calls == [("GymConfig", "ppo", 512, str(tmp_path / "c"), False),
+                     ("GymConfig", "ppo", 512, str(tmp_path / "a"), False)]
+
+
+def test_a_gym_recipe_under_several_processes_is_one_sentence(tmp_path, monkeypatch, capsys):
+    from rlhf.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "ppo_cartpole", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "runs in one process; launch it without accelerate" in err and not (tmp_path / "r").exists()
