@@ -46,7 +46,7 @@ def _timing(key: str) -> bool:
 
 
 def _strip(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not _timing(k) and k not in ("run_dir", "reward_model")}
+    return {k: v for k, v in row.items() if not _timing(k) and k not in ("run_dir", "reward_model", "report")}
 
 
 def _sha(data: bytes) -> str:
