@@ -145,14 +145,14 @@ def context_window(model_dir: str) -> tuple[int | None, str]:
 # ------------------------------------------------------------------------------- 3. the data
 def reward_columns(specs) -> dict[str, str]:
     """Column -> which reward needs it: each named parameter without a default (names or
-    callables, as ``rlhf.rewards.parse_reward_specs`` takes them)."""
-    from rlhf.rewards import GIVEN, _label, load_reward, parse_reward_specs
+    callables, as ``rlhf.reward_loading.parse_reward_specs`` takes them)."""
+    from rlhf.reward_loading import GIVEN, load_reward, parse_reward_specs, reward_label
 
     needed = {}
     for spec, _ in parse_reward_specs(specs):
         if isinstance(spec, str) and spec.startswith("rm:"):  # (prompts, completions, **_); checked on load
             continue
-        name = _label(spec)
+        name = reward_label(spec)
         try:
             params = list(inspect.signature(load_reward(spec) if isinstance(spec, str) else spec).parameters.values())
         except (TypeError, ValueError):  # no signature to read (a C function): checked when called
