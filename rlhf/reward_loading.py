@@ -101,10 +101,6 @@ def importable_name(fn) -> str | None:
 # ------------------------------------------------------------------------------ loading
 def load_reward(name: str) -> Callable:
     """The function a reward name stands for (``rm:`` names: the reward model's scorer)."""
-    from rewards import REGISTRY
-
-    if name in REGISTRY:
-        return REGISTRY[name]
     if name.startswith("rm:"):  # a reward model: ours (trained here) or a sequence classifier
         from rlhf.lm.classifier_reward import load_reward_model  # here: torch loads only for recipes naming one
 
@@ -114,10 +110,7 @@ def load_reward(name: str) -> Callable:
                         f"pass it again (rlhf.evaluate(run_dir, rewards=[...])), or define it in a file and "
                         "name it path/to/file.py:function")
     if ":" not in name:
-        close = difflib.get_close_matches(name, REGISTRY, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"unknown reward {name!r}; {hint}built-ins are {sorted(REGISTRY)}, or use "
-                        "module:function or path/to/file.py:function")
+        return _builtin(name)
     where, _, attr = name.rpartition(":")
     module = _load_file(where, name) if where.endswith(".py") else _import_module(where, attr, name)
     fn = getattr(module, attr, None)
@@ -126,6 +119,23 @@ def load_reward(name: str) -> Callable:
                   f"path/to/file.py:{attr})" if where.split(".")[0] == "rewards" else ""
         raise UserError(f"{where!r} has no function {attr!r} (from reward {name!r}){builtin}")
     return fn
+
+
+def _builtin(name: str) -> Callable:
+    """The built-in reward of that short name (``rewards.REGISTRY``)."""
+    try:
+        from rewards import REGISTRY
+    except ImportError as exc:  # python -m / a script run where a rewards.py of the user's comes first
+        found = getattr(sys.modules.get("rewards"), "__file__", None)
+        raise UserError(f"module 'rewards' here is {found!r}, not rlhf's built-in rewards package ({exc}); run "
+                        "the `rlhf` command (it does not import from the working directory) or rename your "
+                        "file, and name it as path/to/file.py:function") from None
+    if name in REGISTRY:
+        return REGISTRY[name]
+    close = difflib.get_close_matches(name, REGISTRY, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(f"unknown reward {name!r}; {hint}built-ins are {sorted(REGISTRY)}, or use "
+                    "module:function or path/to/file.py:function")
 
 
 def _load_file(where: str, name: str):

@@ -184,7 +184,10 @@ class _Worker:
         from_child, to_parent = os.pipe()
         path = os.pathsep.join(os.path.abspath(p) for p in sys.path if p)  # import exactly what we import
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from rlhf.reward_pool import _worker_main; "
+            # -c puts the working directory first on sys.path; dropped, or a rewards.py there would
+            # be imported as the built-in rewards package
+            [sys.executable, "-c", "import sys; sys.path[0] == '' and sys.path.pop(0); "
+             "from rlhf.reward_pool import _worker_main; "
              "_worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])", str(from_parent), str(to_parent),
              *names],
             pass_fds=(from_parent, to_parent), stdin=subprocess.DEVNULL,
