@@ -223,7 +223,7 @@ def check_lengths(cfg, model_dir: str, sources, completion_keys: tuple = ()) -> 
     for source, rows in sources:
         prompt_len = _token_counts(tok, [_render(tok, r["prompt"], i, source) for i, r in enumerate(rows)])
         if completion_keys:  # preference pairs: the longer of the two completions follows the prompt
-            from rewards._text import completion_text
+            from rewards import completion_text
 
             extra = [max(c) for c in zip(*(_token_counts(tok, [completion_text(r[k]) for r in rows])
                                            for k in completion_keys))]
