@@ -86,7 +86,7 @@ def test_a_script_run_beside_your_rewards_py_still_loads_it_by_path(here):
     code = ("from rlhf.errors import UserError\nfrom rlhf.rewards import load_rewards, score\n"
             "print(score(load_rewards(['rewards.py:fn']), ['p'], ['c'], {})[0].tolist())\n"
             "try:\n    load_rewards(['arith_correct'])\nexcept UserError as e:\n    print(e)\n")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     done = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,7 @@ from rlhf.extras import EXTRAS
 from rlhf.preflight import check_packages
 from rlhf.tracking import TRACKERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 # recipe -> {module it needs beyond the base install: the pip line the sentence must give}
 NEEDS = {
