@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rewards._text import completion_text
+from rewards import completion_text
 from rlhf.errors import UserError
 from rlhf.lm.models import looks_local, resolve_model
 from rlhf.lm.reward_model import RM_DIR, RewardModelFn

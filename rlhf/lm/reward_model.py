@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rewards._text import completion_text
+from rewards import completion_text
 from rlhf.config import LMConfig
 from rlhf.distributed import process_device
 from rlhf.errors import UserError
