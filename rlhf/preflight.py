@@ -59,6 +59,9 @@ def check_packages(cfg) -> None:
         return
     for spec, _ in parse_reward_specs(cfg.rewards):
         if isinstance(spec, str) and spec.startswith("rm:"):  # torch and transformers: base dependencies
+            from rlhf.lm.classifier_reward import check_reward_model  # (torch: LM recipes load it anyway)
+
+            check_reward_model(spec[3:])  # a reward model of ours not trained yet: before the run directory
             continue
         fn = load_reward(spec) if isinstance(spec, str) else spec
         require(getattr(fn, "requires", ()), f"reward {reward_label(spec)!r}")

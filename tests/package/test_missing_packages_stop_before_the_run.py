@@ -61,7 +61,19 @@ def test_the_other_recipes_need_no_optional_package(recipe, monkeypatch):
     """Base install only: gymnasium's classic-control and toy-text envs, the arith rewards."""
     cfg = load_recipe(str(recipes_dir() / f"{recipe}.yaml"), [])
     hide(monkeypatch, *OPTIONAL_MODULES)
-    check_packages(cfg)
+    if recipe == "grpo_rm_arith":  # no package: its reward model, trained by rm_arith, is checked instead
+        with pytest.raises(UserError, match="not found .*train it first"):
+            check_packages(cfg)
+    else:
+        check_packages(cfg)
+
+
+def test_a_reward_model_not_trained_yet_stops_before_a_run_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "grpo_rm_arith", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "reward model 'runs/rm_arith/reward_model' not found" in err and "rlhf train recipes/rm_arith.yaml" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == [], "a run directory was written"
 
 
 def test_a_tracker_named_in_report_to_is_checked(tmp_path, monkeypatch, capsys):
