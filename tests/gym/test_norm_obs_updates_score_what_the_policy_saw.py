@@ -1,6 +1,6 @@
 """Gym PPO/TRPO with ``norm_obs``: the update scores the observations the policy acted on
 (normalised with the statistics of that moment), so before the first gradient step of each
-update the ratio is 1 and approx_kl / clip fraction read 0 (issue 13, item 7)."""
+update the ratio is 1 and approx_kl / clip fraction read 0."""
 import numpy as np
 import pytest
 import torch
