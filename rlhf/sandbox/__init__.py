@@ -1,0 +1,58 @@
+"""Run an untrusted Python program (a model's completion) so that it cannot outlive the call,
+exhaust the machine, read the user's files or reach a socket.
+
+``run_python(program, stdin, limits)`` runs ``program`` with ``stdin`` as its standard input and
+returns what it printed. ``isolation()`` says which layers hold on this machine. The layers:
+
+* always (``rlimits``): a fresh ``python -I -S`` (no site-packages, no PYTHON* variables), an empty
+  environment, a wall-clock kill, captured output capped (``output_kb``), and per-process rlimits:
+  CPU time, address space (``memory_mb``), file size, open files, message queues, no core dumps.
+* ``uid`` (trainer is root): the program runs as a fresh uid picked at random per run, no groups,
+  ``no_new_privs``; it cannot signal or ptrace the trainer, and ``RLIMIT_NPROC`` counts only it.
+* ``cgroup`` (root, and /sys/fs/cgroup writable: cgroup v2 with memory+pids delegable, else the
+  v1 memory and pids hierarchies, under the trainer's own group): ``memory_mb`` bounds *all* the
+  run's processes together, System V / POSIX shared memory and tmpfs pages included, and
+  ``processes`` (+3 for the launcher) bounds their number; when the call returns every process in
+  the group is killed, whatever it did to its session or process group (``cgroup.kill`` or a kill
+  loop until the group is empty). Without it memory is bounded per process only, and a program
+  can hold ``processes x memory_mb`` (``missing_layers()`` names it; ``code_tests`` logs it once).
+* ``pid`` (CAP_SYS_ADMIN): the program runs under an init of ours, PID 1 of a new PID namespace,
+  which exits when the program exits; the kernel then kills every process left in it (double fork,
+  setsid, setpgid, ignored SIGTERM). It dies with the launcher (PR_SET_PDEATHSIG, set while root).
+* ``net``, ``ipc``, ``uts``: no network at all (a down loopback: TCP to 127.0.0.1 and abstract unix
+  sockets of the host are unreachable); private System V and POSIX IPC that die with the run.
+* ``mount`` + ``root``: the program sees a read-only root on a tmpfs of its own holding only the
+  interpreter, its standard library (site-packages hidden), the shared libraries they load (found
+  with ``ldd``), /etc/ld.so.cache, /etc/localtime, /dev/{null,zero,full,random,urandom}, a /proc of
+  its own PID namespace, and two writable tmpfs of ``disk_mb`` owned by its uid: ``/work`` (its
+  cwd, holding prog.py) and ``/dev/shm``. No other file of the machine (the checkout, datasets,
+  /root, /home, /etc, /tmp, unix socket files) exists for it; the directories leading to the
+  interpreter are the sandbox's (0755), so an interpreter under a 0700 home imports fine.
+
+Backends (``backends()``): ``bwrap`` where bubblewrap is installed (it makes the namespaces and the
+root; the launcher still joins the cgroup and switches the uid), else ``inhouse`` (``_launcher.py``:
+unshare, init, pivot_root with ctypes). Both give the layers above as root with CAP_SYS_ADMIN.
+Without root nothing but ``rlimits`` holds (use a container); as root without CAP_SYS_ADMIN, ``uid``
+and maybe ``cgroup`` hold, the program runs in the trainer's file system (reads what is
+world-readable) with ``PRELOAD`` imported before the uid switch.
+Not enforced anywhere: seccomp syscall filtering, CPU share beyond ``RLIMIT_CPU``, disk I/O bandwidth.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from rlhf.sandbox.limits import Limits, Result
+from rlhf.sandbox.run import backends, run_python
+
+LAYERS = ("net", "mount", "pid", "ipc", "uid", "root", "cgroup")
+__all__ = ["Limits", "Result", "run_python", "backends", "isolation", "missing_layers", "LAYERS"]
+
+
+@lru_cache(maxsize=None)
+def isolation(backend: str | None = None) -> tuple[str, ...]:
+    """The layers that hold on this machine for ``backend`` (default: the first of ``backends()``)."""
+    return run_python("pass", limits=Limits(wall_s=30), backend=backend).layers
+
+
+def missing_layers(backend: str | None = None) -> tuple[str, ...]:
+    return tuple(x for x in LAYERS if x not in isolation(backend))
