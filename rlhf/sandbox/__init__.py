@@ -45,7 +45,17 @@ from rlhf.sandbox.limits import Limits, Result
 from rlhf.sandbox.run import backends, run_python
 
 LAYERS = ("net", "mount", "pid", "ipc", "uid", "root", "cgroup")
-__all__ = ["Limits", "Result", "run_python", "backends", "isolation", "missing_layers", "LAYERS"]
+__all__ = ["Limits", "Result", "run_python", "backends", "isolation", "missing_layers", "limits_note", "LAYERS"]
+WITHOUT = {  # what is lost where a layer does not hold
+    "cgroup": "memory is bounded per process (a run may hold processes x memory_mb)",
+    "pid": "a process that left the program's session is killed through the cgroup or the uid, "
+           "and outlives the call where neither holds",
+    "net": "the program can open network connections",
+    "ipc": "System V / POSIX IPC is the host's",
+    "mount": "the program sees the machine's files",
+    "root": "the program reads every world-readable file and writes every world-writable directory",
+    "uid": "the program runs as the trainer's user, and a fork bomb is bounded only by the cgroup",
+}
 
 
 @lru_cache(maxsize=None)
@@ -56,3 +66,11 @@ def isolation(backend: str | None = None) -> tuple[str, ...]:
 
 def missing_layers(backend: str | None = None) -> tuple[str, ...]:
     return tuple(x for x in LAYERS if x not in isolation(backend))
+
+
+def limits_note(backend: str | None = None) -> str:
+    """One line saying which layers hold here and what is lost without the others."""
+    held, missing = isolation(backend), missing_layers(backend)
+    lost = "; ".join(f"no {x}: {WITHOUT[x]}" for x in missing if x in WITHOUT)
+    return (f"sandbox ({backend or backends()[0]}): layers holding: {', '.join(held) or 'rlimits only'}"
+            + (f"; {lost} (rlhf/sandbox documents the layers; run as root with CAP_SYS_ADMIN)" if lost else ""))
