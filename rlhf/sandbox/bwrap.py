@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from functools import lru_cache
 
 from rlhf.sandbox.rootfs import binds, interpreter
 
 
+@lru_cache(maxsize=1)
 def available() -> str | None:
-    """The path of ``bwrap`` where it can be used (root: no user namespace, so a real uid switch)."""
+    """The path of ``bwrap`` where it is installed and works here as root (as root it needs no user
+    namespace, so the uid switch is real); None elsewhere."""
     path = shutil.which("bwrap")
-    return path if path and os.geteuid() == 0 else None
+    if not path or os.geteuid() != 0:
+        return None
+    probe = [path, "--ro-bind", "/", "/", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--", "/bin/true"]
+    try:
+        ok = subprocess.run(probe, capture_output=True, timeout=30, env={}).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return path if ok else None
 
 
 def argv(bwrap: str, host_work: str, disk_mb: int, launcher_source: str, cfg_json: str) -> list[str]:

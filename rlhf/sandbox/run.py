@@ -23,7 +23,10 @@ LAUNCHER_PROCS = 3  # the launcher (or bubblewrap's two) and the namespace's ini
 PRELOAD = ("math", "cmath", "re", "string", "itertools", "functools", "collections", "heapq", "bisect",
            "array", "copy", "decimal", "fractions", "statistics", "random", "json", "typing",
            "dataclasses", "operator", "io", "time", "datetime", "enum", "textwrap", "unicodedata",
-           "struct", "traceback", "socket", "encodings.idna", "threading", "hashlib", "subprocess")
+           "struct", "traceback", "socket", "encodings.idna", "threading", "hashlib", "subprocess", "tempfile",
+           "shutil", "pathlib", "glob", "contextlib", "queue", "concurrent.futures", "base64", "binascii",
+           "zlib", "secrets", "hmac", "pprint", "csv", "argparse", "ctypes", "select", "selectors", "signal",
+           "mmap", "fnmatch", "weakref", "abc", "numbers", "sqlite3", "uuid", "multiprocessing")
 
 
 def backends() -> tuple[str, ...]:
