@@ -21,6 +21,9 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
   setsid, setpgid, ignored SIGTERM). It dies with the launcher (PR_SET_PDEATHSIG, set while root).
 * ``net``, ``ipc``, ``uts``: no network at all (a down loopback: TCP to 127.0.0.1 and abstract unix
   sockets of the host are unreachable); private System V and POSIX IPC that die with the run.
+* ``seccomp`` (x86_64, aarch64; needs nothing): a filter under ``no_new_privs`` makes socket() fail
+  for every family but AF_UNIX/AF_INET/AF_INET6 (AF_VSOCK is in no network namespace: in a VM it
+  reaches the host), removes io_uring (it opens sockets past seccomp) and other ABIs (x32, i386).
 * ``mount`` + ``root``: the program sees a read-only root on a tmpfs of its own holding only the
   interpreter, its standard library (site-packages hidden), the shared libraries they load (found
   with ``ldd``), /etc/ld.so.cache, /etc/localtime, /dev/{null,zero,full,random,urandom}, a /proc of
@@ -35,7 +38,8 @@ unshare, init, pivot_root with ctypes). Both give the layers above as root with 
 Without root nothing but ``rlimits`` holds (use a container); as root without CAP_SYS_ADMIN, ``uid``
 and maybe ``cgroup`` hold, the program runs in the trainer's file system (reads what is
 world-readable) with ``PRELOAD`` imported before the uid switch.
-Not enforced anywhere: seccomp syscall filtering, CPU share beyond ``RLIMIT_CPU``, disk I/O bandwidth.
+Not enforced anywhere: a general syscall allowlist (the kernel's surface is the program's, user
+namespaces included), CPU share beyond ``RLIMIT_CPU``, disk I/O bandwidth.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from functools import lru_cache
 from rlhf.sandbox.limits import Limits, Result
 from rlhf.sandbox.run import backends, run_python
 
-LAYERS = ("net", "mount", "pid", "ipc", "uid", "root", "cgroup")
+LAYERS = ("net", "mount", "pid", "ipc", "uid", "root", "cgroup", "seccomp")
 __all__ = ["Limits", "Result", "run_python", "backends", "isolation", "missing_layers", "limits_note", "LAYERS"]
 WITHOUT = {  # what is lost where a layer does not hold
     "cgroup": "memory is bounded per process (a run may hold processes x memory_mb)",
@@ -55,6 +59,7 @@ WITHOUT = {  # what is lost where a layer does not hold
     "mount": "the program sees the machine's files",
     "root": "the program reads every world-readable file and writes every world-writable directory",
     "uid": "the program runs as the trainer's user, and a fork bomb is bounded only by the cgroup",
+    "seccomp": "the program can open sockets of families no namespace covers (AF_VSOCK to a VM's host)",
 }
 
 
