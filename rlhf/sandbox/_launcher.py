@@ -18,8 +18,11 @@ CLONE = {"mount": 0x20000, "uts": 0x4000000, "ipc": 0x8000000, "net": 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-# seccomp: (AUDIT_ARCH, socket, io_uring_setup/enter/register); families kept: AF_UNIX, AF_INET, AF_INET6
-SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, (425, 426, 427)), "aarch64": (0xC00000B7, 198, (425, 426, 427))}
+# seccomp: (AUDIT_ARCH, socket, syscalls that fail with ENOSYS: io_uring_setup/enter/register, add_key,
+# request_key, keyctl (the trainer's session keyring is inherited), bpf, userfaultfd, perf_event_open);
+# socket families kept: AF_UNIX, AF_INET, AF_INET6
+SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, (425, 426, 427, 248, 249, 250, 321, 323, 298)),
+                "aarch64": (0xC00000B7, 198, (425, 426, 427, 217, 218, 219, 280, 282, 241))}
 SOCKET_FAMILIES = (1, 2, 10)
 WORK = "/work"
 libc = ctypes.CDLL(None, use_errno=True)
@@ -107,18 +110,19 @@ def become_program(cfg, layers, in_root):
 
 def seccomp():
     """A seccomp filter: socket() of any family but unix and IP fails (AF_VSOCK reaches a VM's host
-    whatever the network namespace), io_uring (which opens sockets past seccomp) is absent, and
-    another ABI's syscalls (x32, i386) fail. False where the architecture is not known here."""
+    whatever the network namespace); io_uring (which opens sockets past seccomp), the keyrings, bpf,
+    userfaultfd and perf_event_open are absent; another ABI's syscalls (x32, i386) fail. False where
+    the architecture is not known here."""
     if os.uname().machine not in SECCOMP_ARCH:
         return False
-    arch, sock, uring = SECCOMP_ARCH[os.uname().machine]
+    arch, sock, denied = SECCOMP_ARCH[os.uname().machine]
     allow, kill = 0x7FFF0000, 0x80000000
     errno = lambda e: 0x00050000 | e  # noqa: E731
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
     # (code, jt, jf, k); jumps are relative to the next instruction
     prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill), (ld, 0, 0, 0),
             (jge, 0, 1, 0x40000000), (ret, 0, 0, errno(38))]  # ENOSYS for x32
-    for nr in uring:
+    for nr in denied:
         prog += [(jeq, 0, 1, nr), (ret, 0, 0, errno(38))]
     prog += [(jeq, 0, 1 + len(SOCKET_FAMILIES) + 1, sock), (ld, 0, 0, 16)]
     prog += [(jeq, len(SOCKET_FAMILIES) - i, 0, fam) for i, fam in enumerate(SOCKET_FAMILIES)]
