@@ -9,8 +9,9 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
   CPU time, address space (``memory_mb``), file size, open files, message queues, no core dumps.
 * ``uid`` (trainer is root): the program runs as a fresh uid picked at random per run, no groups,
   ``no_new_privs``; it cannot signal or ptrace the trainer, and ``RLIMIT_NPROC`` counts only it.
-* ``cgroup`` (root, and /sys/fs/cgroup writable: cgroup v2 with memory+pids delegable, else the
-  v1 memory and pids hierarchies, under the trainer's own group): ``memory_mb`` bounds *all* the
+* ``cgroup`` (root, and /sys/fs/cgroup writable: cgroup v2 where the trainer's own group can enable
+  memory+pids for a child, which v2 refuses to a non-root group holding processes, else the v1
+  memory and pids hierarchies, under the trainer's own group): ``memory_mb`` bounds *all* the
   run's processes together, System V / POSIX shared memory and tmpfs pages included, and
   ``processes`` (+3 for the launcher) bounds their number; when the call returns every process in
   the group is killed, whatever it did to its session or process group (``cgroup.kill`` or a kill
@@ -21,9 +22,10 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
   setsid, setpgid, ignored SIGTERM). It dies with the launcher (PR_SET_PDEATHSIG, set while root).
 * ``net``, ``ipc``, ``uts``: no network at all (a down loopback: TCP to 127.0.0.1 and abstract unix
   sockets of the host are unreachable); private System V and POSIX IPC that die with the run.
-* ``seccomp`` (x86_64, aarch64; needs nothing): a filter under ``no_new_privs`` makes socket() fail
-  for every family but AF_UNIX/AF_INET/AF_INET6 (AF_VSOCK is in no network namespace: in a VM it
-  reaches the host), removes io_uring (it opens sockets past seccomp) and other ABIs (x32, i386).
+* ``seccomp`` (x86_64, aarch64; needs no privilege): a filter under ``no_new_privs`` makes socket()
+  fail for every family but AF_UNIX/AF_INET/AF_INET6 (AF_VSOCK is in no network namespace: in a VM
+  it reaches the host), and removes io_uring (it opens sockets past seccomp), the keyrings (the
+  trainer's session keyring is inherited), bpf, userfaultfd, perf_event_open and other ABIs.
 * ``mount`` + ``root``: the program sees a read-only root on a tmpfs of its own holding only the
   interpreter, its standard library (site-packages hidden), the shared libraries they load (found
   with ``ldd``), /etc/ld.so.cache, /etc/localtime, /dev/{null,zero,full,random,urandom}, a /proc of
@@ -35,9 +37,11 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
 Backends (``backends()``): ``bwrap`` where bubblewrap is installed (it makes the namespaces and the
 root; the launcher still joins the cgroup and switches the uid), else ``inhouse`` (``_launcher.py``:
 unshare, init, pivot_root with ctypes). Both give the layers above as root with CAP_SYS_ADMIN.
-Without root nothing but ``rlimits`` holds (use a container); as root without CAP_SYS_ADMIN, ``uid``
-and maybe ``cgroup`` hold, the program runs in the trainer's file system (reads what is
-world-readable) with ``PRELOAD`` imported before the uid switch.
+Without root only ``rlimits`` and ``seccomp`` hold (use a container); as root without CAP_SYS_ADMIN,
+``uid``, ``seccomp`` and maybe ``cgroup`` hold, and the program runs in the trainer's file system
+(reads what is world-readable) with ``PRELOAD`` imported before the uid switch. On the development
+and CI machines (Debian VM, root, cgroup v1 memory+pids, /dev/vsock) every layer holds, with either
+backend.
 Not enforced anywhere: a general syscall allowlist (the kernel's surface is the program's, user
 namespaces included), CPU share beyond ``RLIMIT_CPU``, disk I/O bandwidth.
 """
@@ -58,7 +62,8 @@ WITHOUT = {  # what is lost where a layer does not hold
     "ipc": "System V / POSIX IPC is the host's",
     "mount": "the program sees the machine's files",
     "root": "the program reads every world-readable file and writes every world-writable directory",
-    "uid": "the program runs as the trainer's user, and a fork bomb is bounded only by the cgroup",
+    "uid": "the program runs as the trainer's user, with no RLIMIT_NPROC (a fork bomb is bounded by the "
+           "cgroup, if any)",
     "seccomp": "the program can open sockets of families no namespace covers (AF_VSOCK to a VM's host)",
 }
 
