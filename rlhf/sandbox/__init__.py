@@ -37,6 +37,7 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
 Backends (``backends()``): ``bwrap`` where bubblewrap is installed (it makes the namespaces and the
 root; the launcher still joins the cgroup and switches the uid), else ``inhouse`` (``_launcher.py``:
 unshare, init, pivot_root with ctypes). Both give the layers above as root with CAP_SYS_ADMIN.
+``run_python(..., backend=)`` or the environment variable ``RLHF_SANDBOX_BACKEND`` picks one.
 Without root only ``rlimits`` and ``seccomp`` hold (use a container); as root without CAP_SYS_ADMIN,
 ``uid``, ``seccomp`` and maybe ``cgroup`` hold, and the program runs in the trainer's file system
 (reads what is world-readable) with ``PRELOAD`` imported before the uid switch. On the development
