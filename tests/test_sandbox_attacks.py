@@ -154,11 +154,13 @@ def test_system_v_shared_memory_is_bounded_and_dies_with_the_run(backend):
 def test_posix_shared_memory_is_a_small_private_tmpfs(backend):
     require(backend, "root")
     tag = "rlhf-shm-" + os.urandom(4).hex()
-    prog = (f"n = 0\ntry:\n    for n in range(4):\n        with open('/dev/shm/{tag}-%d' % n, 'wb') as f:\n"
-            "            for _ in range(50):\n                f.write(b'x' * (1 << 20))\n    n = 4\n"
-            "except OSError:\n    pass\nprint(n * 50)\n")
-    r = run_python(prog, limits=FAST, backend=backend)
-    assert int(r.stdout) <= FAST.disk_mb  # /dev/shm is a tmpfs of disk_mb of its own
+    # 4 files of 50 MiB, written 1 MiB at a time (unbuffered), counted as written
+    prog = (f"mb = 0\ntry:\n    for n in range(4):\n        with open('/dev/shm/{tag}-%d' % n, 'wb', buffering=0) as f:\n"
+            "            for _ in range(50):\n                f.write(b'x' * (1 << 20))\n                mb += 1\n"
+            "except OSError:\n    pass\nprint(mb)\n")
+    limits = Limits(cpu_s=2, wall_s=5, memory_mb=256, file_mb=64, disk_mb=4)  # no file limit in the way
+    r = run_python(prog, limits=limits, backend=backend)
+    assert 0 < int(r.stdout) <= limits.disk_mb, r.stderr  # /dev/shm is a tmpfs of disk_mb of its own
     assert not glob.glob(f"/dev/shm/{tag}*")  # and none of it lands in the host's /dev/shm
 
 
