@@ -8,6 +8,7 @@ neither can be made (not root, read-only /sys/fs/cgroup).
 """
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import time
@@ -134,6 +135,26 @@ def create(memory_bytes: int, max_pids: int) -> RunCgroup | None:
         return None
     name = "rlhf-sandbox-%d-%s" % (os.getpid(), os.urandom(4).hex())
     try:
-        return _v2(name, memory_bytes, max_pids) or _v1(name, memory_bytes, max_pids)
+        group = _v2(name, memory_bytes, max_pids) or _v1(name, memory_bytes, max_pids)
     except OSError:
         return None
+    if group is not None and not _swept:
+        _sweep(group)
+    return group
+
+
+_swept: list[bool] = []
+
+
+def _sweep(group: RunCgroup) -> None:
+    """Once per trainer: remove the empty groups that a trainer killed mid-run left (its pid is gone
+    here; a group that still holds a process, maybe another namespace's, is left alone)."""
+    _swept.append(True)
+    for d in group.dirs:
+        for old in glob.glob(os.path.join(os.path.dirname(d), "rlhf-sandbox-*-*")):
+            pid = os.path.basename(old).split("-")[2]
+            if old != d and pid.isdigit() and not os.path.exists("/proc/" + pid):
+                try:
+                    os.rmdir(old)
+                except OSError:
+                    pass
