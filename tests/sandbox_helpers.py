@@ -19,10 +19,14 @@ def backend(request, monkeypatch):
 
 
 def require(backend, *layers):
-    missing = [x for x in layers if x not in isolation(backend)]
+    held = set(isolation(backend))
+    if "user" in held:  # not root, in a user namespace: an unprivileged uid of its own, as "uid" gives
+        held.add("uid")
+    missing = [x for x in layers if x not in held]
     if missing:
         pytest.skip(f"sandbox layers {missing} do not hold here ({backend}): they need root with "
-                    "CAP_SYS_ADMIN (and a writable /sys/fs/cgroup for 'cgroup'); rlhf/sandbox documents this")
+                    "CAP_SYS_ADMIN, or user namespaces (not 'uid', 'cgroup'), and 'cgroup' a writable /sys/fs/cgroup; "
+                    "rlhf/sandbox documents this")
 
 
 @pytest.fixture

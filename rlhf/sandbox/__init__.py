@@ -9,6 +9,11 @@ returns what it printed. ``isolation()`` says which layers hold on this machine.
   CPU time, address space (``memory_mb``), file size, open files, message queues, no core dumps.
 * ``uid`` (trainer is root): the program runs as a fresh uid picked at random per run, no groups,
   ``no_new_privs``; it cannot signal or ptrace the trainer, and ``RLIMIT_NPROC`` counts only it.
+* ``user`` (trainer not root, unprivileged user namespaces allowed, probed once): a user namespace
+  in which the launcher may make the namespaces and the root below; the program is uid 1000 in it
+  (the trainer's uid outside), without capabilities (dropped at exec), and ``RLIMIT_NPROC`` counts
+  only the namespace's processes (Linux >= 5.14). Its PID namespace holds no process of the
+  trainer's, so it can signal none. Memory stays bounded per process (no cgroup without root).
 * ``cgroup`` (root, and /sys/fs/cgroup writable: cgroup v2 where the trainer's own group can enable
   memory+pids for a child, which v2 refuses to a non-root group holding processes, else the v1
   memory and pids hierarchies, under the trainer's own group): ``memory_mb`` bounds *all* the
@@ -38,7 +43,8 @@ Backends (``backends()``): ``bwrap`` where bubblewrap is installed (it makes the
 root; the launcher still joins the cgroup and switches the uid), else ``inhouse`` (``_launcher.py``:
 unshare, init, pivot_root with ctypes). Both give the layers above as root with CAP_SYS_ADMIN.
 ``run_python(..., backend=)`` or the environment variable ``RLHF_SANDBOX_BACKEND`` picks one.
-Without root only ``rlimits`` and ``seccomp`` hold (use a container); as root without CAP_SYS_ADMIN,
+Without root and without user namespaces only ``rlimits`` and ``seccomp`` hold; without root but
+with them, all but ``uid`` (replaced by ``user``) and ``cgroup`` hold; as root without CAP_SYS_ADMIN,
 ``uid``, ``seccomp`` and maybe ``cgroup`` hold, and the program runs in the trainer's file system
 (reads what is world-readable) with ``PRELOAD`` imported before the uid switch. On the development
 and CI machines (Debian VM, root, cgroup v1 memory+pids, /dev/vsock) every layer holds, with either

@@ -25,6 +25,7 @@ SECCOMP_ARCH = {"x86_64": (0xC000003E, 41, (425, 426, 427, 248, 249, 250, 321, 3
                 "aarch64": (0xC00000B7, 198, (425, 426, 427, 217, 218, 219, 280, 282, 241))}
 SOCKET_FAMILIES = (1, 2, 10)
 WORK = "/work"
+USER_UID = 1000  # the program's uid inside a user namespace (not root)
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -47,13 +48,14 @@ def _bind_ro(src, dst, dev=False):
         open(dst, "a").close()
     _mount(src, dst, None, MS_BIND | MS_REC)
     flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | (0 if dev else MS_NODEV)
-    _mount(None, dst, None, flags)
+    keep = os.statvfs(dst).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)  # locked in a user namespace
+    _mount(None, dst, None, flags | keep)
 
 
 def build_root(cfg, program):
     """Pivot into a fresh tmpfs holding read-only binds of ``cfg["binds"]``, the devices, a /proc of
     the new pid namespace, a size-limited /dev/shm and the program's own writable tmpfs ``/work``."""
-    L, uid = cfg["limits"], cfg["uid"]
+    L, uid = cfg["limits"], cfg["owner"]
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
     new = os.getcwd()
     _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
@@ -92,7 +94,9 @@ def become_program(cfg, layers, in_root):
         resource.setrlimit(res, (v, v))
     if not in_root:  # the interpreter's files may be unreadable for the uid: import while root
         _preload(cfg["preload"])
-    if uid is not None:
+    if "user" in layers:  # uid USER_UID of a user namespace: its capabilities go at exec
+        resource.setrlimit(resource.RLIMIT_NPROC, (L["processes"], L["processes"]))
+    elif uid is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (L["processes"], L["processes"]))
         os.setgroups([])
         os.setgid(uid)
@@ -103,7 +107,7 @@ def become_program(cfg, layers, in_root):
         layers.append("seccomp")
     sys.stderr.write("\0layers:" + ",".join(layers) + "\n")
     sys.stderr.flush()
-    if in_root:
+    if in_root or "user" in layers:  # exec also drops a user namespace's capabilities
         os.execv(cfg["exe"], [cfg["exe"], "-I", "-S", "prog.py"])
     _run_here(cfg)  # no private root: the interpreter's files may be unreadable for the uid
 
@@ -179,7 +183,7 @@ def init(cfg, layers):
     program's status as soon as it exits; the kernel then kills whatever it left behind."""
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the launcher
     in_root = False
-    if "mount" in layers and "pid" in layers and cfg["uid"] is not None:
+    if "mount" in layers and "pid" in layers and cfg["owner"] is not None:
         with open("prog.py", "rb") as f:
             program = f.read()
         build_root(cfg, program)
@@ -199,6 +203,19 @@ def init(cfg, layers):
             _exit_like(status)
 
 
+def _user_namespace():
+    """Not root: a user namespace where our uid is USER_UID, which gives this process (not the
+    program: its uid is not 0, so exec drops them) the capabilities to make the other namespaces."""
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        return False
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", "%d %d 1" % (USER_UID, uid)),
+                       ("/proc/self/gid_map", "%d %d 1" % (USER_UID, gid))):
+        with open(path, "w") as f:
+            f.write(text)
+    return True
+
+
 def launch(cfg):
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     for f in cfg["cgroup_procs"]:
@@ -207,11 +224,14 @@ def launch(cfg):
     if cfg["backend"] == "bwrap":
         os.execv(cfg["bwrap"][0], cfg["bwrap"])
     layers = []
-    if cfg["uid"] is not None:
+    cfg["owner"] = cfg["uid"]
+    if cfg["uid"] is None and cfg.get("userns") and _user_namespace():
+        layers, cfg["owner"] = ["user"], USER_UID
+    if cfg["owner"] is not None:
         if libc.unshare(sum(CLONE.values())) == 0:
-            layers = list(CLONE)
+            layers += list(CLONE)
         else:
-            layers = [n for n, flag in CLONE.items() if libc.unshare(flag) == 0]
+            layers += [n for n, flag in CLONE.items() if libc.unshare(flag) == 0]
     try:
         pid = os.fork()
     except OSError as exc:
@@ -231,6 +251,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "drop":  # inside bubblewrap: namespaces and root are made; become the program
         try:
             CFG = json.loads(sys.argv[2])
+            CFG["owner"] = CFG["uid"]
             for d in (WORK, "/dev/shm"):
                 os.chown(d, CFG["uid"], CFG["uid"])
                 os.chmod(d, 0o700)

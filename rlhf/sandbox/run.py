@@ -37,6 +37,17 @@ def backends() -> tuple[str, ...]:
 def run_python(program: str, stdin: str = "", limits: Limits = Limits(), backend: str | None = None) -> Result:
     """Run ``program`` in the sandbox with ``stdin``; never raises for anything the program does."""
     backend = backend or os.environ.get("RLHF_SANDBOX_BACKEND") or backends()[0]
+    return _run(program, stdin, limits, backend, os.geteuid() != 0 and _user_namespace_works())
+
+
+@lru_cache(maxsize=1)
+def _user_namespace_works() -> bool:
+    """Not root: whether a user namespace gives the program its own root here (probed once)."""
+    r = _run("pass", "", Limits(wall_s=30), "inhouse", True)
+    return r.returncode == 0 and "root" in r.layers
+
+
+def _run(program: str, stdin: str, limits: Limits, backend: str, userns: bool) -> Result:
     work = tempfile.mkdtemp(prefix="rlhf-sandbox-")
     uid = _pick_uid() if os.geteuid() == 0 else None
     group = create(limits.memory_mb << 20, limits.processes + LAUNCHER_PROCS) if uid is not None else None
@@ -47,7 +58,7 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), backend
             f.write(stdin)
         if uid is not None:
             os.chown(work, uid, uid)
-        proc = _start(work, uid, limits, backend, group)
+        proc = _start(work, uid, limits, backend, group, userns)
         try:
             out, err, timed_out, truncated = _collect(proc, limits)
         finally:
@@ -65,9 +76,9 @@ def run_python(program: str, stdin: str = "", limits: Limits = Limits(), backend
                   timed_out, truncated, text, layers, backend)
 
 
-def _start(work: str, uid: int | None, limits: Limits, backend: str, group: RunCgroup | None):
+def _start(work: str, uid: int | None, limits: Limits, backend: str, group: RunCgroup | None, userns: bool):
     pairs, hide = binds()
-    cfg = {"uid": uid, "limits": asdict(limits), "preload": PRELOAD, "exe": interpreter(), "binds": pairs,
+    cfg = {"uid": uid, "userns": userns, "limits": asdict(limits), "preload": PRELOAD, "exe": interpreter(), "binds": pairs,
            "hide": hide, "devices": DEVICES, "backend": backend,
            "cgroup_procs": group.procs_files if group is not None else []}
     if backend == "bwrap":
