@@ -223,8 +223,8 @@ def trainer_loss(cfg, logp, adv, mask, old_logp, ref_logp, denom):
     argument, with the recipe's settings; objective clip (grpo's), adv 0 isolates the KL term."""
     return policy_loss(
         logp, adv, mask, old_logp=old_logp,
-        ref_logp=ref_logp, objective="clip", kl_penalty_coef=0.0,
-        clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        ref_logp=ref_logp, objective="clip", penalty_coef=0.0,
+        clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
         kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)[0]
 
@@ -317,7 +317,7 @@ def reward_path_grad(cfg, theta, ref):
     weight = (logp.detach() * mask).sum(1).exp()                      # pi(completion)
     loss, _ = policy_loss(
         logp, adv * weight, mask, old_logp=None, ref_logp=ref_logp, objective="reinforce",
-        kl_penalty_coef=0.0, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
+        penalty_coef=0.0, clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
         kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
     return torch.autograd.grad(loss, th)[0]

@@ -68,7 +68,7 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     mask: Tensor | None = None,
     next_values: Tensor | None = None,
     terminated: Tensor | None = None,
@@ -77,7 +77,7 @@ def gae(
     """Generalised advantage estimation (Schulman et al. 2016). Returns ``(adv, ret)``.
 
         delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
-        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
+        A_t     = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1}
         ret_t   = A_t + V(s_t)
 
     LM use: pass ``mask`` [B, T] over completion tokens; the value after the last real token
@@ -94,7 +94,7 @@ def gae(
     _check_same_shape(rewards=rewards, values=values, mask=mask, next_values=next_values,
                       terminated=terminated, dones=dones)
     deltas = (rewards + gamma * (1 - terminated) * next_values - values) * mask
-    adv = discounted_cumsum(deltas, gamma * lam * (1 - dones)) * mask
+    adv = discounted_cumsum(deltas, gamma * gae_lambda * (1 - dones)) * mask
     return adv, (adv + values) * mask
 
 
