@@ -81,8 +81,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             stats, loss_part = update(policy, opt, sched, roll, adv, ret, passes, cfg, dist,  # update
                                       state.penalty_coef)
             stats["time/ref_s"] = passes.seconds
-            if cfg.objective == "adaptive_kl":
-                stats["penalty_coef"] = state.penalty_coef  # the coefficient this update used
+            if "kl_after_update" in stats:  # adaptive_kl (``update`` decides): the coefficient this update used
+                stats["penalty_coef"] = state.penalty_coef
             state = state.after(stats, baseline.value, cfg)
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **adv_stats}, cfg,  # log
                               lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
@@ -133,7 +133,7 @@ class LoopState:
 
     def after(self, stats: dict, baseline: float | None, cfg: LMConfig) -> LoopState:
         coef = self.penalty_coef
-        if cfg.objective == "adaptive_kl":  # the PPO paper's controller, once per rollout
+        if "kl_after_update" in stats:  # adaptive_kl: the PPO paper's controller, once per rollout
             coef = adaptive_kl_coef(coef, stats["kl_after_update"], cfg.target_kl)
         return LoopState(step=self.step + 1, baseline=baseline, penalty_coef=coef,
                          bad_steps=self.bad_steps + 1 if stats["skipped"] else 0)
