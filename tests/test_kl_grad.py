@@ -24,7 +24,7 @@ from rlhf.config import KL_REFUSED, LMConfig, load_recipe
 from rlhf.core import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, policy_loss
 from rlhf.errors import UserError
 from rlhf.lm.policy import Rollout
-from rlhf.lm.rollout import RolloutPass
+from rlhf.lm.rollout import RolloutPass, kl_terms
 from rlhf.trainers.lm import advantages
 
 TOL = 1e-10  # float64 enumeration: see the module docstring
@@ -225,8 +225,7 @@ def trainer_loss(cfg, logp, adv, mask, old_logp, ref_logp, denom):
         logp, adv, mask, old_logp=old_logp,
         ref_logp=ref_logp, objective="clip", penalty_coef=0.0,
         clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
-        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
-        kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)[0]
+        kl_coef=kl_terms(cfg).loss_coef, kl_estimator=kl_terms(cfg).estimator, agg=cfg.agg, denom=denom)[0]
 
 
 def expected_token_grad(cfg, theta, ref, old, layout):
@@ -318,8 +317,7 @@ def reward_path_grad(cfg, theta, ref):
     loss, _ = policy_loss(
         logp, adv * weight, mask, old_logp=None, ref_logp=ref_logp, objective="reinforce",
         penalty_coef=0.0, clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
-        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
-        kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
+        kl_coef=kl_terms(cfg).loss_coef, kl_estimator=kl_terms(cfg).estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
     return torch.autograd.grad(loss, th)[0]
 
 

@@ -143,7 +143,7 @@ def test_lm_ppo_advantages_with_a_none_row_are_zero_and_out_of_whitening():
     r = roll_of([[1, 1, 1], [1, 1, 0]])
     values = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     passes = RolloutPass(ref_logp=None, old_logp=None, old_values=values)
-    c = load_recipe(None, ["algo=ppo", "lam=0.5", "beta=0", "group_size=2", "prompts_per_step=1"])
+    c = load_recipe(None, ["algo=ppo", "gae_lambda=0.5", "kl_coef=0", "group_size=2", "prompts_per_step=1"])
     adv, ret, _ = advantages(torch.tensor([1.0, 0.0]), r, passes, c, Baseline(), scored=torch.tensor([True, False]))
     a0 = torch.tensor([0.25, 0.5, 1.0])
     mean, var = a0.mean(), ((a0 - a0.mean()) ** 2).mean()  # whitening over row 0's 3 tokens only
