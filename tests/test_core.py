@@ -85,13 +85,13 @@ def test_group_normalize_by_hand():
 
 def test_group_normalize_scales():
     r = T([1.0, 3.0, 10.0, 14.0])
-    close(group_normalize(r, 2, scale="none"), [-1.0, 1.0, -2.0, 2.0])
+    close(group_normalize(r, 2, scale_rewards="none"), [-1.0, 1.0, -2.0, 2.0])
     std_batch = r.std().item()
-    close(group_normalize(r, 2, scale="batch", eps=0.0), T([-1.0, 1.0, -2.0, 2.0]) / std_batch)
+    close(group_normalize(r, 2, scale_rewards="batch", eps=0.0), T([-1.0, 1.0, -2.0, 2.0]) / std_batch)
     with pytest.raises(ValueError):
         group_normalize(r, 3)
     with pytest.raises(ValueError):
-        group_normalize(r, 2, scale="bogus")
+        group_normalize(r, 2, scale_rewards="bogus")
 
 
 def test_leave_one_out_by_hand():
@@ -135,7 +135,7 @@ def test_value_loss_by_hand():
     v, ret, old = T([2.0, 0.0]), T([0.0, 0.0]), T([1.0, 0.5])
     close(value_loss(v, ret), [2.0, 0.0])
     # clipped: old + clip(v - old, -.2, .2) = [1.2, 0.3]; max(4, 1.44)/2=2, max(0, .09)/2=.045
-    close(value_loss(v, ret, old, clip=0.2), [2.0, 0.045])
+    close(value_loss(v, ret, old, clip_range_value=0.2), [2.0, 0.045])
 
 
 def test_entropy_and_selective_log_softmax():

@@ -99,12 +99,12 @@ def gae(
 
 
 def group_normalize(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, valid: Tensor | None = None
+    rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4, valid: Tensor | None = None
 ) -> Tensor:
     """GRPO's advantage (Shao et al. 2024): ``A_i = (r_i - mean_group) / (std + eps)``.
 
     rewards: [N] with N = prompts * group_size, each prompt's completions contiguous.
-    scale: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
+    scale_rewards: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
     "none" only centres (Dr. GRPO). std is Bessel-corrected, as in TRL.
     valid: [N] bool, False for rows without a reward (no reward function scored them): their
     advantage is 0 and the means and stds are over the valid rows only (TRL's nanmean / nanstd).
@@ -116,18 +116,18 @@ def group_normalize(
     n = v.sum(dim=1, keepdim=True)
     mean = groups.sum(dim=1, keepdim=True) / n.clamp(min=1)
     centred = (groups - mean) * v
-    if scale == "group":
+    if scale_rewards == "group":
         std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         centred = centred / (std + eps)
-    elif scale == "batch":
+    elif scale_rewards == "batch":
         m = v.reshape(-1)
         n_all = m.sum()
         flat = groups.reshape(-1)
         batch_mean = flat.sum() / n_all.clamp(min=1)
         batch_std = ((((flat - batch_mean) * m) ** 2).sum() / (n_all - 1).clamp(min=1)).sqrt()
         centred = centred / (batch_std + eps)
-    elif scale != "none":
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return centred.reshape(-1)
 
 

@@ -89,15 +89,15 @@ def adaptive_kl_coef(coef: float, kl: float, target: float) -> float:
 
 
 def value_loss(
-    values: Tensor, ret: Tensor, old_values: Tensor | None = None, clip: float | None = None
+    values: Tensor, ret: Tensor, old_values: Tensor | None = None, clip_range_value: float | None = None
 ) -> Tensor:
-    """``0.5 * (V - ret)^2``; with ``clip`` the PPO2 pessimistic clipped variant
+    """``0.5 * (V - ret)^2``; with ``clip_range_value`` (c) the PPO2 pessimistic clipped variant
     ``0.5 * max((V - ret)^2, (old_V + clip(V - old_V, -c, c) - ret)^2)``."""
     loss = (values - ret) ** 2
-    if clip is not None:
+    if clip_range_value is not None:
         if old_values is None:
             raise ValueError("value clipping needs old_values")
-        v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
         loss = torch.maximum(loss, (v_clipped - ret) ** 2)
     return 0.5 * loss
 
@@ -166,7 +166,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3",
     return (rho * k3).detach() + rho.detach() * (k2 - k2.detach())
 
 
-def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | None = None) -> Tensor:
+def aggregate(x: Tensor, mask: Tensor, agg: str = "token_mean", denom: float | None = None) -> Tensor:
     """Reduce a per-element loss ``x`` [B, T] under ``mask`` [B, T] to a scalar.
 
     token_mean: ``sum(x * mask) / denom``; denom = number of valid tokens in the *whole
@@ -180,16 +180,16 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | 
     if x.shape != mask.shape:
         raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.to(x.dtype)
-    if mode == "token_mean":
+    if agg == "token_mean":
         return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
-    if mode == "seq_mean":
+    if agg == "seq_mean":
         per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.sum() / (x.shape[0] if denom is None else denom)
-    if mode == "constant":
+    if agg == "constant":
         if denom is None:
-            raise ValueError("aggregate mode 'constant' needs an explicit denom")
+            raise ValueError("agg 'constant' needs an explicit denom")
         return (x * mask).sum() / denom
-    raise ValueError(f"aggregate mode must be one of {AGG_MODES}, got {mode!r}")
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
