@@ -1,8 +1,11 @@
 """On-policy actor-critic family: REINFORCE with a baseline (reinforce), A2C, PPO, TRPO.
 
 One loop: ``collect -> advantages -> update -> log``. The algorithms differ only in the
-advantage estimator (Monte-Carlo returns for reinforce, GAE otherwise) and in ``update``; every
-policy loss goes through ``rlhf.core.policy_loss`` with the gym layout ``[N, 1]``.
+advantage estimator (the recipe's ``adv_estimator``: Monte-Carlo returns for reinforce, GAE
+otherwise), the policy objective (``objective``: reinforce for reinforce and a2c, ppo's surrogate,
+none for trpo) and the update rule (``UPDATES``, by algo); estimators and objectives are looked up
+in ``rlhf.core``'s registries, and every policy loss goes through ``rlhf.core.policy_loss`` with
+the gym layout ``[N, 1]``.
 """
 from __future__ import annotations
 
