@@ -281,7 +281,8 @@ def minibatch_loss(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, adv: t
         out["logp"], adv[idx], mb_mask, old_logp=out["logp"].detach() if old_logp is None else old_logp,
         ref_logp=_pick(passes.ref_logp, idx), objective=cfg.objective, clip_range=cfg.clip_range,
         clip_range_high=cfg.clip_range_high, penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
-        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom)
+        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom,
+        kl_logged="k1" if policy.truncation.active else None)  # (truncated pi vs full ref: policy_loss)
     if ret is not None:  # the critic's loss on the same tokens and normaliser
         vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
         stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
