@@ -193,3 +193,17 @@ def test_truncated_head_runs_in_bf16(tiny_model):
     assert out["logp"].dtype == torch.float32 and bool(torch.isfinite(out["logp"]).all())
     (out["logp"] * roll.mask).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in policy.trainable_parameters() if p.grad is not None)
+
+
+
+def test_fused_head_in_bf16_is_consistent_on_confident_tokens():
+    """Confident tokens (chosen logits 25-43) through a bf16 head: log p <= 0, and each
+    log-prob within the bound one consistent rounding allows (derived in
+    ``rlhf.testing.confident_head_check``); an fp32 chosen logit against a bf16-rounded
+    log-sum-exp gave log p up to +0.12 and errors ~500x that bound."""
+    from rlhf.testing import confident_head_check
+
+    out = confident_head_check()
+    assert out["min_chosen_logit"] >= 24.0
+    assert out["max_logp"] <= 0.0, "log p > 0: the chosen logit and its lse are not one computation"
+    assert out["worst_ratio"] <= 1.0, out
