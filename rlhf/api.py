@@ -159,6 +159,9 @@ def evaluate(run, problems: int | None = None, rewards=None, progress: bool = Fa
         if not hasattr(cfg, "rewards"):
             raise UserError(f"rewards= applies to language-model runs; {str(run_dir)!r} is a gym run")
         cfg = dataclasses.replace(cfg, rewards=rewards)
+    from rlhf.run import announce_code
+
+    announce_code(cfg, f"evaluating {run_dir}")
     args = SimpleNamespace(problems=problems, episodes=episodes, no_progress=not progress)
     return get_evaluator(cfg)(str(run_dir), cfg, args)
 

@@ -73,6 +73,9 @@ def _train(args) -> dict:
             raise UserError(f"{args.resume!r} is not a run directory (no recipe.yaml) to resume")
         cfg = load_recipe(str(recipe), args.overrides)
         run_dir = args.resume
+        from rlhf.run import announce_code
+
+        announce_code(cfg, f"resuming {run_dir}")  # (before the preflight imports it)
     elif args.recipe:
         from rlhf.catalog import find_recipe
 
@@ -152,7 +155,10 @@ def _eval(args) -> dict:
     from rlhf.config import load_run_config
     from rlhf.trainers import get_evaluator
 
+    from rlhf.run import announce_code
+
     cfg = load_run_config(args.run_dir)
+    announce_code(cfg, f"evaluating {args.run_dir}")
     return get_evaluator(cfg)(args.run_dir, cfg, args)
 
 

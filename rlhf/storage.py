@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from rlhf.errors import UserError
@@ -55,12 +56,56 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath))
 
 
+# a file the run writes is opened without following a link in its place (a link planted in the
+# run directory would send the write to its target) and without blocking on a planted FIFO
+NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+APPEND_FILE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` and fsync it (publication is the caller's rename)."""
-    with open(path, "wb") as f:
+    """Write ``data`` to a new file ``path`` and fsync it (publication is the caller's rename).
+    Whatever held the name before (a temporary left by a crash, a planted link) is unlinked,
+    never written through: the file is created afresh (``O_EXCL``)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, NEW_FILE, 0o666)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_file(path: Path, data: bytes) -> None:
+    """Append ``data`` to the run's own file ``path`` (created if missing). A link in its place is
+    refused in one sentence; a file with other hard links (a copy made with ``cp -al``, or a
+    planted one) is first replaced by a private copy, so the other names keep their content."""
+    path = Path(path)
+    try:
+        fd = os.open(path, APPEND_FILE, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise planted_link(path.parent, path.name) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{str(path)!r} is not a regular file; rlhf writes its own {path.name} there: "
+                            "remove it, or choose another --run-dir")
+        if st.st_nlink > 1:
+            os.close(fd)
+            fd = None
+            replace_file(path, path.read_bytes())  # (the rename gives this name its own inode)
+            fd = os.open(path, APPEND_FILE, 0o666)
+        _write_all(fd, data)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -112,13 +157,16 @@ class Slot:
         """The published version (a pre-versioning real directory counts), or None."""
         return self.link if self.link.is_dir() else None
 
-    def publish(self, step: int, writer=None, fresh: bool = True) -> Path:
+    def publish(self, step: int, writer=None, fresh: bool = True, keep: int = 1) -> Path:
         """Build version ``step`` with ``writer(tmp_dir)`` (``fresh=False``: into the directory
         other processes already filled, see ``tmp_path``), then publish it as described in the
-        module docstring. Returns the link."""
+        module docstring; ``keep``: complete versions kept (the new one and ``keep - 1`` older
+        ones to fall back on). Returns the link."""
         tmp = self.tmp_path(step)
         if fresh:
-            if tmp.exists():
+            if tmp.is_symlink() or tmp.is_file():
+                os.unlink(tmp)  # (never written through)
+            elif tmp.exists():
                 shutil.rmtree(tmp)
             os.mkdir(tmp)
         if writer is not None:
@@ -131,14 +179,15 @@ class Slot:
         point(self.link, final)
         for link, inner in self.follow.items():
             point(self.dir / link, f"{final}/{inner}")
-        self.collect_garbage(expected=replaced)
+        self.collect_garbage(expected=replaced, keep=keep)
         return self.link
 
-    def recover(self) -> Path | None:
+    def recover(self, keep: int | None = None) -> Path | None:
         """After a crash (call with the run's lock held, before reading the slot): point a
         missing or dangling link at the newest complete version, restore a directory the
-        pre-versioning save left at ``.NAME.old``, re-point followers, remove leftovers; each
-        action is logged. Returns the current version or None."""
+        pre-versioning save left at ``.NAME.old``, re-point followers, remove leftovers (older
+        complete versions beyond ``keep``: see ``collect_garbage``); each action is logged.
+        Returns the current version or None."""
         if not self.link.is_dir():
             versions = self._versions()
             old = self.dir / f".{self.name}.old"
@@ -159,16 +208,23 @@ class Slot:
                     log.warning("%s: re-pointing %s at %s (a save was interrupted before it moved)",
                                 self.dir, link, target)
                     point(path, target)
-        self.collect_garbage()
+        self.collect_garbage(keep=keep)
         return self.current()
 
-    def collect_garbage(self, expected=()) -> None:
+    def collect_garbage(self, expected=(), keep: int | None = None) -> None:
         """Remove this slot's (and its followers') versions and temporaries no link points to,
-        each with a logged line (``expected``: the versions a publication just replaced, quietly)."""
+        each with a logged line (``expected``: the versions a publication just replaced, quietly),
+        except the ``keep - 1`` newest complete versions older than the published one (kept to fall
+        back on; ``None``: every older one). Versions newer than the published one (a crash
+        between their rename and the link's swap) are removed."""
         names = {self.name, *self.follow}
-        keep = {self._target_top(self.dir / n) for n in names} - {None}
+        kept = {self._target_top(self.dir / n) for n in names} - {None}
+        versions, current = self._versions(), self._target_top(self.link)
+        if current in versions:
+            older = versions[:versions.index(current)]
+            kept |= set(older if keep is None else older[len(older) - max(keep - 1, 0):])
         for entry in sorted(os.listdir(self.dir)):
-            if entry in keep or not self._owned(entry, names):
+            if entry in kept or not self._owned(entry, names):
                 continue
             path = self.dir / entry
             if entry not in expected:
@@ -187,7 +243,7 @@ class Slot:
         found = []
         for entry in os.listdir(self.dir):
             m = _VERSION.match(entry)
-            if m and m["name"] == self.name and (self.dir / entry).is_dir():
+            if m and m["name"] == self.name and (self.dir / entry).is_dir() and not (self.dir / entry).is_symlink():
                 found.append((int(m["step"]), int(m["n"] or 0), entry))
         return [e for *_, e in sorted(found)]
 
@@ -215,6 +271,58 @@ class Slot:
                     entry.startswith(f".{n}-") and entry.endswith(".tmp"):
                 return True
         return False
+
+
+# ---------------------------------------------------------------------- links the run did not make
+_OWN_LINK = re.compile(r"^(?P<top>[^/]+-\d{6,}(?:\.\d+)?)(?:/[^/]+)*$")  # NAME-000012[/inner]
+
+
+def planted_link(run_dir, name: str, target: str | None = None) -> UserError:
+    """The one sentence for a symbolic link in a run directory that the run did not make."""
+    path = Path(run_dir) / name
+    if target is None:
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+    return UserError(f"{str(path)!r} is a symbolic link to {target!r} that rlhf did not make, and rlhf never "
+                     "writes through such a link; remove it, or choose another --run-dir")
+
+
+def check_links(run_dir) -> None:
+    """Refuse (one sentence) a run directory holding a link the run did not make, before the run
+    writes anything: at the top, every symbolic link must be a slot's (``NAME-000012`` or
+    ``NAME-000012/inner``, relative, onto a real version directory beside it) and every other
+    entry a plain file or directory; deeper, no link may lead out of the run directory. (The
+    files the run writes are then opened with ``O_NOFOLLOW`` / ``O_EXCL`` or replaced by a
+    rename: a link made later is not followed either.)"""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return
+    real = os.path.realpath(root)
+    for entry in os.scandir(root):
+        if entry.is_symlink():
+            target = os.readlink(entry.path)
+            m = _OWN_LINK.match(target)
+            top = m and root / m["top"]
+            if not (m and top.is_dir() and not top.is_symlink() and _inside(entry.path, real)):
+                raise planted_link(root, entry.name, target)
+        elif not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+            raise UserError(f"{entry.path!r} is neither a file nor a directory (a FIFO, socket or device), "
+                            "which rlhf does not make; remove it, or choose another --run-dir")
+    for dirpath, dirs, files in os.walk(root):
+        if Path(dirpath) == root:
+            continue
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path) and not _inside(path, real):
+                raise planted_link(root, os.path.relpath(path, root))
+
+
+def _inside(path: str, real_root: str) -> bool:
+    """Whether ``path``, every link on the way followed, stays in the directory ``real_root``."""
+    target = os.path.realpath(path)
+    return target != real_root and target.startswith(real_root + os.sep)
 
 
 # ---------------------------------------------------------------------- failures
@@ -250,7 +358,7 @@ def lock_run_dir(run_dir: Path) -> int:
     import fcntl
 
     path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -263,18 +371,53 @@ def lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
+def _open_lock(path: Path) -> int:
+    """``run.lock``, opened without following a link; one that is not the run's own plain file
+    (a hard link to another file) is replaced by a new one, whose writes touch nothing else."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise planted_link(path.parent, path.name) from None
+        raise
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return fd
+    os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{str(path)!r} is not a regular file; rlhf keeps its own {path.name} there: remove it, "
+                        "or choose another --run-dir")
+    os.unlink(path)  # (a hard link: the other name keeps its content)
+    return os.open(path, flags | os.O_EXCL, 0o644)
+
+
 def unlock(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file up to a line torn by a crash; [] when there is no file."""
-    rows, path = [], Path(path)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash: after the checkpoint, redone
-                break
-    return rows
+    """The rows of a JSONL file, every line that is not a JSON object left out (``read_rows``
+    says which); [] when there is no file."""
+    return read_rows(path)[0]
+
+
+def read_rows(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
+    """(rows, broken): the JSON objects of a JSONL file in order, and for each line that is not
+    one, (its line number from 1, how many rows precede it). ([], []) when there is no file."""
+    rows, broken, path = [], [], Path(path)
+    if not path.is_file():
+        return rows, broken
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            broken.append((number, len(rows)))
+    return rows, broken
