@@ -222,7 +222,9 @@ class Slot:
         versions, current = self._versions(), self._target_top(self.link)
         if current in versions:
             older = versions[:versions.index(current)]
-            kept |= set(older if keep is None else older[len(older) - max(keep - 1, 0):])
+            fallback = set(older if keep is None else older[len(older) - max(keep - 1, 0):])
+            kept |= fallback
+            expected = {*expected, *(set(older) - fallback)}  # (pruned as keep says: quietly)
         for entry in sorted(os.listdir(self.dir)):
             if entry in kept or not self._owned(entry, names):
                 continue
