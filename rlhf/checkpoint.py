@@ -9,7 +9,10 @@
 A run killed at any instant -- SIGKILL or power cut, in the middle of a save included --
 keeps its newest complete checkpoint (``rlhf.storage`` says how); a disk that fills up or
 turns read-only during a save stops the run with one sentence and the previous checkpoint
-intact. Run directories written before versioned checkpoints (a real ``checkpoint/``
+intact. ``keep_checkpoints`` (default 2) complete checkpoints are kept: a resume that finds the
+newest unreadable (a truncated ``state.pt``, a garbled ``.safetensors``) names it in one
+sentence, moves it aside to ``corrupt-checkpoint-N`` and continues from the previous one.
+Run directories written before versioned checkpoints (a real ``checkpoint/``
 directory) are read as they are and converted by their next save.
 
 Any trainer uses the same three calls::
@@ -98,7 +101,7 @@ def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
     older = [v for v in reversed(s._versions()) if v != newest]
     candidates = [current] + [s.dir / v for v in older] if newest in s._versions() else [current]
     for i, d in enumerate(candidates):
-        problem = unreadable(d)
+        problem = unreadable(d, s.follow.values())
         if problem is None:
             break
         label = d.name if d is not current else (newest or NAME)
@@ -120,15 +123,15 @@ def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
     return s.current()
 
 
-def unreadable(directory: Path) -> str | None:
-    """Why checkpoint ``directory`` cannot be resumed from (``state.pt`` missing or not loadable
-    with ``weights_only=True``, a ``.safetensors`` or ``.json`` file that does not load), or None."""
-    from safetensors import safe_open
-
+def unreadable(directory: Path, inner=()) -> str | None:
+    """Why checkpoint ``directory`` cannot be resumed from (``state.pt`` or a directory of ``inner``
+    missing, ``state.pt`` not loadable with ``weights_only=True``, a ``.safetensors`` or ``.json``
+    file that does not load), or None."""
     directory = Path(directory)
     state = directory / STATE_FILE
-    if not state.is_file():
-        return f"no {STATE_FILE}"
+    for name in (STATE_FILE, *inner):
+        if not os.path.exists(directory / name):
+            return f"no {name}"
     checks = [(state, lambda p: torch.load(p, weights_only=True))]
     checks += [(p, _load_safetensors) for p in sorted(directory.rglob("*.safetensors"))]
     checks += [(p, lambda p: json.loads(p.read_text())) for p in sorted(directory.rglob("*.json"))]

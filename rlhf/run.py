@@ -10,6 +10,12 @@
 
 Saved directories are published crash-safely (``rlhf.storage``): a run killed at any instant
 keeps its last complete save. One process at a time trains a run directory (the lock).
+
+A run directory may come from elsewhere (``--resume`` of someone's run): a link in it that the
+run did not make stops the run in one sentence before anything is written, and the run's own
+files are opened with ``O_NOFOLLOW`` / ``O_EXCL`` or replaced by a rename, so no write reaches a
+file outside it; a line of ``metrics.jsonl`` that is not JSON is named, and the code its recipe
+names is named before ``--resume`` or ``rlhf eval`` imports it (``announce_code``).
 """
 from __future__ import annotations
 

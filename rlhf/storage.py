@@ -83,9 +83,7 @@ def append_file(path: Path, data: bytes) -> None:
     try:
         fd = os.open(path, APPEND_FILE, 0o666)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise planted_link(path.parent, path.name) from None
-        raise
+        raise _not_ours(path, exc) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -380,9 +378,7 @@ def _open_lock(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise planted_link(path.parent, path.name) from None
-        raise
+        raise _not_ours(path, exc) from None
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
         return fd
@@ -392,6 +388,17 @@ def _open_lock(path: Path) -> int:
                         "or choose another --run-dir")
     os.unlink(path)  # (a hard link: the other name keeps its content)
     return os.open(path, flags | os.O_EXCL, 0o644)
+
+
+def _not_ours(path: Path, exc: OSError) -> Exception:
+    """What opening one of the run's own files raised, as one sentence where something the run did
+    not make holds its name (a link, a directory, a FIFO); else the error itself."""
+    if exc.errno == errno.ELOOP:
+        return planted_link(path.parent, path.name)
+    if exc.errno in (errno.EISDIR, errno.ENXIO):
+        return UserError(f"{str(path)!r} is not a regular file; rlhf writes its own {path.name} there: remove it, "
+                         "or choose another --run-dir")
+    return exc
 
 
 def unlock(fd: int | None) -> None:

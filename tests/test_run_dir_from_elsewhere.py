@@ -356,3 +356,18 @@ def test_run_does_not_import_the_config():
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {n for n in names if n and n.startswith("rlhf.") and n not in ("rlhf.errors", "rlhf.storage")}
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "run.lock"])
+def test_a_directory_or_fifo_in_place_of_a_run_file_is_one_sentence(name, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).mkdir()
+    with pytest.raises(UserError, match="not a regular file"):
+        lock_run_dir(run_dir) if name == "run.lock" else append_file(run_dir / name, b"{}\n")
+    os.rmdir(run_dir / name)
+    os.mkfifo(run_dir / name)
+    with pytest.raises(UserError, match="neither a file nor a directory"):
+        Run(LMConfig(), run_dir=str(run_dir), resume=True)
+    with pytest.raises(UserError, match="not a regular file"):
+        lock_run_dir(run_dir) if name == "run.lock" else append_file(run_dir / name, b"{}\n")
