@@ -98,8 +98,8 @@ def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
     if current is None:
         return None
     newest = current.resolve().name if current.is_symlink() else None
-    older = [v for v in reversed(s._versions()) if v != newest]
-    candidates = [current] + [s.dir / v for v in older] if newest in s._versions() else [current]
+    older = [v for v in reversed(s.versions()) if v != newest]
+    candidates = [current] + [s.dir / v for v in older] if newest in s.versions() else [current]
     for i, d in enumerate(candidates):
         problem = unreadable(d, s.follow.values())
         if problem is None:
@@ -107,10 +107,10 @@ def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
         label = d.name if d is not current else (newest or NAME)
         nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
         if nxt is None:
-            raise UserError(f"the checkpoint {label} in {str(run_dir)!r} cannot be read ({problem}) and no older "
+            raise UserError(f"{label} in {str(run_dir)!r} cannot be read ({problem}) and no older "
                             f"complete checkpoint is left to resume from; start the run again, or restore {label}")
-        log.warning("the checkpoint %s in %s cannot be read (%s); resuming from %s, the previous complete one "
-                    "(the unreadable one is kept as corrupt-%s)", label, run_dir, problem, nxt, label)
+        log.warning("%s in %s cannot be read (%s); resuming from %s, the previous complete checkpoint (the "
+                    "unreadable one is moved aside to corrupt-%s)", label, run_dir, problem, nxt, label)
     if d is current:
         return current
     for bad in candidates[:i]:

@@ -187,7 +187,7 @@ class Slot:
         complete versions beyond ``keep``: see ``collect_garbage``); each action is logged.
         Returns the current version or None."""
         if not self.link.is_dir():
-            versions = self._versions()
+            versions = self.versions()
             old = self.dir / f".{self.name}.old"
             if versions:
                 log.warning("%s: %s had no valid link; pointing it at the newest complete version %s",
@@ -217,7 +217,7 @@ class Slot:
         between their rename and the link's swap) are removed."""
         names = {self.name, *self.follow}
         kept = {self._target_top(self.dir / n) for n in names} - {None}
-        versions, current = self._versions(), self._target_top(self.link)
+        versions, current = self.versions(), self._target_top(self.link)
         if current in versions:
             older = versions[:versions.index(current)]
             fallback = set(older if keep is None else older[len(older) - max(keep - 1, 0):])
@@ -238,7 +238,7 @@ class Slot:
                 log.warning("%s: could not remove %s (%s)", self.dir, entry, exc.strerror)
 
     # ------------------------------------------------------------------ helpers
-    def _versions(self) -> list[str]:
+    def versions(self) -> list[str]:
         """Complete versions of this slot, oldest first."""
         found = []
         for entry in os.listdir(self.dir):
