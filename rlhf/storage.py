@@ -292,7 +292,7 @@ def planted_link(run_dir, name: str, target: str | None = None) -> UserError:
 def check_links(run_dir) -> None:
     """Refuse (one sentence) a run directory holding a link the run did not make, before the run
     writes anything: at the top, every symbolic link must be a slot's (``NAME-000012`` or
-    ``NAME-000012/inner``, relative, onto a real version directory beside it) and every other
+    ``NAME-000012/inner``, relative, onto a version directory beside it or none) and every other
     entry a plain file or directory; deeper, no link may lead out of the run directory. (The
     files the run writes are then opened with ``O_NOFOLLOW`` / ``O_EXCL`` or replaced by a
     rename: a link made later is not followed either.)"""
@@ -303,9 +303,8 @@ def check_links(run_dir) -> None:
     for entry in os.scandir(root):
         if entry.is_symlink():
             target = os.readlink(entry.path)
-            m = _OWN_LINK.match(target)
-            top = m and root / m["top"]
-            if not (m and top.is_dir() and not top.is_symlink() and _inside(entry.path, real)):
+            m = _OWN_LINK.match(target)  # (dangling: a version removed by hand; recovery re-points it)
+            if not (m and ".." not in target.split("/") and not (root / m["top"]).is_symlink()):
                 raise planted_link(root, entry.name, target)
         elif not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
             raise UserError(f"{entry.path!r} is neither a file nor a directory (a FIFO, socket or device), "

@@ -371,3 +371,22 @@ def test_a_directory_or_fifo_in_place_of_a_run_file_is_one_sentence(name, tmp_pa
         Run(LMConfig(), run_dir=str(run_dir), resume=True)
     with pytest.raises(UserError, match="not a regular file"):
         lock_run_dir(run_dir) if name == "run.lock" else append_file(run_dir / name, b"{}\n")
+
+
+def test_the_runs_own_links_pass_and_lookalikes_do_not(tmp_path):
+    from rlhf.storage import check_links
+
+    run = tmp_path / "run"
+    (run / "checkpoint-000002" / "adapter").mkdir(parents=True)
+    os.symlink("checkpoint-000002", run / "checkpoint")
+    os.symlink("checkpoint-000002/adapter", run / "adapter")
+    os.symlink("policy-000007", run / "policy")  # (dangling: recovery re-points it)
+    check_links(run)
+    for target in ("checkpoint-000002/../../outside", str(run / "checkpoint-000002"), "../run/checkpoint-000002"):
+        os.symlink(target, run / "reward_model")
+        with pytest.raises(UserError, match="did not make"):
+            check_links(run)
+        os.unlink(run / "reward_model")
+    os.symlink(tmp_path, run / "checkpoint-000002" / "adapter" / "escape")
+    with pytest.raises(UserError, match="did not make"):
+        check_links(run)
