@@ -32,8 +32,8 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import UserError
-from rlhf.storage import (Slot, append_file, check_links, fsync_path, is_environment_error, lock_run_dir, read_rows,
-                          replace_file, save_failed, unlock)
+from rlhf.storage import (Slot, append_file, check_links, fsync_path, is_environment_error, lock_run_dir, planted_link,
+                          read_rows, replace_file, save_failed, unlock)
 
 log = logging.getLogger("rlhf")
 
@@ -155,6 +155,8 @@ class Run:
         from safetensors.torch import save_file
 
         out = self.dir / "debug"
+        if out.is_symlink():
+            raise planted_link(self.dir, out.name)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"step{step:04d}_rank{rank}.safetensors"
         if os.path.lexists(path):

@@ -100,6 +100,8 @@ def test_links_made_after_the_run_started_are_not_followed_either(tmp_path):
         run.log({"step": 2})
     with pytest.raises(UserError, match="did not make"):
         run.append("completions.jsonl", [{"step": 2}])
+    with pytest.raises(UserError, match="did not make"):
+        run.dump_tensors(2, 0)
     run.close()
     os.unlink(run.dir / "run.lock")
     os.symlink(target_file, run.dir / "run.lock")
