@@ -75,8 +75,8 @@ class Run:
     def write_recipe(self, cfg, kept: str = "the run's other files are intact") -> None:
         """(Re)write ``recipe.yaml``, the resolved config (the Python API writes it again once a
         dataset it was given has its place in the run directory)."""
-        self._write(lambda: replace_file(self.dir / "recipe.yaml",
-                                         yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).encode()), "recipe.yaml", kept)
+        text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)  # (every key, defaults included)
+        self._write(lambda: replace_file(self.dir / "recipe.yaml", text.encode()), "recipe.yaml", kept)
 
     def _refuse_a_second_run(self, resume: bool) -> None:
         if not resume and self.metrics_path.is_file():
@@ -275,8 +275,8 @@ def announce_code(cfg, what: str = "this run", file=None) -> list[str]:
 
 
 def _code_file(where: str) -> str:
-    """``where`` (a file ``x.py`` or a dotted module name) as the path of the file that importing it
-    runs, located without importing any of it (a package's parents' ``__init__.py`` included)."""
+    """``where`` (a file ``x.py`` or a dotted module name) as the path of the module's file, located
+    without importing any of it (importing it runs its packages' ``__init__.py`` files too)."""
     if where.endswith(".py"):
         return str(Path(where).expanduser().resolve())
     import importlib.machinery
@@ -288,7 +288,8 @@ def _code_file(where: str) -> str:
     except (ImportError, ValueError):
         spec = None
     if spec is None or len(parts) == 1:
-        return spec.origin if spec is not None and spec.origin not in (None, "built-in", "frozen") else f"module {where}"
+        found = spec is not None and spec.origin not in (None, "built-in", "frozen")
+        return spec.origin if found else f"module {where}"
     paths = list(spec.submodule_search_locations or [])
     for i, part in enumerate(parts[1:], 1):
         spec = importlib.machinery.PathFinder.find_spec(part, paths)

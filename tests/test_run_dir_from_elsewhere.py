@@ -267,7 +267,8 @@ def test_lm_resume_falls_back_past_a_truncated_state(tiny_model, tmp_path, monke
     args = [str(RECIPES / "grpo_arith.yaml"), "--no-progress", "--set", f"model={tiny_model}", "--set", "steps=3",
             "--set", "save_every=1", "--set", "threads=1", "--set", "prompts_per_step=2", "--set", "group_size=2",
             "--set", "max_new_tokens=3", "--set", "lora_r=2", "--set", "lora_alpha=4", "--set", "lr=0.05"]
-    err = corrupt_then_resume(tmp_path, monkeypatch, capsys, caplog, args, 2, lambda d: truncate(d / "state.pt"), "adapter")
+    err = corrupt_then_resume(tmp_path, monkeypatch, capsys, caplog, args, 2, lambda d: truncate(d / "state.pt"),
+                              "adapter")
     assert "checkpoint-000002" in err and "cannot be read (state.pt" in err and "checkpoint-000001" in err
 
 
