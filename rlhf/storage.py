@@ -177,7 +177,7 @@ class Slot:
         point(self.link, final)
         for link, inner in self.follow.items():
             point(self.dir / link, f"{final}/{inner}")
-        self.collect_garbage(expected=replaced, keep=keep)
+        self.collect_garbage(expected=replaced, keep=keep, quiet=True)
         return self.link
 
     def recover(self, keep: int | None = None) -> Path | None:
@@ -209,12 +209,13 @@ class Slot:
         self.collect_garbage(keep=keep)
         return self.current()
 
-    def collect_garbage(self, expected=(), keep: int | None = None) -> None:
+    def collect_garbage(self, expected=(), keep: int | None = None, quiet: bool = False) -> None:
         """Remove this slot's (and its followers') versions and temporaries no link points to,
         each with a logged line (``expected``: the versions a publication just replaced, quietly),
         except the ``keep - 1`` newest complete versions older than the published one (kept to fall
-        back on; ``None``: every older one). Versions newer than the published one (a crash
-        between their rename and the link's swap) are removed."""
+        back on; ``None``: every older one; ``quiet``: those beyond, pruned by a publication, without
+        a line). Versions newer than the published one (a crash between their rename and the
+        link's swap) are removed."""
         names = {self.name, *self.follow}
         kept = {self._target_top(self.dir / n) for n in names} - {None}
         versions, current = self.versions(), self._target_top(self.link)
@@ -222,7 +223,8 @@ class Slot:
             older = versions[:versions.index(current)]
             fallback = set(older if keep is None else older[len(older) - max(keep - 1, 0):])
             kept |= fallback
-            expected = {*expected, *(set(older) - fallback)}  # (pruned as keep says: quietly)
+            if quiet:
+                expected = {*expected, *(set(older) - fallback)}
         for entry in sorted(os.listdir(self.dir)):
             if entry in kept or not self._owned(entry, names):
                 continue
