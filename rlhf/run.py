@@ -32,7 +32,8 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import UserError
-from rlhf.storage import (Slot, append_file, check_links, fsync_path, is_environment_error, lock_run_dir, planted_link,
+from rlhf.run_dir_guard import check_links, planted_link
+from rlhf.storage import (Slot, append_file, fsync_path, is_environment_error, lock_run_dir,
                           read_rows, replace_file, save_failed, unlock)
 
 log = logging.getLogger("rlhf")

@@ -32,6 +32,7 @@ import stat
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.run_dir_guard import APPEND_FILE, NEW_FILE, not_ours
 
 log = logging.getLogger("rlhf")
 LOCK_FILE = "run.lock"
@@ -56,12 +57,6 @@ def fsync_tree(root: Path) -> None:
         fsync_path(Path(dirpath))
 
 
-# a file the run writes is opened without following a link in its place (a link planted in the
-# run directory would send the write to its target) and without blocking on a planted FIFO
-NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-APPEND_FILE = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
 def write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file ``path`` and fsync it (publication is the caller's rename).
     Whatever held the name before (a temporary left by a crash, a planted link) is unlinked,
@@ -83,7 +78,7 @@ def append_file(path: Path, data: bytes) -> None:
     try:
         fd = os.open(path, APPEND_FILE, 0o666)
     except OSError as exc:
-        raise _not_ours(path, exc) from None
+        raise not_ours(path, exc) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -275,57 +270,6 @@ class Slot:
         return False
 
 
-# ---------------------------------------------------------------------- links the run did not make
-_OWN_LINK = re.compile(r"^(?P<top>[^/]+-\d{6,}(?:\.\d+)?)(?:/[^/]+)*$")  # NAME-000012[/inner]
-
-
-def planted_link(run_dir, name: str, target: str | None = None) -> UserError:
-    """The one sentence for a symbolic link in a run directory that the run did not make."""
-    path = Path(run_dir) / name
-    if target is None:
-        try:
-            target = os.readlink(path)
-        except OSError:
-            target = "?"
-    return UserError(f"{str(path)!r} is a symbolic link to {target!r} that rlhf did not make, and rlhf never "
-                     "writes through such a link; remove it, or choose another --run-dir")
-
-
-def check_links(run_dir) -> None:
-    """Refuse (one sentence) a run directory holding a link the run did not make, before the run
-    writes anything: at the top, every symbolic link must be a slot's (``NAME-000012`` or
-    ``NAME-000012/inner``, relative, onto a version directory beside it or none) and every other
-    entry a plain file or directory; deeper, no link may lead out of the run directory. (The
-    files the run writes are then opened with ``O_NOFOLLOW`` / ``O_EXCL`` or replaced by a
-    rename: a link made later is not followed either.)"""
-    root = Path(run_dir)
-    if not root.is_dir():
-        return
-    real = os.path.realpath(root)
-    for entry in os.scandir(root):
-        if entry.is_symlink():
-            target = os.readlink(entry.path)
-            m = _OWN_LINK.match(target)  # (dangling: a version removed by hand; recovery re-points it)
-            if not (m and ".." not in target.split("/") and not (root / m["top"]).is_symlink()):
-                raise planted_link(root, entry.name, target)
-        elif not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
-            raise UserError(f"{entry.path!r} is neither a file nor a directory (a FIFO, socket or device), "
-                            "which rlhf does not make; remove it, or choose another --run-dir")
-    for dirpath, dirs, files in os.walk(root):
-        if Path(dirpath) == root:
-            continue
-        for name in dirs + files:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path) and not _inside(path, real):
-                raise planted_link(root, os.path.relpath(path, root))
-
-
-def _inside(path: str, real_root: str) -> bool:
-    """Whether ``path``, every link on the way followed, stays in the directory ``real_root``."""
-    target = os.path.realpath(path)
-    return target != real_root and target.startswith(real_root + os.sep)
-
-
 # ---------------------------------------------------------------------- failures
 def save_failed(exc: BaseException, run_dir, what: str, kept: str) -> UserError:
     """The one sentence for a save the file system refused (disk full, read-only, quota...)."""
@@ -379,7 +323,7 @@ def _open_lock(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        raise _not_ours(path, exc) from None
+        raise not_ours(path, exc) from None
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
         return fd
@@ -389,17 +333,6 @@ def _open_lock(path: Path) -> int:
                         "or choose another --run-dir")
     os.unlink(path)  # (a hard link: the other name keeps its content)
     return os.open(path, flags | os.O_EXCL, 0o644)
-
-
-def _not_ours(path: Path, exc: OSError) -> Exception:
-    """What opening one of the run's own files raised, as one sentence where something the run did
-    not make holds its name (a link, a directory, a FIFO); else the error itself."""
-    if exc.errno == errno.ELOOP:
-        return planted_link(path.parent, path.name)
-    if exc.errno in (errno.EISDIR, errno.ENXIO):
-        return UserError(f"{str(path)!r} is not a regular file; rlhf writes its own {path.name} there: remove it, "
-                         "or choose another --run-dir")
-    return exc
 
 
 def unlock(fd: int | None) -> None:

@@ -358,7 +358,7 @@ def test_run_does_not_import_the_config():
     tree = ast.parse((Path(__file__).resolve().parent.parent / "rlhf" / "run.py").read_text())
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not {n for n in names if n and n.startswith("rlhf.") and n not in ("rlhf.errors", "rlhf.storage")}
+    assert not {n for n in names if n and n.startswith("rlhf.") and n not in ("rlhf.errors", "rlhf.storage", "rlhf.run_dir_guard")}
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "run.lock"])
@@ -377,7 +377,7 @@ def test_a_directory_or_fifo_in_place_of_a_run_file_is_one_sentence(name, tmp_pa
 
 
 def test_the_runs_own_links_pass_and_lookalikes_do_not(tmp_path):
-    from rlhf.storage import check_links
+    from rlhf.run_dir_guard import check_links
 
     run = tmp_path / "run"
     (run / "checkpoint-000002" / "adapter").mkdir(parents=True)
