@@ -134,6 +134,8 @@ class LMConfig:
                                          # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2            # complete checkpoints kept (the newest and older ones to fall back on
+                                         # when the newest is unreadable); >= 1
     report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
                                          # one or a list (none: no tracker); rlhf/tracking.py says where each writes
     log_completions_every: int = 10      # write sampled completions (prompt, completion, rewards, advantage)
