@@ -22,7 +22,7 @@ from rlhf.report import write_report
 from rlhf.run import Run, announce_code, code_named
 from rlhf.storage import Slot, append_file, lock_run_dir, replace_file, unlock
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SECRET = b"the user's own file, which no run may touch\n"
 
 # every name the trainer writes at the top of a run directory, and the temporaries it makes there
@@ -355,7 +355,7 @@ def test_run_does_not_import_the_config():
     """rlhf/run.py sits below the recipes' config (it writes recipe.yaml from any dataclass)."""
     import ast
 
-    tree = ast.parse((Path(__file__).resolve().parent.parent / "rlhf" / "run.py").read_text())
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "rlhf" / "run.py").read_text())
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {n for n in names if n and n.startswith("rlhf.") and n not in ("rlhf.errors", "rlhf.storage", "rlhf.run_dir_guard")}
