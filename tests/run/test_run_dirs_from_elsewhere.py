@@ -209,25 +209,7 @@ def test_every_field_of_the_report_is_escaped(tmp_path):
 
 
 # ------------------------------------------------------------------ an unreadable checkpoint
-class Stop(BaseException):
-    pass
-
-
-def stop_after(monkeypatch, k: int) -> None:
-    calls, real = [], checkpoint.publish
-
-    def publish(*args, **kwargs):
-        out = real(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == k:
-            raise Stop
-        return out
-    monkeypatch.setattr(checkpoint, "publish", publish)
-
-
-def rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if "time" not in k}
-            for x in (run / "metrics.jsonl").read_text().splitlines()]
+from tests.run.test_resume_every_run_kind import Stop, rows, stop_after  # noqa: E402
 
 
 def weights(run: Path, name: str) -> dict:
