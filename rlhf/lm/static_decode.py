@@ -167,7 +167,7 @@ class StaticStep:
                         layer.cumulative_length.copy_(n)
             torch.cuda.current_stream().wait_stream(side)
             self.captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.captured):
+            with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
                 self.out = self._forward()
         except Exception as err:  # what capture refuses (a host sync in a model's forward) shows here
             for layer, n in zip(self.cache.layers, lengths):
