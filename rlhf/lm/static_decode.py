@@ -153,18 +153,18 @@ class StaticStep:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (two eager runs, the cache's lengths put back after each: the
-        slot they write is rewritten by the replay), then record the step into a CUDA graph;
-        the replay that follows runs this position."""
+        """Warm up on a side stream (one eager run, the cache's lengths put back after it: the slot
+        it writes is rewritten by the replay), then record the step into a CUDA graph; the
+        replay that follows runs this position. Once per rollout: the graph holds the addresses
+        of this rollout's cache and of the weights as sampling sees them (an adapter folded in)."""
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward()
-                    for layer, n in zip(self.cache.layers, lengths):
-                        layer.cumulative_length.copy_(n)
+                self._forward()
+                for layer, n in zip(self.cache.layers, lengths):
+                    layer.cumulative_length.copy_(n)
             torch.cuda.current_stream().wait_stream(side)
             self.captured = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
