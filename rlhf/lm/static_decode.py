@@ -24,6 +24,7 @@ the CPU, where rows that leave the batch save work and no launch overhead is the
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -159,16 +160,8 @@ class StaticStep:
         of this rollout's cache and of the weights as sampling sees them (an adapter folded in)."""
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward()
-                for layer, n in zip(self.cache.layers, lengths):
-                    layer.cumulative_length.copy_(n)
-            torch.cuda.current_stream().wait_stream(side)
-            self.captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
-                self.out = self._forward()
+            with _uncached_autocast():
+                self._record_graph(lengths)
         except Exception as err:  # what capture refuses (a host sync in a model's forward) shows here
             for layer, n in zip(self.cache.layers, lengths):
                 layer.cumulative_length.copy_(n)
@@ -177,3 +170,23 @@ class StaticStep:
                                 "set decode: dynamic, or auto to run fixed shapes eagerly") from err
             warnings.warn(f"decode: the CUDA graph capture failed ({err}); decoding eagerly on fixed shapes")
             self.captured = False
+
+    def _record_graph(self, lengths: list[Tensor]) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+            for layer, n in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(n)
+        torch.cuda.current_stream().wait_stream(side)
+        self.captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.captured, capture_error_mode="thread_local"):
+            self.out = self._forward()
+
+
+def _uncached_autocast():
+    """Autocast as the caller set it, without its cache of cast weights (a graph must not record
+    casts that a later replay would skip): what CUDA-graph capture under autocast needs."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)

@@ -102,3 +102,27 @@ def test_static_without_a_cuda_graph_runs_eagerly_on_the_cpu(tiny_model):
     ids, attn = policy.encode_prompts([ROWS[0]["prompt"]])
     roll = decode_static(policy.model, ids, attn, 2, 4, policy.decode_settings())
     assert roll.completion_ids.shape[0] == 2 and roll.rollout_logp.shape == roll.mask.shape
+
+
+def test_a_refused_capture_is_an_error_under_static_and_a_warning_under_auto(tiny_model, monkeypatch):
+    """What CUDA-graph capture refuses (here: a stand-in for it, on the CPU) stops decode: static
+    with one sentence naming the setting to use, and under auto decodes the same fixed shapes
+    eagerly, with the same tokens as without a graph."""
+    from rlhf.lm import static_decode
+
+    def refuse(self, lengths):
+        self._forward()  # as a warm-up would: it writes a slot and advances the cache's lengths
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_decode.StaticStep, "_record_graph", refuse)
+    policy = _policy(tiny_model, "float32")
+    ids, attn = policy.encode_prompts([r["prompt"] for r in ROWS])
+    s = policy.decode_settings()
+    u = torch.rand(len(ROWS) * G, BUDGET, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(UserError, match="set decode: dynamic"):
+        decode_static(policy.model, ids, attn, G, BUDGET, s, uniforms=u, graph=True, strict=True)
+    with pytest.warns(UserWarning, match="decoding eagerly on fixed shapes"):
+        fallback = decode_static(policy.model, ids, attn, G, BUDGET, s, uniforms=u, graph=True, strict=False)
+    eager = decode_static(policy.model, ids, attn, G, BUDGET, s, uniforms=u, graph=False)
+    assert torch.equal(fallback.completion_ids, eager.completion_ids)
+    torch.testing.assert_close(fallback.rollout_logp, eager.rollout_logp, rtol=0, atol=0)
