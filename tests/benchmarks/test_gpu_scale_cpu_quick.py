@@ -34,3 +34,14 @@ def test_cpu_quick_run_writes_every_measurement(tmp_path):
         (m, v, d) for m in ("tiny-llama", "tiny-qwen2") for v, d in (("lora", "dynamic"), ("static", "static"))}
     for r in steps:
         assert set(r["phases"]) == {"generation", "reference", "update"} and r["rows"] == 4
+
+
+def test_past_the_budget_every_measurement_is_a_skipped_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--cpu", "--quick",
+                           "--out", str(tmp_path), "--budget-s", "0", "--models", "tiny-llama"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "gpu_scale_cpu.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "done"
+    assert len(rows) == 1 + 2 * 4 + 1 and all("skipped" in r for r in rows[:-1])  # 2 shapes x 4 engines, 1 step
