@@ -227,7 +227,8 @@ def measure_step(ctx, name: str, path: str, arch: dict, shape: str, variant: str
                 t = time.perf_counter()
                 if phase == "generation":
                     with dist.autocast():
-                        roll = policy.generate(ids, mask, g, new, uniforms=sampling_uniforms(cfg.seed, range(p), g, new))
+                        u = sampling_uniforms(cfg.seed, range(p), g, new)
+                        roll = policy.generate(ids, mask, g, new, uniforms=u)
                 elif phase == "reference":
                     with dist.autocast():
                         passes = rollout_pass(policy, roll, cfg)

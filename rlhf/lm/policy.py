@@ -267,7 +267,8 @@ class LMPolicy:
         with (self.sampling_context(), self._adapter(adapter),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
             return decode_engine(self.decode_mode, self.device)(
-                self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(), greedy, uniforms)
+                self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
+                greedy, uniforms)
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:

@@ -33,7 +33,8 @@ def _both(policy, greedy=False, adapter=True):
     out = []
     for mode in ("dynamic", "static"):
         policy.decode_mode = mode
-        out.append(policy.generate(ids, attn, 1 if greedy else G, BUDGET, greedy=greedy, adapter=adapter, uniforms=uniforms))
+        g = 1 if greedy else G
+        out.append(policy.generate(ids, attn, g, BUDGET, greedy=greedy, adapter=adapter, uniforms=uniforms))
     return out
 
 
