@@ -59,7 +59,13 @@ def decode_static(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_ne
                   graph: bool | None = None, strict: bool = True) -> Rollout:
     """``rlhf.lm.sampler.decode``'s contract on fixed shapes. ``graph``: capture the decode step
     as a CUDA graph (default: on CUDA); ``strict``: a failed capture raises (else: a warning and
-    the same fixed-shape step run eagerly)."""
+    the same fixed-shape step run eagerly; a model with sliding-window layers, which the static
+    cache here does not hold, is decoded by the dynamic path)."""
+    if not full_attention(model):
+        if strict:
+            raise UserError("decode: static needs full attention in every layer (this model has sliding-window "
+                            "layers); set decode: dynamic or auto")
+        return decode(model, prompt_ids, prompt_mask, g, max_new_tokens, s, greedy, uniforms)
     n, dev = prompt_ids.shape[0] * g, prompt_ids.device
     eos = torch.tensor(s.eos_ids, device=dev)
     tokens = torch.full((n, max_new_tokens), s.pad_id, dtype=torch.long, device=dev)
@@ -95,9 +101,6 @@ def static_cache(model, prompt_cache, g: int, max_new_tokens: int) -> StaticCach
     repeated for each row of their group, its length set to Lp."""
     lp = prompt_cache.layers[0].keys.shape[2]
     cache = StaticCache(config=model.config, max_cache_len=lp + max_new_tokens)
-    if not all(type(layer) is StaticLayer for layer in cache.layers):
-        raise UserError("decode: static needs full attention in every layer (this model has sliding-window "
-                        "layers); set decode: dynamic")
     for layer, src in zip(cache.layers, prompt_cache.layers):
         k, v = src.keys.repeat_interleave(g, 0), src.values.repeat_interleave(g, 0)
         layer.lazy_initialization(k, v)
@@ -105,6 +108,12 @@ def static_cache(model, prompt_cache, g: int, max_new_tokens: int) -> StaticCach
         layer.values[:, :, :lp] = v
         layer.cumulative_length.fill_(lp)
     return cache
+
+
+def full_attention(model) -> bool:
+    """Whether every layer of ``model`` attends to the whole context (transformers' static cache
+    gives sliding-window layers a window-sized ring buffer, which this path does not fill)."""
+    return all(type(layer) is StaticLayer for layer in StaticCache(config=model.config, max_cache_len=1).layers)
 
 
 class StaticStep:

@@ -127,3 +127,23 @@ def test_a_refused_capture_is_an_error_under_static_and_a_warning_under_auto(tin
     eager = decode_static(policy.model, ids, attn, G, BUDGET, s, uniforms=u, graph=False)
     assert torch.equal(fallback.completion_ids, eager.completion_ids)
     torch.testing.assert_close(fallback.rollout_logp, eager.rollout_logp, rtol=0, atol=0)
+
+
+def test_sliding_window_models_are_refused_by_static_and_decoded_dynamically_by_auto():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rlhf.core.logprobs import Truncation
+    from rlhf.lm.sampler import DecodeSettings
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                         sliding_window=8, max_window_layers=0)).eval()
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    s = DecodeSettings(1.0, Truncation(), (1,), 0)
+    u = torch.rand(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UserError, match="sliding-window"):
+        decode_static(model, ids, torch.ones_like(ids), 2, 6, s, uniforms=u, strict=True)
+    auto = decode_static(model, ids, torch.ones_like(ids), 2, 6, s, uniforms=u, strict=False)
+    dyn = decode(model, ids, torch.ones_like(ids), 2, 6, s, uniforms=u)
+    assert torch.equal(auto.completion_ids, dyn.completion_ids)
