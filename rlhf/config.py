@@ -121,6 +121,9 @@ class LMConfig:
     dtype: str = "float32"               # base model weights: float32 | bfloat16 | float16 | auto (bf16 where
                                          # this machine runs it faster); LoRA, log-probs and loss stay fp32;
                                          # float16 (GPUs without bf16) trains with a loss scaler
+    decode: str = "auto"                 # sampler: dynamic (rows that end leave the batch) | static (a fixed-shape
+                                         # KV cache, the step a CUDA graph on CUDA) | auto (static on CUDA, dynamic
+                                         # on the CPU: docs/speed.md, "The decode path")
     disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
@@ -156,6 +159,7 @@ class LMConfig:
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "decode": ("auto", "dynamic", "static"),
         "rm_head": ("log_ratio", "classifier"),
     }
 

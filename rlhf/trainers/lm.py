@@ -114,7 +114,7 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
                       device=dist.device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
-                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))

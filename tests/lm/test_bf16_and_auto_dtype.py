@@ -1,8 +1,6 @@
 """dtype: float32 | bfloat16 | auto. Under bf16 the base weights are bf16; the adapter, its
 gradients, the log-probs and the loss stay fp32, and the log-probs stay within a bf16 bound of
 fp32's. ``auto`` picks bf16 only where the probe finds it faster."""
-import math
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from rlhf.lm import fast_lora, precision
 from rlhf.lm.policy import LMPolicy
 from rlhf.tasks import arith_row
 
-from conftest import policy_with_adapter
+from conftest import logp_rounding_bound, policy_with_adapter
 
 U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, round to nearest
 
@@ -29,23 +27,7 @@ def _rollout(policy):
 
 
 def _bf16_logp_bound(policy) -> float:
-    """A first-order bound on |logp_bf16 - logp_fp32| for the tiny model, from its weights.
-
-    logp_y = z_y - logsumexp(z) moves by at most 2 max_j |dz_j| (logsumexp is 1-Lipschitz in
-    the max norm). z_j = h . w_j with h the final RMSNorm's output, so |h| <= sqrt(d) max|g|
-    (unit RMS times the norm's gain g) and, by Cauchy-Schwarz, |dz_j| <= K u |h| |w_j| when
-    h and w_j carry relative errors summing to K u. K counts the bf16 roundings on the path
-    from the embedding to a logit, each at most u relative: per decoder layer ~12 (the weights
-    of q, k, v, o, gate, up, down and the stored activations), and 2 at the head (its weight
-    and h). Well-conditioned layers (random init, a norm before every block) do not amplify
-    them at first order. It holds on any CPU: it assumes only IEEE round-to-nearest.
-    """
-    base = policy.model.get_base_model()
-    layers = base.config.num_hidden_layers
-    head = base.get_output_embeddings().weight.float()
-    h_norm = math.sqrt(base.config.hidden_size) * float(base.model.norm.weight.float().abs().max())
-    k = 12 * layers + 2
-    return 2 * k * U * h_norm * float(head.norm(dim=1).max())
+    return logp_rounding_bound(policy, U)
 
 
 def test_bf16_keeps_adapter_logprobs_and_loss_in_fp32(tiny_model):
