@@ -1,0 +1,54 @@
+"""Truncated importance sampling of the sampler against the trainer (rlhf/core/importance.py),
+by hand: exactly 1 where the two agree, the ratio where it is under the cap, the cap above it."""
+import math
+
+import pytest
+import torch
+
+from rlhf.core.importance import tis_weights
+
+T = torch.tensor
+
+
+def test_weights_are_exactly_one_where_sampler_and_trainer_agree():
+    logp = torch.randn(3, 5) - 2.0
+    mask = T([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    for level in ("token", "sequence"):
+        w, stats = tis_weights(logp, logp.clone(), mask, level, cap=2.0)
+        assert torch.equal(w, mask)  # exactly 1 on the tokens, 0 off them
+        assert stats["tis/mean_weight"].item() == 1.0 and stats["tis/frac_capped"].item() == 0.0
+
+
+def test_token_weights_are_the_ratio_under_the_cap_and_the_cap_above_it():
+    # log-ratios old - rollout: 0.5 -> e^0.5 = 1.6487 (< 2), 1.0 -> e = 2.718 capped at 2, -1 -> e^-1 = 0.3679
+    old = T([[-1.0, -1.0, -3.0, -1.0]])
+    rollout = T([[-1.5, -2.0, -2.0, -9.0]])
+    mask = T([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding: weight 0, not counted
+    w, stats = tis_weights(old, rollout, mask, "token", cap=2.0)
+    torch.testing.assert_close(w, T([[math.exp(0.5), 2.0, math.exp(-1.0), 0.0]]))
+    torch.testing.assert_close(stats["tis/mean_weight"], T((math.exp(0.5) + 2.0 + math.exp(-1.0)) / 3))
+    torch.testing.assert_close(stats["tis/frac_capped"], T(1 / 3))
+
+
+def test_sequence_weights_multiply_the_token_ratios_of_a_row_then_cap():
+    # row 0: log-ratios 0.25 + 0.25 = 0.5 -> e^0.5 on both its tokens; row 1: 0.6 + 0.6 = 1.2 -> e^1.2 > 2: 2
+    # row 2 has no token: weight 0, not counted
+    old = T([[-1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
+    rollout = T([[-1.25, -1.25], [-1.6, -1.6], [-5.0, -5.0]])
+    mask = T([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    w, stats = tis_weights(old, rollout, mask, "sequence", cap=2.0)
+    torch.testing.assert_close(w, T([[math.exp(0.5)] * 2, [2.0, 2.0], [0.0, 0.0]]))
+    torch.testing.assert_close(stats["tis/mean_weight"], T((math.exp(0.5) + 2.0) / 2))
+    torch.testing.assert_close(stats["tis/frac_capped"], T(0.5))
+
+
+def test_a_huge_log_ratio_caps_without_overflow_and_weights_are_constants():
+    old = T([[0.0]], requires_grad=True)
+    w, _ = tis_weights(old, T([[-1e4]]), T([[1.0]]), "sequence", cap=3.0)
+    assert w.item() == 3.0 and not w.requires_grad
+
+
+@pytest.mark.parametrize("kw", [{"level": "row"}, {"cap": 0.5}])
+def test_bad_settings_are_refused(kw):
+    with pytest.raises(ValueError):
+        tis_weights(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), **kw)
