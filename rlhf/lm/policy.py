@@ -24,7 +24,7 @@ from rlhf.core.logprobs import Truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
-from rlhf.lm.forward import PolicyNet
+from rlhf.lm.forward import PolicyNet, base_lm
 from rlhf.lm.precision import resolve_dtype
 from rlhf.lm.prompts import decode_completions, render_prompt, tokenize_prompts
 from rlhf.lm.rollout_record import Rollout
@@ -49,16 +49,30 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_adapted(model_path: str, dtype: str, lora, saved: Path | None):
-    """The base model (its weights in ``dtype``) with a LoRA adapter: the saved one at ``saved``,
-    or a fresh one of config ``lora``; its LoRA layers on the cheaper forward (``fast_lora``)."""
+def load_causal_lm(model_path: str, dtype: str):
+    """A causal LM from ``model_path`` with its weights in ``dtype`` (refused: a quantised one)."""
     import transformers
-    from peft import PeftModel, get_peft_model
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    if getattr(base.config, "quantization_config", None) is not None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if getattr(model.config, "quantization_config", None) is not None:
         raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
                         "quantization_config (rlhf model pull does this) to train it")
+    return model
+
+
+def load_adapted(model_path: str, dtype: str, lora, saved: Path | None):
+    """The base model (its weights in ``dtype``) with a LoRA adapter: the saved one at ``saved``,
+    or a fresh one of config ``lora``; its LoRA layers on the cheaper forward (``fast_lora``).
+    ``lora`` None (``lora_r: 0``): full fine-tuning, every weight trainable, in ``dtype``: the
+    saved full checkpoint at ``saved`` (``save_adapter``'s), else the base."""
+    from peft import PeftModel, get_peft_model
+
+    if lora is None:
+        if saved is not None and not (saved / "config.json").is_file():
+            raise UserError(f"no full checkpoint in {str(saved)!r} (config.json is missing); point at a "
+                            "lora_r: 0 run's adapter/ directory")
+        return load_causal_lm(str(saved or model_path), dtype).requires_grad_(True)
+    base = load_causal_lm(model_path, dtype)
     if saved is None:
         model = get_peft_model(base, lora)
     elif not (saved / "adapter_config.json").is_file():
@@ -86,13 +100,17 @@ class LMPolicy:
     ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
     ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
     faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser
-    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
+    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py).
+
+    ``lora_r=0``: full fine-tuning. Every weight trains, in float32 (they are their own master
+    weights; a bf16 compute copy is not built yet, so bf16 / float16 are refused); the
+    reference is a frozen copy of the base (``reference=False``, as kl_coef 0: none)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
                  value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
-                 disable_dropout: bool = True, device: torch.device | str | None = None):
+                 disable_dropout: bool = True, device: torch.device | str | None = None, reference: bool = True):
         from peft import LoraConfig
 
         if critic not in ("shared", "separate"):
@@ -101,8 +119,13 @@ class LMPolicy:
         self.temperature = temperature
         self.tokenizer = load_tokenizer(model_path)
         self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=lora_targets, task_type="CAUSAL_LM")
+        self.full = lora_r == 0  # full fine-tuning
+        if self.full and self.dtype != "float32":
+            raise UserError(f"lora_r: 0 (full fine-tuning) trains float32 weights; dtype {dtype!r} resolves to "
+                            f"{self.dtype} here, and bf16 compute with fp32 master weights is not built yet: "
+                            "set dtype: float32, or lora_r >= 1")
+        lora = None if self.full else LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 target_modules=lora_targets, task_type="CAUSAL_LM")
         saved = adapter_path and Path(adapter_path)
         self.model = load_adapted(model_path, self.dtype, lora, saved)
         self.eos_ids = eos_ids(self.tokenizer, self.model)
@@ -118,11 +141,13 @@ class LMPolicy:
         shared = self.critic_model is None
         self.net = PolicyNet(self.model, self.value_head if shared else None, temperature)
         self.critic_net = None if shared else PolicyNet(self.critic_model, self.value_head, temperature)
+        if self.full and reference:  # the base as it was loaded, frozen (a resumed run: still the base)
+            self.net.reference = (load_causal_lm(model_path, self.dtype).requires_grad_(False).eval(),)
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
         # sampling folds the adapter into fp32 weights (fast_lora.merged): one GEMM per layer
-        self.merge_for_sampling, self._merged_weights = True, {}
+        self.merge_for_sampling, self._merged_weights = not self.full, {}
         self.disable_dropout = disable_dropout
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -182,6 +207,8 @@ class LMPolicy:
         """Move every module (one process: evaluation; the trainer places them with ``distribute``)."""
         for net in self._nets():
             net.to(device)
+            for ref in net.reference:
+                ref.to(device)
         return self
 
     def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
@@ -196,6 +223,8 @@ class LMPolicy:
                 raise UserError(f"dtype: float16 trains with a loss scaler in one process or under DDP, not "
                                 f"under {dist.kind}; use dtype: bfloat16 there")
             self.scaler = torch.amp.GradScaler(dist.device.type)
+        for ref in self.net.reference:  # not trained: only placed
+            ref.to(dist.device)
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
         if dist.kind not in DATA_PARALLEL:  # sharded or engine-managed weights: never swapped
@@ -260,9 +289,10 @@ class LMPolicy:
         parameters whole and the adapter folded into the weights where it can be."""
         self.eval_mode()
         merge = adapter and self.merge_for_sampling
+        model = self.model if adapter or not self.full else self.net.lm(adapter=False)[0]
         with (self.sampling_context(), self._adapter(adapter),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
-            return decode(self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
+            return decode(model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
                           greedy, uniforms)
 
     # ------------------------------------------------------------------ log-probs
@@ -284,7 +314,7 @@ class LMPolicy:
         return out
 
     def _adapter(self, enabled: bool):
-        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+        return contextlib.nullcontext() if enabled or self.full else self.model.disable_adapter()
 
     # ------------------------------------------------------------------ weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -300,15 +330,29 @@ class LMPolicy:
 
     def adapter_norm(self, full: dict[str, Tensor] | None = None) -> float:
         """L2 norm of the LoRA B matrices: 0 at init, so 0 after training means nothing moved.
-        ``full``: ``full_trainable``'s tensors (needed where the parameters are sharded)."""
+        ``full``: ``full_trainable``'s tensors (needed where the parameters are sharded).
+        Full fine-tuning: the L2 distance of the weights from the reference's (NaN without one)."""
+        if self.full:
+            return self.distance_from_reference(full)
         named = full.items() if full is not None else self.model.named_parameters()
         sq = sum(float((p.detach().float() ** 2).sum()) for n, p in named if "lora_B" in n)
         return sq ** 0.5
 
+    def distance_from_reference(self, full: dict[str, Tensor] | None = None) -> float:
+        """Full fine-tuning: L2 distance of the trained weights from the frozen reference's."""
+        if not self.net.reference:
+            return float("nan")
+        ref = dict(self.net.reference[0].named_parameters())
+        named = {n[len("model."):]: p for n, p in full.items() if n.startswith("model.")} if full is not None \
+            else dict(self.model.named_parameters())
+        return sum(float(((p.detach().cpu().float() - ref[n].detach().cpu().float()) ** 2).sum())
+                   for n, p in named.items() if n in ref) ** 0.5
+
     def save_adapter(self, path, full: dict[str, Tensor] | None = None) -> None:
         """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head, and
         the separate critic's adapter in ``critic/``). ``full``: ``full_trainable``'s tensors,
-        written instead of the module's own (which may be shards)."""
+        written instead of the module's own (which may be shards). Full fine-tuning: the whole
+        model as ``save_pretrained`` writes it (``AutoModelForCausalLM.from_pretrained`` loads it)."""
         if full is None:
             self.model.save_pretrained(str(path), safe_serialization=True)
             if self.value_head is not None:
@@ -322,4 +366,4 @@ class LMPolicy:
         if self.critic_model is not None:
             self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
         # portable: the base's Hub id in adapter_config.json, the tokenizer and chat template beside it
-        make_portable(path, self.model.get_base_model().config._name_or_path, self.tokenizer)
+        make_portable(path, base_lm(self.model).config._name_or_path, self.tokenizer)
