@@ -68,7 +68,7 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     mask: Tensor | None = None,
     next_values: Tensor | None = None,
     terminated: Tensor | None = None,
@@ -77,7 +77,7 @@ def gae(
     """Generalised advantage estimation (Schulman et al. 2016). Returns ``(adv, ret)``.
 
         delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
-        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
+        A_t     = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1}
         ret_t   = A_t + V(s_t)
 
     LM use: pass ``mask`` [B, T] over completion tokens; the value after the last real token
@@ -94,17 +94,17 @@ def gae(
     _check_same_shape(rewards=rewards, values=values, mask=mask, next_values=next_values,
                       terminated=terminated, dones=dones)
     deltas = (rewards + gamma * (1 - terminated) * next_values - values) * mask
-    adv = discounted_cumsum(deltas, gamma * lam * (1 - dones)) * mask
+    adv = discounted_cumsum(deltas, gamma * gae_lambda * (1 - dones)) * mask
     return adv, (adv + values) * mask
 
 
 def group_normalize(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, valid: Tensor | None = None
+    rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4, valid: Tensor | None = None
 ) -> Tensor:
     """GRPO's advantage (Shao et al. 2024): ``A_i = (r_i - mean_group) / (std + eps)``.
 
     rewards: [N] with N = prompts * group_size, each prompt's completions contiguous.
-    scale: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
+    scale_rewards: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
     "none" only centres (Dr. GRPO). std is Bessel-corrected, as in TRL.
     valid: [N] bool, False for rows without a reward (no reward function scored them): their
     advantage is 0 and the means and stds are over the valid rows only (TRL's nanmean / nanstd).
@@ -116,18 +116,18 @@ def group_normalize(
     n = v.sum(dim=1, keepdim=True)
     mean = groups.sum(dim=1, keepdim=True) / n.clamp(min=1)
     centred = (groups - mean) * v
-    if scale == "group":
+    if scale_rewards == "group":
         std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         centred = centred / (std + eps)
-    elif scale == "batch":
+    elif scale_rewards == "batch":
         m = v.reshape(-1)
         n_all = m.sum()
         flat = groups.reshape(-1)
         batch_mean = flat.sum() / n_all.clamp(min=1)
         batch_std = ((((flat - batch_mean) * m) ** 2).sum() / (n_all - 1).clamp(min=1)).sqrt()
         centred = centred / (batch_std + eps)
-    elif scale != "none":
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return centred.reshape(-1)
 
 
