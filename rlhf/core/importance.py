@@ -26,14 +26,23 @@ import torch
 from torch import Tensor
 
 TIS_LEVELS = ("token", "sequence")
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def tis_level(tis: str, dtype: str) -> str:
+    """The recipe's ``tis`` for a policy computing in ``dtype``: ``auto`` is ``token`` in bf16 /
+    fp16 (where sampler and trainer round differently) and ``none`` in float32."""
+    if tis == "auto":
+        return "token" if dtype in LOW_PRECISION else "none"
+    return tis
 
 
 def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: str = "token",
                 cap: float = 2.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Truncated importance weights ``w`` [B, T] (detached, 0 off ``mask``) of the trainer's
-    rollout policy against the sampler, and their stats: ``tis/mean_weight`` (the mean of ``w``
-    over the masked tokens, token level; over rows with a token, sequence level) and
-    ``tis/frac_capped`` (the share of those where the cap bound). ``old_logp``,
+    rollout policy against the sampler, and their stats over the masked tokens (a row's weight
+    counts once per token at the sequence level too): ``tis/mean_weight`` and
+    ``tis/frac_capped`` (the share of tokens whose weight the cap bound). ``old_logp``,
     ``rollout_logp``, ``mask``: [B, T]."""
     if not old_logp.shape == rollout_logp.shape == mask.shape:
         raise ValueError(f"old_logp {tuple(old_logp.shape)}, rollout_logp {tuple(rollout_logp.shape)} and "
@@ -45,12 +54,9 @@ def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, level: str
     m = mask.to(torch.float32)
     log_ratio = (old_logp.detach().float() - rollout_logp.detach().float()) * m   # [B, T], 0 off mask
     log_cap = math.log(cap)
-    if level == "token":
-        log_w, counted = log_ratio, m
-    else:
-        log_w, counted = log_ratio.sum(-1, keepdim=True), (m.sum(-1, keepdim=True) > 0).float()  # [B, 1]
-    capped = (log_w > log_cap).float() * counted
-    w = torch.exp(log_w.clamp(max=log_cap))          # clamp first: exp never overflows
-    n = counted.sum().clamp(min=1)
-    stats = {"tis/mean_weight": (w * counted).sum() / n, "tis/frac_capped": capped.sum() / n}
-    return (w * m).detach(), stats
+    log_w = log_ratio if level == "token" else log_ratio.sum(-1, keepdim=True)  # [B, T] or [B, 1]
+    capped = (log_w > log_cap).float() * m
+    w = torch.exp(log_w.clamp(max=log_cap)) * m     # clamp first: exp never overflows
+    n = m.sum().clamp(min=1)
+    stats = {"tis/mean_weight": w.sum() / n, "tis/frac_capped": capped.sum() / n}
+    return w.detach(), stats

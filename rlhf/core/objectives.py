@@ -249,10 +249,11 @@ def policy_loss(
     kl_estimator: str = "k3+",
     agg: str = "token_mean",
     denom: float | None = None,
+    is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one policy loss of the library, for tokens and gym actions alike.
 
-        loss = aggregate(objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
+        loss = aggregate(w * objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
 
     logp, old_logp, ref_logp, mask: [B, T] (gym: [N, 1] or [N]); adv: same shape, or [B]
     (one advantage per sequence, broadcast over its tokens). ``objective`` names an entry of
@@ -260,7 +261,9 @@ def policy_loss(
     clip's ``old_logp`` defaults to ``logp.detach()`` (one on-policy step: ratio 1). ``clip_range`` /
     ``clip_range_high`` are clip's, ``penalty_coef`` the KL penalty's beta. ``kl_estimator`` is
     the KL-to-reference term's (k2, k3 or k3+ have a meaning in the loss, k1 does not: see
-    ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
+    ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``. ``is_weight`` ``w`` (default 1):
+    constant importance weights of the samples, e.g. truncated importance sampling of the sampler
+    against the trainer (``rlhf.core.importance``); they weight the policy-gradient term only.
     Returns ``(loss, stats)``; stats are detached scalars.
     """
     objective_fn = POLICY_OBJECTIVES.get(objective)
@@ -268,6 +271,8 @@ def policy_loss(
     old = None if old_logp is None else old_logp.reshape(logp.shape)
     per_elem, stats = objective_fn(logp, old, adv, mask, clip_range=clip_range, clip_range_high=clip_range_high,
                                    penalty_coef=penalty_coef)
+    if is_weight is not None:
+        per_elem = per_elem * is_weight.detach().reshape(logp.shape).to(per_elem.dtype)
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator, old_logp=old)

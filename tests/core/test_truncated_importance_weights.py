@@ -32,14 +32,22 @@ def test_token_weights_are_the_ratio_under_the_cap_and_the_cap_above_it():
 
 def test_sequence_weights_multiply_the_token_ratios_of_a_row_then_cap():
     # row 0: log-ratios 0.25 + 0.25 = 0.5 -> e^0.5 on both its tokens; row 1: 0.6 + 0.6 = 1.2 -> e^1.2 > 2: 2
-    # row 2 has no token: weight 0, not counted
+    # row 2 has no token: weight 0; the stats count tokens (a row's weight once per token)
     old = T([[-1.0, -1.0], [-1.0, -1.0], [0.0, 0.0]])
     rollout = T([[-1.25, -1.25], [-1.6, -1.6], [-5.0, -5.0]])
     mask = T([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     w, stats = tis_weights(old, rollout, mask, "sequence", cap=2.0)
     torch.testing.assert_close(w, T([[math.exp(0.5)] * 2, [2.0, 2.0], [0.0, 0.0]]))
-    torch.testing.assert_close(stats["tis/mean_weight"], T((math.exp(0.5) + 2.0) / 2))
+    torch.testing.assert_close(stats["tis/mean_weight"], T((2 * math.exp(0.5) + 2 * 2.0) / 4))
     torch.testing.assert_close(stats["tis/frac_capped"], T(0.5))
+
+
+@pytest.mark.parametrize("dtype,level", [("bfloat16", "token"), ("float16", "token"), ("float32", "none")])
+def test_auto_corrects_where_sampler_and_trainer_round_differently(dtype, level):
+    from rlhf.core.importance import tis_level
+
+    assert tis_level("auto", dtype) == level
+    assert tis_level("sequence", "float32") == "sequence" and tis_level("none", "bfloat16") == "none"
 
 
 def test_a_huge_log_ratio_caps_without_overflow_and_weights_are_constants():
