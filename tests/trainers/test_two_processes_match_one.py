@@ -80,6 +80,7 @@ FULL = ("grpo", ["epochs=2", "kl_coef=0.04", "lora_r=0"])            # every wei
     ("zero3_2proc", *GRPO, True),   # DeepSpeed ZeRO-3: weights partitioned too; checkpoint per rank
     ("ddp_2proc", *MICRO, False),   # gradients accumulated without a reduction until the last micro-batch
     ("ddp_2proc", *FULL, True),     # full fine-tuning: every weight, its checkpoint and resume
+    ("fsdp2_2proc", *FULL, True),   # full fine-tuning with every weight sharded, the reference whole on each rank
 ], ids=lambda x: x if isinstance(x, str) and x.endswith("proc") else "-".join(x[2:]) if isinstance(x, list) else None)
 def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resume):
     if config.startswith("zero"):
