@@ -372,6 +372,8 @@ def summary(run: Run, policy: LMPolicy, seconds: float, full: dict | None = None
            "reward_last5": sum(r["reward"] for r in last) / len(last) if last else None,
            "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(full), 4),
            "dtype": policy.dtype}  # the base weights' precision (dtype: auto's choice)
+    if out["adapter_norm"] != out["adapter_norm"]:  # full fine-tuning without a reference: nothing to measure from
+        out["adapter_norm"] = None
     if hist and out["adapter_norm"] == 0.0:
-        out["warning"] = "the LoRA adapter did not move: check lr and the reward signal"
+        out["warning"] = "the trained weights did not move: check lr and the reward signal"
     return out

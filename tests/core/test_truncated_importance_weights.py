@@ -60,3 +60,24 @@ def test_a_huge_log_ratio_caps_without_overflow_and_weights_are_constants():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError):
         tis_weights(torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), **kw)
+
+
+def test_the_weight_multiplies_the_policy_gradient_term_and_not_the_kl_term():
+    """policy_loss with is_weight on three tokens, one on-policy step (ratio 1, nothing clipped):
+    d loss / d logp_t = (-A w_t + kl_coef * d k3+_t / d logp_t) / n, and on-policy
+    d k3+ / d logp = log(pi / ref) = logp - ref_logp.
+    logp -1, -2, -0.5; the sampler's -1, -3, -0.2 -> log-ratios 0, 1, -0.3 -> w 1, 2 (e capped), e^-0.3;
+    A = 0.5, kl_coef 0.1, ref -1.5, -2, -0.5 -> logp - ref 0.5, 0, 0; n = 3 tokens:
+    grad = ((-0.5 + 0.05) / 3, -1 / 3, -0.5 e^-0.3 / 3)."""
+    from rlhf.core import policy_loss
+
+    logp = T([[-1.0, -2.0, -0.5]], requires_grad=True)
+    mask = torch.ones(1, 3)
+    w, _ = tis_weights(logp.detach(), T([[-1.0, -3.0, -0.2]]), mask, "token", cap=2.0)
+    ref = T([[-1.5, -2.0, -0.5]])
+    loss, stats = policy_loss(logp, T([0.5]), mask, ref_logp=ref, kl_coef=0.1, kl_estimator="k3+", is_weight=w)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, T([[(-0.5 + 0.05) / 3, -1.0 / 3, -0.5 * math.exp(-0.3) / 3]]))
+    _, plain = policy_loss(logp.detach(), T([0.5]), mask, ref_logp=ref, kl_coef=0.1, kl_estimator="k3+")
+    assert stats["kl"] == plain["kl"]  # the KL term is not weighted
+    torch.testing.assert_close(stats["pg_loss"], T(-0.5 * (1 + 2 + math.exp(-0.3)) / 3))
