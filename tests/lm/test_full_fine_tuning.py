@@ -81,3 +81,26 @@ def test_the_saved_directory_is_a_whole_model_transformers_loads(tiny_model, tmp
 def test_bf16_full_fine_tuning_is_refused_in_one_sentence(tiny_model):
     with pytest.raises(UserError, match="lora_r: 0.*float32"):
         LMPolicy(tiny_model, lora_r=0, dtype="bfloat16")
+
+
+def test_a_full_fine_tuning_run_trains_without_a_reference_and_evaluates(tiny_model, tmp_path, capsys):
+    """lora_r 0 with kl_coef 0 through the CLI: no reference is loaded for training, the run
+    saves a whole model, and rlhf eval compares it with the base."""
+    import json
+    from pathlib import Path
+
+    from rlhf.cli import main
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "grpo_arith.yaml"
+    sets = [f"model={tiny_model}", "lora_r=0", "kl_coef=0", "steps=2", "prompts_per_step=2", "group_size=3",
+            "max_new_tokens=5", "micro_batch_size=2", "eval_problems=4", "threads=1"]
+    run = tmp_path / "r"
+    assert main(["train", str(recipe), "--no-progress", "--run-dir", str(run),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["adapter_norm"] is None  # no reference to measure the move from
+    assert (run / "adapter" / "model.safetensors").is_file() and (run / "adapter" / "config.json").is_file()
+    assert "Full fine-tune" in (run / "adapter" / "README.md").read_text()
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "base_accuracy" in ev and "trained_accuracy" in ev
