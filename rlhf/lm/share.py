@@ -123,13 +123,22 @@ def run_config(run_dir: str):
     return cfg
 
 
+def is_full_model(adapter_dir: Path) -> bool:
+    """Whether a run's ``adapter/`` holds a whole model (``lora_r: 0``) rather than a LoRA adapter."""
+    return (adapter_dir / "config.json").is_file() and not (adapter_dir / ADAPTER_CONFIG).is_file()
+
+
 def load_adapted(run_dir: str):
-    """(model, tokenizer) of a run: its base with its adapter, in eval mode, float32 on the CPU."""
+    """(model, tokenizer) of a run: its base with its adapter (lora_r 0: the whole trained model),
+    in eval mode, float32 on the CPU."""
     import transformers
     from peft import PeftModel
 
     cfg = run_config(run_dir)
     adapter = Path(run_dir) / "adapter"
+    if is_full_model(adapter):
+        return (transformers.AutoModelForCausalLM.from_pretrained(str(adapter), dtype="float32").eval(),
+                transformers.AutoTokenizer.from_pretrained(str(adapter)))
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(f"{run_dir!r} has no adapter/{ADAPTER_CONFIG}; train it first (rlhf train ...) or "
                         "point at a run directory of an LM run")
@@ -172,6 +181,9 @@ def merge(run_dir: str, out_dir: str) -> str:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out_dir!r} is not empty; give a new directory for the merged model")
+    if is_full_model(Path(run_dir) / "adapter"):
+        raise UserError(f"{run_dir!r} is a full fine-tune (lora_r: 0): its adapter/ already is the whole model, "
+                        "which AutoModelForCausalLM.from_pretrained loads; there is nothing to merge")
     model, tokenizer = load_adapted(run_dir)
     merged = model.merge_and_unload()
     origin = json.loads((Path(run_dir) / "adapter" / ADAPTER_CONFIG).read_text())

@@ -104,3 +104,21 @@ def test_a_full_fine_tuning_run_trains_without_a_reference_and_evaluates(tiny_mo
     assert main(["eval", str(run), "--no-progress"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "base_accuracy" in ev and "trained_accuracy" in ev
+
+
+def test_generate_loads_a_full_fine_tune_and_merge_says_there_is_nothing_to_merge(tiny_model, tmp_path, capsys):
+    from pathlib import Path
+
+    from rlhf.cli import main
+    from rlhf.lm.share import load_adapted, merge
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "grpo_arith.yaml"
+    sets = [f"model={tiny_model}", "lora_r=0", "steps=1", "prompts_per_step=2", "group_size=2", "max_new_tokens=3",
+            "threads=1"]
+    run = tmp_path / "r"
+    assert main(["train", str(recipe), "--no-progress", "--run-dir", str(run),
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    model, _ = load_adapted(str(run))
+    assert type(model).__name__ == "LlamaForCausalLM"  # the whole trained model, no peft wrapper
+    with pytest.raises(UserError, match="nothing to merge"):
+        merge(str(run), str(tmp_path / "merged"))
