@@ -123,8 +123,9 @@ class PolicyNet(torch.nn.Module):
             out["logp"] = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).index_put((real,), lp)
             if entropy:
                 out["entropy"] = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put((real,), ent)
-        if values:
-            out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
+        if values:  # fp32, under an autocast too
+            with torch.autocast(hidden.device.type, enabled=False):
+                out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
         return out
 
     def _head(self, head, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
@@ -135,8 +136,12 @@ class PolicyNet(torch.nn.Module):
         # fused: a plain linear head, and no soft-capping (a scale folds into the temperature)
         fused = self.fused_head and type(head) is torch.nn.Linear and head.bias is None and not self.logit_softcap
         temperature = self.temperature / self.logit_scale
+        weight = head.weight
+        if fused and torch.is_autocast_enabled(hidden.device.type):  # the sampler's head: a GEMM of the cast
+            dt = torch.get_autocast_dtype(hidden.device.type)        # inputs; the chosen logit from the same
+            hidden, weight = hidden.to(dt), weight.to(dt)
         if trunc.active and fused:
-            return truncated_linear_logprobs(hidden, head.weight, ids, temperature, trunc, entropy=entropy)
+            return truncated_linear_logprobs(hidden, weight, ids, temperature, trunc, entropy=entropy)
         if trunc.active:  # an adapted or biased head, or capped logits: full logits, masked as the sampler does
             logits = self._logits(head, hidden) / self.temperature
             keep = truncation_mask(logits.detach(), trunc)
@@ -148,7 +153,7 @@ class PolicyNet(torch.nn.Module):
                 ent = -(lp_all.exp() * lp_all.masked_fill(~keep, 0.0)).sum(-1)
             return selective_log_softmax(logits, ids), ent
         if fused:  # in blocks
-            return linear_logprobs(hidden, head.weight, ids, temperature, entropy=entropy)
+            return linear_logprobs(hidden, weight, ids, temperature, entropy=entropy)
         logits = self._logits(head, hidden) / self.temperature       # an adapted or biased head, or capped logits
         ent = entropy_from_logits(logits.detach()) if entropy else None
         return selective_log_softmax(logits, ids), ent

@@ -102,9 +102,12 @@ class LMPolicy:
     faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser
     state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py).
 
-    ``lora_r=0``: full fine-tuning. Every weight trains, in float32 (they are their own master
-    weights; a bf16 compute copy is not built yet, so bf16 / float16 are refused); the
-    reference is a frozen copy of the base (``reference=False``, as kl_coef 0: none)."""
+    ``lora_r=0``: full fine-tuning. Every weight trains and is held in float32: the master
+    weights, which the optimiser steps and checkpoints save, so an update smaller than bf16's
+    resolution is kept. Under ``dtype`` bfloat16 / float16 the forward passes (sampling and
+    training alike) compute in that dtype by autocast (``compute``: matmuls and attention on
+    the weights cast, norms and the residual stream in fp32, the head's logits from the cast
+    weights). The reference is a frozen copy of the base (``reference=False``, as kl_coef 0: none)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
@@ -119,15 +122,12 @@ class LMPolicy:
         self.temperature = temperature
         self.tokenizer = load_tokenizer(model_path)
         self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
-        self.full = lora_r == 0  # full fine-tuning
-        if self.full and self.dtype != "float32":
-            raise UserError(f"lora_r: 0 (full fine-tuning) trains float32 weights; dtype {dtype!r} resolves to "
-                            f"{self.dtype} here, and bf16 compute with fp32 master weights is not built yet: "
-                            "set dtype: float32, or lora_r >= 1")
+        self.full = lora_r == 0  # full fine-tuning: fp32 master weights, autocast to dtype (``compute``)
+        weights = "float32" if self.full else self.dtype
         lora = None if self.full else LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                                  target_modules=lora_targets, task_type="CAUSAL_LM")
         saved = adapter_path and Path(adapter_path)
-        self.model = load_adapted(model_path, self.dtype, lora, saved)
+        self.model = load_adapted(model_path, weights, lora, saved)
         self.eos_ids = eos_ids(self.tokenizer, self.model)
         # PPO's critic: a scalar head on the final hidden state of the policy's LoRA-adapted
         # trunk (shared), or of a second LoRA-adapted copy of the base (separate)
@@ -135,14 +135,14 @@ class LMPolicy:
         if value_head:
             self.value_head = load_value_head(self.model.config.hidden_size, saved)
             if critic == "separate":
-                self.critic_model = load_adapted(model_path, self.dtype, lora, saved / CRITIC_DIR if saved else None)
+                self.critic_model = load_adapted(model_path, weights, lora, saved / CRITIC_DIR if saved else None)
         # what gets gradients, as one module: one forward call per optimiser step, so DDP can
         # wrap it (``distribute``) even though a forward runs the LM several times
         shared = self.critic_model is None
         self.net = PolicyNet(self.model, self.value_head if shared else None, temperature)
         self.critic_net = None if shared else PolicyNet(self.critic_model, self.value_head, temperature)
         if self.full and reference:  # the base as it was loaded, frozen (a resumed run: still the base)
-            self.net.reference = (load_causal_lm(model_path, self.dtype).requires_grad_(False).eval(),)
+            self.net.reference = (load_causal_lm(model_path, weights).requires_grad_(False).eval(),)
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
@@ -290,7 +290,7 @@ class LMPolicy:
         self.eval_mode()
         merge = adapter and self.merge_for_sampling
         model = self.model if adapter or not self.full else self.net.lm(adapter=False)[0]
-        with (self.sampling_context(), self._adapter(adapter),
+        with (self.sampling_context(), self._adapter(adapter), self.compute(),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
             return decode(model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
                           greedy, uniforms)
@@ -308,10 +308,18 @@ class LMPolicy:
         See ``PolicyNet.forward``."""
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask)
         kw = {"group_size": batch.group_size, "attn_mask": batch.attn_mask}
-        out = self.train_net(*args, **kw, adapter=adapter, values=values, entropy=entropy)
-        if values and self.train_critic is not None:  # the separate critic's own pass
-            out["values"] = self.train_critic(*args, **kw, values=True, logp=False)["values"]
+        with self.compute():
+            out = self.train_net(*args, **kw, adapter=adapter, values=values, entropy=entropy)
+            if values and self.train_critic is not None:  # the separate critic's own pass
+                out["values"] = self.train_critic(*args, **kw, values=True, logp=False)["values"]
         return out
+
+    def compute(self):
+        """The forward passes' precision: full fine-tuning in bf16 / fp16 autocasts its fp32 master
+        weights (LoRA: the base weights are stored in ``dtype`` and need no cast)."""
+        if not self.full or self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
 
     def _adapter(self, enabled: bool):
         return contextlib.nullcontext() if enabled or self.full else self.model.disable_adapter()

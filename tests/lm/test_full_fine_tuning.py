@@ -78,9 +78,39 @@ def test_the_saved_directory_is_a_whole_model_transformers_loads(tiny_model, tmp
         assert torch.equal(resumed.logp(roll, adapter=False), policy.logp(roll, adapter=False))
 
 
-def test_bf16_full_fine_tuning_is_refused_in_one_sentence(tiny_model):
-    with pytest.raises(UserError, match="lora_r: 0.*float32"):
-        LMPolicy(tiny_model, lora_r=0, dtype="bfloat16")
+def _bf16_logp_bound(policy) -> float:
+    """tests/lm/test_bf16_and_auto_dtype.py's first-order bound on a bf16 log-prob's error,
+    2 K u |h| max_j |w_j|, K = 12 per layer + 2 at the head, u = 2^-8, for the weights now."""
+    import math
+
+    lm, layers = policy.model, policy.model.config.num_hidden_layers
+    h_norm = math.sqrt(lm.config.hidden_size) * float(lm.model.norm.weight.abs().max())
+    return 2 * (12 * layers + 2) * 2.0 ** -8 * h_norm * float(lm.get_output_embeddings().weight.norm(dim=1).max())
+
+
+def test_bf16_full_fine_tuning_keeps_fp32_master_weights_and_computes_in_bf16(tiny_model):
+    policy = LMPolicy(tiny_model, lora_r=0, dtype="bfloat16")
+    fp32 = LMPolicy(tiny_model, lora_r=0)
+    assert policy.dtype == "bfloat16"  # the compute dtype (tis: auto corrects in it)
+    assert {p.dtype for p in policy.trainable_parameters()} == {torch.float32}  # the master weights
+    roll = _rollout(policy)
+    with torch.no_grad():
+        bf16_logp, fp32_logp = policy.logp(roll), fp32.logp(roll)
+        ref = policy.logp(roll, adapter=False)
+    m = roll.mask.bool()
+    gap = (bf16_logp - roll.rollout_logp)[m].abs().max()
+    assert float(gap) <= _bf16_logp_bound(policy)  # sampler and trainer: both bf16, rounding apart
+    assert 0 < float((bf16_logp - fp32_logp)[m].abs().max()) <= _bf16_logp_bound(policy)  # it is bf16
+    assert torch.equal(ref, bf16_logp)  # the reference computes as the policy: equal at init
+    assert (bf16_logp[m] <= 0).all()  # one computation, one rounding: log p never above 0
+    # an update below bf16's resolution (2^-8 relative) is kept by the fp32 masters
+    w = policy.model.model.layers[0].mlp.up_proj.weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(before.abs() * 2.0 ** -12)
+    kept = (w != before).float().mean()
+    lost_in_bf16 = (w.to(torch.bfloat16) == before.to(torch.bfloat16)).float().mean()
+    assert kept == 1.0 and lost_in_bf16 > 0.9  # a bf16 weight would have dropped (nearly) all of it
 
 
 def test_a_full_fine_tuning_run_trains_without_a_reference_and_evaluates(tiny_model, tmp_path, capsys):

@@ -114,8 +114,9 @@ def test_resume_reward_model_matches_uninterrupted(tiny_model, tmp_path, monkeyp
     run_pair(tmp_path, monkeypatch, capsys, args, 1, "reward_model")
 
 
-@pytest.mark.parametrize("extra", [["lora_r=0"], ["lora_r=0", "kl_coef=0", "micro_batch_size=2"]],
-                         ids=["full_fine_tuning", "full_no_reference_micro_batches"])
+@pytest.mark.parametrize("extra", [["lora_r=0"], ["lora_r=0", "kl_coef=0", "micro_batch_size=2"],
+                                   ["lora_r=0", "dtype=bfloat16"]],
+                         ids=["full_fine_tuning", "full_no_reference_micro_batches", "full_bf16_fp32_masters"])
 def test_resume_lm_full_fine_tuning_matches_uninterrupted(tiny_model, tmp_path, monkeypatch, capsys, extra):
     """lora_r: 0 (every weight, Adam's state for each) stopped after its first checkpoint and
     resumed: the same metrics and weights as an uninterrupted run, exactly."""
