@@ -139,3 +139,16 @@ def test_a_micro_batch_normalised_by_its_own_tokens_falls_outside_the_bound(tiny
     gamma = _k(policy, roll) * U
     outside = sum(int(((x - w).abs() > 2 * gamma * s).sum()) for x, w, s in zip(wrong, whole, per_row.abs_sum))
     assert outside > 100
+
+
+def test_deepspeed_refuses_micro_batches_in_one_sentence():
+    """DeepSpeed's engine steps the optimiser inside each backward: it cannot accumulate them."""
+    from types import SimpleNamespace
+
+    from rlhf.distributed import Dist
+    from rlhf.errors import UserError
+
+    Dist.check_micro_batches(SimpleNamespace(kind="DEEPSPEED"), 0)
+    Dist.check_micro_batches(SimpleNamespace(kind="MULTI_CPU"), 4)
+    with pytest.raises(UserError, match="micro_batch_size=4 .*set micro_batch_size: 0 under DeepSpeed"):
+        Dist.check_micro_batches(SimpleNamespace(kind="DEEPSPEED"), 4)
