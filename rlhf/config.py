@@ -129,6 +129,9 @@ class LMConfig:
                                          # trainer's: token | sequence | none | auto (token where dtype resolves to
                                          # bfloat16 or float16, none in float32); weights the policy-gradient term
     tis_cap: float = 2.0                 # the weight's cap: min(pi_old / pi_sampler, tis_cap) (verl's token-TIS)
+    decode: str = "auto"                 # sampler: dynamic (rows that end leave the batch) | static (a fixed-shape
+                                         # KV cache, the step a CUDA graph on CUDA) | auto (static on CUDA, dynamic
+                                         # on the CPU: docs/speed.md, "The decode path")
     disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
@@ -142,6 +145,8 @@ class LMConfig:
                                          # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2            # complete checkpoints kept (the newest and older ones to fall back on
+                                         # when the newest is unreadable); >= 1
     report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
                                          # one or a list (none: no tracker); rlhf/tracking.py says where each writes
     log_completions_every: int = 10      # write sampled completions (prompt, completion, rewards, advantage)
@@ -163,6 +168,7 @@ class LMConfig:
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
         "tis": ("auto", "token", "sequence", "none"),
+        "decode": ("auto", "dynamic", "static"),
         "rm_head": ("log_ratio", "classifier"),
     }
 

@@ -116,7 +116,7 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
                       device=dist.device, reference=bool(cfg.kl_coef))
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
-                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -282,7 +282,8 @@ def minibatch_gradients(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, a
 
     def loss_of(out: dict, rows: torch.Tensor):
         rows = idx[rows]
-        loss, stats = micro_loss(out, roll, rows, adv, ret, passes, mask, cfg, penalty_coef, denom, tis)
+        loss, stats = micro_loss(out, roll, rows, adv, ret, passes, mask, cfg, penalty_coef, denom, tis,
+                                 kl_logged="k1" if policy.truncation.active else None)
         share = mask[rows].sum() / tokens[0]
         stats = {k: v if k in SUMMED_STATS else v * share for k, v in stats.items()}
         if first:
@@ -298,7 +299,7 @@ def minibatch_gradients(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, a
 
 def micro_loss(out: dict, roll: Rollout, rows: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor | None,
                passes: RolloutPass, mask: torch.Tensor, cfg: LMConfig, penalty_coef: float | None, denom: float,
-               tis: str) -> tuple[torch.Tensor, dict]:
+               tis: str, *, kl_logged: str | None = None) -> tuple[torch.Tensor, dict]:
     """The loss of the rollout's ``rows`` (a micro-batch) from the policy's outputs ``out`` on them,
     normalised by the minibatch's ``denom``: the recipe's ``objective`` (``rlhf.core``'s registry),
     weighted by truncated importance sampling of the sampler against the trainer (``tis``: token,
@@ -316,7 +317,8 @@ def micro_loss(out: dict, roll: Rollout, rows: torch.Tensor, adv: torch.Tensor, 
         out["logp"], adv[rows], m, old_logp=old_logp, ref_logp=_pick(passes.ref_logp, rows),
         objective=cfg.objective, clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
         penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
-        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom, is_weight=weight)
+        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom, is_weight=weight,
+        kl_logged=kl_logged)  # k1 where the policy is truncated (truncated pi vs full ref: policy_loss)
     if ret is not None:  # the critic's loss on the same tokens and normaliser
         vf = aggregate(value_loss(out["values"], ret[rows], passes.old_values[rows], cfg.clip_range_value),
                        m, cfg.agg, denom)

@@ -132,8 +132,8 @@ def test_a_micro_batch_normalised_by_its_own_tokens_falls_outside_the_bound(tiny
     cfg.micro_batch_size = 1
     _gradient(policy, roll, adv, ret, passes, cfg, per_row)
     real = lm.micro_loss
-    monkeypatch.setattr(lm, "micro_loss", lambda out, roll, rows, *a: real(out, roll, rows, *a[:-2],
-                                                                           float(roll.mask[rows].sum()), a[-1]))
+    monkeypatch.setattr(lm, "micro_loss", lambda out, roll, rows, *a, **kw: real(
+        out, roll, rows, *a[:-2], float(roll.mask[rows].sum()), a[-1], **kw))
     cfg.micro_batch_size = 3
     wrong, _ = _gradient(policy, roll, adv, ret, passes, cfg, OneProcess())
     gamma = _k(policy, roll) * U
