@@ -124,7 +124,8 @@ class LMConfig:
     lora_targets: str | list = "all-linear"  # peft target_modules
     dtype: str = "float32"               # base model weights: float32 | bfloat16 | float16 | auto (bf16 where
                                          # this machine runs it faster); LoRA, log-probs and loss stay fp32;
-                                         # float16 (GPUs without bf16) trains with a loss scaler
+                                         # float16 (GPUs without bf16) trains with a loss scaler; lora_r 0 keeps
+                                         # fp32 master weights and computes in this dtype by autocast
     tis: str = "auto"                    # truncated importance sampling of the sampler's log-probs against the
                                          # trainer's: token | sequence | none | auto (token where dtype resolves to
                                          # bfloat16 or float16, none in float32); weights the policy-gradient term

@@ -9,7 +9,8 @@ settings they share and calls them in the right mode.
 
 Shapes: P prompts, G completions each, N = P * G rows, Lp prompt length (left-padded),
 C completion length (right-padded after EOS). The reference policy is the same weights with
-the adapter disabled, so it costs no second copy of the model.
+the adapter disabled, so it costs no second copy of the model (full fine-tuning, ``lora_r=0``:
+a frozen copy of the base, loaded only where a KL term needs it).
 """
 from __future__ import annotations
 
