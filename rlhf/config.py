@@ -87,6 +87,9 @@ class LMConfig:
     max_grad_norm: float = 1.0           # gradient clipping (0 disables)
     epochs: int = 1                      # update epochs per rollout (>1 needs a ratio objective: not reinforce)
     minibatches: int = 1                 # optimiser steps per epoch, each on whole groups of the rollout
+    micro_batch_size: int = 0            # rows (completions) per forward/backward; an optimiser step accumulates
+                                         # its minibatch's micro-batches, normalised by the whole minibatch (all
+                                         # processes): the same gradient, peak memory ~ this (0: the whole minibatch)
     kl_coef: float = 0.04                # KL(pi || ref) coefficient; 0 skips the reference pass (TRL's beta)
     kl_estimator: str | None = None      # k1 | k2 | k3 | k3+ (None: k3+ in the loss, k1 in the reward).
                                          # Gradients: loss k2, k3+ -> KL(pi||ref); loss k3 -> KL(ref||pi)
@@ -114,13 +117,19 @@ class LMConfig:
     agg: str = "token_mean"              # token_mean | seq_mean | constant (Dr. GRPO)
     scale_rewards: str = "group"         # group | batch | none (std used in group advantages)
     mask_truncated: bool = False         # drop completions that hit max_new_tokens from the loss
-    lora_r: int = 16                     # LoRA rank
+    lora_r: int = 16                     # LoRA rank; 0: full fine-tuning (every weight trains, fp32 master
+                                         # weights, a frozen copy is the reference; none when kl_coef is 0)
     lora_alpha: int = 32                 # LoRA alpha (scale = alpha / r)
     lora_dropout: float = 0.0            # LoRA dropout (acts only with disable_dropout: false)
     lora_targets: str | list = "all-linear"  # peft target_modules
     dtype: str = "float32"               # base model weights: float32 | bfloat16 | float16 | auto (bf16 where
                                          # this machine runs it faster); LoRA, log-probs and loss stay fp32;
-                                         # float16 (GPUs without bf16) trains with a loss scaler
+                                         # float16 (GPUs without bf16) trains with a loss scaler; lora_r 0 keeps
+                                         # fp32 master weights and computes in this dtype by autocast
+    tis: str = "auto"                    # truncated importance sampling of the sampler's log-probs against the
+                                         # trainer's: token | sequence | none | auto (token where dtype resolves to
+                                         # bfloat16 or float16, none in float32); weights the policy-gradient term
+    tis_cap: float = 2.0                 # the weight's cap: min(pi_old / pi_sampler, tis_cap) (verl's token-TIS)
     decode: str = "auto"                 # sampler: dynamic (rows that end leave the batch) | static (a fixed-shape
                                          # KV cache, the step a CUDA graph on CUDA) | auto (static on CUDA, dynamic
                                          # on the CPU: docs/speed.md, "The decode path")
@@ -159,6 +168,7 @@ class LMConfig:
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "tis": ("auto", "token", "sequence", "none"),
         "decode": ("auto", "dynamic", "static"),
         "rm_head": ("log_ratio", "classifier"),
     }

@@ -70,6 +70,13 @@ class Dist:
                             f"{minibatches} minibatches of whole groups; make it a multiple of "
                             f"{self.world * minibatches}")
 
+    def check_micro_batches(self, micro_batch_size: int) -> None:
+        """Micro-batches accumulate gradients over several backward calls before one step."""
+        if micro_batch_size and self.kind == "DEEPSPEED":
+            raise UserError(f"micro_batch_size={micro_batch_size} needs gradients accumulated over several "
+                            "backward calls, and DeepSpeed's engine steps the optimiser inside each; set "
+                            "micro_batch_size: 0 under DeepSpeed, or run under DDP or FSDP2")
+
     def shard(self, items: list) -> list:
         """This rank's contiguous share of ``items`` (the same list on every rank)."""
         if len(items) % self.world:
@@ -226,6 +233,16 @@ class Dist:
                 ds.get("gradient_accumulation_steps", 1)
         return self.acc.prepare(module, optimizer)
 
+    def no_sync(self, modules: list[torch.nn.Module]):
+        """Inside the block (forward and backward) gradients accumulate on each rank without being
+        reduced over ranks (DDP's ``no_sync``, FSDP2's gradient sync off): every micro-batch of
+        an optimiser step but the last. A no-op in one process."""
+        stack = contextlib.ExitStack()
+        if self.world > 1:
+            for m in modules:
+                stack.enter_context(self.acc.no_sync(m))
+        return stack
+
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss`` (DeepSpeed: its engine's backward, which also steps the optimiser)."""
         self.acc.backward(loss)
@@ -303,6 +320,12 @@ class OneProcess:
         return x
 
     mean = max = gather = local = sum
+
+    def no_sync(self, modules):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
 
     def backward(self, loss):
         loss.backward()

@@ -32,7 +32,7 @@ def push_adapter(run_dir, repo_id: str, private: bool = False, api=None) -> dict
     """Upload ``RUN_DIR/adapter/`` to the Hub model repo ``repo_id``; returns its url and commit."""
     run_dir = Path(run_dir)
     adapter = run_dir / ADAPTER
-    if not (adapter / "adapter_config.json").is_file():
+    if not any((adapter / name).is_file() for name in ("adapter_config.json", "config.json")):  # (lora_r 0: a model)
         raise UserError(f"{str(run_dir)!r} has no trained adapter ({ADAPTER}/adapter_config.json) to push; "
                         "pass the run_dir of a finished LM run")
     check_repo_id(repo_id, "repo id")

@@ -31,6 +31,7 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "learning_rate": "lr", "num_generations": "group_size", "epsilon": "clip_range",
         "epsilon_high": "clip_range_high", "num_iterations": "epochs", "max_completion_length": "max_new_tokens",
         "mask_truncated_completions": "mask_truncated", "hub_private_repo": "hub_private",
+        "vllm_importance_sampling_cap": "tis_cap",
         # TRL PPOConfig, the GRPO trainer's argument, and TRL's scripts (ModelConfig, ScriptArguments)
         "cliprange": "clip_range", "cliprange_value": "clip_range_value", "num_ppo_epochs": "epochs",
         "num_mini_batches": "minibatches", "response_length": "max_new_tokens", "reward_funcs": "rewards",
@@ -66,12 +67,15 @@ SENTENCE: dict[str, dict[str, str]] = {
             "epochs is the update passes over each rollout (TRL's num_iterations), not passes over the dataset",
         "max_steps": f"steps: N {_STEPS}",
         "save_steps": f"save_every: N writes the adapter every N steps, which {_STEPS}",
-        "gradient_accumulation_steps": "it has no counterpart here, since every optimiser step already sees "
-            "its whole minibatch at once (minibatches: N is not accumulation, it makes N separate optimiser "
-            "steps per epoch, which changes the algorithm)",
-        "per_device_train_batch_size": "TRL counts completions per device per micro-batch; here a rollout "
-            "samples prompts_per_step x group_size completions, so set prompts_per_step (distinct prompts) and "
-            "group_size (completions per prompt) for the rollout you want",
+        "gradient_accumulation_steps": "it follows from the rollout here, where an optimiser step accumulates the "
+            "gradients of prompts_per_step x group_size / (processes x minibatches x micro_batch_size) "
+            "micro-batches, normalised by its whole minibatch, so set micro_batch_size (TRL's "
+            "per_device_train_batch_size) for memory, and prompts_per_step, group_size and minibatches for the "
+            "completions per step (minibatches: N is not accumulation, it makes N optimiser steps per epoch)",
+        "per_device_train_batch_size": "micro_batch_size: N is the completions one process runs per forward/"
+            "backward (0: its whole minibatch); an optimiser step sees prompts_per_step x group_size / minibatches "
+            "completions over all processes, TRL's per_device_train_batch_size x gradient_accumulation_steps x "
+            "processes",
         "generation_batch_size": "a rollout here samples prompts_per_step x group_size completions; set "
             "prompts_per_step (distinct prompts) and group_size (completions per prompt)",
         "steps_per_generation": "minibatches: N splits each pass over a rollout into N optimiser steps on whole "
@@ -99,7 +103,12 @@ SENTENCE: dict[str, dict[str, str]] = {
         "warmup_ratio": "warmup_steps: N counts steps here (a linear warm-up, then constant)",
         "optim": "the optimiser is AdamW here (lr, weight_decay)",
         "generation_kwargs": "the sampling settings here are temperature, top_k, top_p, min_p and stop",
-        "use_peft": "LoRA is always on here (lora_r, lora_alpha, lora_dropout, lora_targets)",
+        "use_peft": "LoRA is on with lora_r >= 1 (lora_alpha, lora_dropout, lora_targets); lora_r: 0 trains "
+            "every weight (what TRL does without use_peft)",
+        "vllm_importance_sampling_correction": "tis: token | sequence | none | auto corrects the sampler/trainer "
+            "mismatch by truncated importance sampling here, whatever the sampler (auto is token in bf16 and fp16)",
+        "vllm_importance_sampling_mode": "tis: token or sequence truncates the weight at tis_cap (TRL's "
+            "token_truncate, sequence_truncate); the masking modes have no counterpart",
         "eval_strategy": _EVAL, "eval_steps": _EVAL, "do_eval": _EVAL,
         "per_device_eval_batch_size": "eval_batch: N sets the prompts per greedy generation batch of rlhf eval",
     },
@@ -170,9 +179,8 @@ NO_COUNTERPART: dict[str, frozenset] = {"LMConfig": frozenset((
     'use_rslora', 'use_transformers_continuous_batching', 'use_transformers_paged', 'use_vllm',
     'vespo_k_neg', 'vespo_k_pos', 'vespo_lambda_neg', 'vespo_lambda_pos',
     'vllm_enable_sleep_mode', 'vllm_gpu_memory_utilization', 'vllm_group_port',
-    'vllm_importance_sampling_cap', 'vllm_importance_sampling_clip_max',
-    'vllm_importance_sampling_clip_min', 'vllm_importance_sampling_correction',
-    'vllm_importance_sampling_mode', 'vllm_max_model_length', 'vllm_mode', 'vllm_model_impl',
+    'vllm_importance_sampling_clip_max',
+    'vllm_importance_sampling_clip_min', 'vllm_max_model_length', 'vllm_mode', 'vllm_model_impl',
     'vllm_server_base_url', 'vllm_server_host', 'vllm_server_port', 'vllm_server_timeout',
     'vllm_structured_outputs_regex', 'vllm_tensor_parallel_size',
 )), "GymConfig": frozenset()}

@@ -82,7 +82,11 @@ RANGES: dict[str, dict[str, Range]] = {
         "clip_range_value": POSITIVE, "gamma": UNIT, "gae_lambda": UNIT, "penalty_coef": NON_NEGATIVE,
         "target_kl": POSITIVE,
         "clip_range": FRACTION_OPEN,    # the ratio is clipped below at 1 - clip_range, which must stay > 0
-        "clip_range_high": POSITIVE, "rm_beta": NON_NEGATIVE, "lora_r": AT_LEAST_1, "lora_alpha": AT_LEAST_1,
+        "clip_range_high": POSITIVE, "rm_beta": NON_NEGATIVE,
+        "lora_r": NON_NEGATIVE,                                                 # 0: full fine-tuning
+        "micro_batch_size": NON_NEGATIVE,                                       # 0: the whole minibatch
+        "tis_cap": Range(1),                                                    # a weight of 1 survives it
+        "lora_alpha": AT_LEAST_1, "lora_alpha": AT_LEAST_1,
         "lora_dropout": Range(0, 1, high_open=True), "threads": NON_NEGATIVE,
         "eval_problems": AT_LEAST_1, "eval_seed": SEED, "eval_batch": AT_LEAST_1,
         "save_every": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,

@@ -250,10 +250,11 @@ def policy_loss(
     agg: str = "token_mean",
     denom: float | None = None,
     kl_logged: str | None = None,
+    is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one policy loss of the library, for tokens and gym actions alike.
 
-        loss = aggregate(objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
+        loss = aggregate(w * objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
 
     logp, old_logp, ref_logp, mask: [B, T] (gym: [N, 1] or [N]); adv: same shape, or [B]
     (one advantage per sequence, broadcast over its tokens). ``objective`` names an entry of
@@ -261,7 +262,9 @@ def policy_loss(
     clip's ``old_logp`` defaults to ``logp.detach()`` (one on-policy step: ratio 1). ``clip_range`` /
     ``clip_range_high`` are clip's, ``penalty_coef`` the KL penalty's beta. ``kl_estimator`` is
     the KL-to-reference term's (k2, k3 or k3+ have a meaning in the loss, k1 does not: see
-    ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
+    ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``. ``is_weight`` ``w`` (default 1):
+    constant importance weights of the samples, e.g. truncated importance sampling of the sampler
+    against the trainer (``rlhf.core.importance``); they weight the policy-gradient term only.
 
     ``stats["kl"]`` is the value of ``kl_logged`` (default: ``kl_estimator``), a claim about
     KL(pi || ref). Under truncated sampling (top_k / top_p / min_p) ``logp`` is the truncated,
@@ -276,6 +279,8 @@ def policy_loss(
     old = None if old_logp is None else old_logp.reshape(logp.shape)
     per_elem, stats = objective_fn(logp, old, adv, mask, clip_range=clip_range, clip_range_high=clip_range_high,
                                    penalty_coef=penalty_coef)
+    if is_weight is not None:
+        per_elem = per_elem * is_weight.detach().reshape(logp.shape).to(per_elem.dtype)
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
         ref = ref_logp.reshape(logp.shape)

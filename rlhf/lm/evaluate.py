@@ -27,14 +27,14 @@ def evaluate_lm_cli(run_dir: str, cfg, args) -> dict:
 def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True, cfg=None) -> dict:
     cfg = cfg or load_run_config(run_dir)
     adapter = Path(run_dir) / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    if not (adapter / ("config.json" if cfg.lora_r == 0 else "adapter_config.json")).is_file():
         raise UserError(f"{run_dir!r} has no saved adapter yet; train it first (rlhf train ...)")
     torch.manual_seed(cfg.seed)
     if cfg.threads:  # the run's thread count (threads=1 on a shared machine), not torch's default
         torch.set_num_threads(cfg.threads)
     device = process_device()  # the device the trainer ran on (accelerate's pick); dtype auto resolves for it
     policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), dtype=cfg.dtype, adapter_path=str(adapter),
-                      device=device)
+                      device=device, lora_r=cfg.lora_r)  # lora_r 0: the whole trained model, the base beside it
     policy.to(device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)

@@ -27,8 +27,11 @@ class PolicyNet(torch.nn.Module):
     def __init__(self, model, value_head, temperature: float):
         super().__init__()
         self.model, self.value_head, self.temperature = model, value_head, temperature
+        # full fine-tuning (``model`` a plain causal LM): the frozen reference, held outside the module
+        # tree so that DDP / FSDP / optimisers and checkpoints never see it (None: no reference)
+        self.reference: tuple = ()
         # the blocks FSDP shards one by one (accelerate's transformer-based wrap policy reads it)
-        self._no_split_modules = getattr(model.get_base_model(), "_no_split_modules", None)
+        self._no_split_modules = getattr(base_lm(model), "_no_split_modules", None)
         self.full_sequence = False  # set by gradient checkpointing (no KV cache to share)
         self.truncation = Truncation()  # the sampler's top_k / top_p / min_p (LMPolicy.set_options)
         self.fused_head = True      # LM head + log-softmax in blocks (reads the head's weight directly)
@@ -58,8 +61,9 @@ class PolicyNet(torch.nn.Module):
         if owner is None:
             owner = torch.div(torch.arange(len(completion_ids), device=completion_ids.device), group_size,
                               rounding_mode="floor")
-        decoder = self.model.get_base_model().get_decoder()
-        with contextlib.nullcontext() if adapter else self.model.disable_adapter():
+        lm, context = self.lm(adapter)
+        decoder = lm.get_decoder()
+        with context:
             if self.full_sequence:  # one plain pass over each row's prompt + completion
                 ids = torch.cat([prompt_ids[owner], completion_ids], 1)
                 attn = torch.cat([prompt_mask[owner], attn_mask.to(prompt_mask.dtype)], 1)
@@ -77,7 +81,19 @@ class PolicyNet(torch.nn.Module):
                 hidden = torch.cat(parts)[torch.argsort(torch.cat(order))]  # back to the rollout's order
         # the policy's log-probs use the sampler's truncated distribution; the reference's full one
         trunc = self.truncation if adapter else Truncation()
-        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp, trunc)
+        return self._outputs(hidden, completion_ids, mask, want_hidden, entropy, logp, trunc, lm)
+
+    def lm(self, adapter: bool = True):
+        """``(causal LM, context)`` of the policy (``adapter``) or the reference: LoRA's base with
+        the adapter on or disabled inside ``context``; in full fine-tuning the trained model or
+        the frozen copy."""
+        if hasattr(self.model, "disable_adapter"):
+            return self.model.get_base_model(), contextlib.nullcontext() if adapter else self.model.disable_adapter()
+        if adapter:
+            return self.model, contextlib.nullcontext()
+        if not self.reference:
+            raise ValueError("full fine-tuning without a reference model (kl_coef 0) has no reference log-probs")
+        return self.reference[0], contextlib.nullcontext()
 
     def _completions(self, decoder, prompt, prompt_mask, completion_ids, attn_mask, owner, rows, width):
         """Final hidden states [n, width, d] of the positions that predict completion ``rows``'
@@ -96,30 +112,36 @@ class PolicyNet(torch.nn.Module):
         return torch.cat([hidden, rest.last_hidden_state], dim=1)
 
     def _outputs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, values: bool, entropy: bool,
-                 logp: bool, trunc: Truncation = Truncation()) -> dict[str, Tensor]:
+                 logp: bool, trunc: Truncation = Truncation(), lm=None) -> dict[str, Tensor]:
         """Log-probs (and entropy) of the completion tokens, values, from the hidden states
         [N, C, d] that predict them; zero past each row's end."""
         out = {}
         if logp:
             real = mask.bool()
-            lp, ent = self._head(hidden[real], completion_ids[real], entropy, trunc)
+            head = (lm or base_lm(self.model)).get_output_embeddings()
+            lp, ent = self._head(head, hidden[real], completion_ids[real], entropy, trunc)
             out["logp"] = torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).index_put((real,), lp)
             if entropy:
                 out["entropy"] = torch.zeros(mask.shape, dtype=ent.dtype, device=ent.device).index_put((real,), ent)
-        if values:
-            out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
+        if values:  # fp32, under an autocast too
+            with torch.autocast(hidden.device.type, enabled=False):
+                out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
         return out
 
-    def _head(self, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
+    def _head(self, head, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
               ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d],
-        under the distribution truncated by ``trunc`` (renormalised over the kept tokens)."""
-        head = self.model.get_base_model().get_output_embeddings()
+        """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d]
+        through the LM ``head``, under the distribution truncated by ``trunc`` (renormalised over
+        the kept tokens)."""
         # fused: a plain linear head, and no soft-capping (a scale folds into the temperature)
         fused = self.fused_head and type(head) is torch.nn.Linear and head.bias is None and not self.logit_softcap
         temperature = self.temperature / self.logit_scale
+        weight = head.weight
+        if fused and torch.is_autocast_enabled(hidden.device.type):  # the sampler's head: a GEMM of the cast
+            dt = torch.get_autocast_dtype(hidden.device.type)        # inputs; the chosen logit from the same
+            hidden, weight = hidden.to(dt), weight.to(dt)
         if trunc.active and fused:
-            return truncated_linear_logprobs(hidden, head.weight, ids, temperature, trunc, entropy=entropy)
+            return truncated_linear_logprobs(hidden, weight, ids, temperature, trunc, entropy=entropy)
         if trunc.active:  # an adapted or biased head, or capped logits: full logits, masked as the sampler does
             logits = self._logits(head, hidden) / self.temperature
             keep = truncation_mask(logits.detach(), trunc)
@@ -131,7 +153,7 @@ class PolicyNet(torch.nn.Module):
                 ent = -(lp_all.exp() * lp_all.masked_fill(~keep, 0.0)).sum(-1)
             return selective_log_softmax(logits, ids), ent
         if fused:  # in blocks
-            return linear_logprobs(hidden, head.weight, ids, temperature, entropy=entropy)
+            return linear_logprobs(hidden, weight, ids, temperature, entropy=entropy)
         logits = self._logits(head, hidden) / self.temperature       # an adapted or biased head, or capped logits
         ent = entropy_from_logits(logits.detach()) if entropy else None
         return selective_log_softmax(logits, ids), ent
@@ -144,6 +166,11 @@ class PolicyNet(torch.nn.Module):
         if self.logit_softcap:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
+
+
+def base_lm(model):
+    """The causal LM under a peft model (its LoRA layers in place), or ``model`` itself (full fine-tuning)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def logit_transform(config) -> tuple[float, float | None]:

@@ -9,7 +9,8 @@ settings they share and calls them in the right mode.
 
 Shapes: P prompts, G completions each, N = P * G rows, Lp prompt length (left-padded),
 C completion length (right-padded after EOS). The reference policy is the same weights with
-the adapter disabled, so it costs no second copy of the model.
+the adapter disabled, so it costs no second copy of the model (full fine-tuning, ``lora_r=0``:
+a frozen copy of the base, loaded only where a KL term needs it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from rlhf.core.logprobs import Truncation
 from rlhf.distributed import DATA_PARALLEL
 from rlhf.errors import UserError
 from rlhf.lm import fast_lora
-from rlhf.lm.forward import PolicyNet
+from rlhf.lm.forward import PolicyNet, base_lm
 from rlhf.lm.precision import resolve_dtype
 from rlhf.lm.prompts import decode_completions, render_prompt, tokenize_prompts
 from rlhf.lm.rollout_record import Rollout
@@ -50,16 +51,30 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_adapted(model_path: str, dtype: str, lora, saved: Path | None):
-    """The base model (its weights in ``dtype``) with a LoRA adapter: the saved one at ``saved``,
-    or a fresh one of config ``lora``; its LoRA layers on the cheaper forward (``fast_lora``)."""
+def load_causal_lm(model_path: str, dtype: str):
+    """A causal LM from ``model_path`` with its weights in ``dtype`` (refused: a quantised one)."""
     import transformers
-    from peft import PeftModel, get_peft_model
 
-    base = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    if getattr(base.config, "quantization_config", None) is not None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+    if getattr(model.config, "quantization_config", None) is not None:
         raise UserError(f"checkpoint {model_path} is marked as quantised; re-save it without "
                         "quantization_config (rlhf model pull does this) to train it")
+    return model
+
+
+def load_adapted(model_path: str, dtype: str, lora, saved: Path | None):
+    """The base model (its weights in ``dtype``) with a LoRA adapter: the saved one at ``saved``,
+    or a fresh one of config ``lora``; its LoRA layers on the cheaper forward (``fast_lora``).
+    ``lora`` None (``lora_r: 0``): full fine-tuning, every weight trainable, in ``dtype``: the
+    saved full checkpoint at ``saved`` (``save_adapter``'s), else the base."""
+    from peft import PeftModel, get_peft_model
+
+    if lora is None:
+        if saved is not None and not (saved / "config.json").is_file():
+            raise UserError(f"no full checkpoint in {str(saved)!r} (config.json is missing); point at a "
+                            "lora_r: 0 run's adapter/ directory")
+        return load_causal_lm(str(saved or model_path), dtype).requires_grad_(True)
+    base = load_causal_lm(model_path, dtype)
     if saved is None:
         model = get_peft_model(base, lora)
     elif not (saved / "adapter_config.json").is_file():
@@ -87,13 +102,20 @@ class LMPolicy:
     ``dtype``: the frozen base weights' precision, float32, bfloat16 or auto (bf16 where
     ``device``, the device the policy will run on, default the CPU it is loaded on, computes it
     faster; ``self.dtype`` is the choice). Under bf16 the adapter, its gradients and optimiser
-    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py)."""
+    state, the log-softmax, the log-probs and the loss stay fp32 (rlhf/lm/precision.py).
+
+    ``lora_r=0``: full fine-tuning. Every weight trains and is held in float32: the master
+    weights, which the optimiser steps and checkpoints save, so an update smaller than bf16's
+    resolution is kept. Under ``dtype`` bfloat16 / float16 the forward passes (sampling and
+    training alike) compute in that dtype by autocast (``compute``: matmuls and attention on
+    the weights cast, norms and the residual stream in fp32, the head's logits from the cast
+    weights). The reference is a frozen copy of the base (``reference=False``, as kl_coef 0: none)."""
 
     def __init__(self, model_path: str, *, lora_r: int = 16, lora_alpha: int = 32,
                  lora_dropout: float = 0.0, lora_targets: str | list[str] = "all-linear",
                  dtype: str = "float32", temperature: float = 1.0, adapter_path: str | None = None,
                  value_head: bool = False, critic: str = "shared", gradient_checkpointing: bool = False,
-                 disable_dropout: bool = True, device: torch.device | str | None = None):
+                 disable_dropout: bool = True, device: torch.device | str | None = None, reference: bool = True):
         from peft import LoraConfig
 
         if critic not in ("shared", "separate"):
@@ -102,10 +124,12 @@ class LMPolicy:
         self.temperature = temperature
         self.tokenizer = load_tokenizer(model_path)
         self.dtype = resolve_dtype(dtype, device or "cpu")  # the base weights' (LoRA stays fp32: rlhf/lm/precision.py)
-        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=lora_targets, task_type="CAUSAL_LM")
+        self.full = lora_r == 0  # full fine-tuning: fp32 master weights, autocast to dtype (``compute``)
+        weights = "float32" if self.full else self.dtype
+        lora = None if self.full else LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                                 target_modules=lora_targets, task_type="CAUSAL_LM")
         saved = adapter_path and Path(adapter_path)
-        self.model = load_adapted(model_path, self.dtype, lora, saved)
+        self.model = load_adapted(model_path, weights, lora, saved)
         self.eos_ids = eos_ids(self.tokenizer, self.model)
         # PPO's critic: a scalar head on the final hidden state of the policy's LoRA-adapted
         # trunk (shared), or of a second LoRA-adapted copy of the base (separate)
@@ -113,17 +137,19 @@ class LMPolicy:
         if value_head:
             self.value_head = load_value_head(self.model.config.hidden_size, saved)
             if critic == "separate":
-                self.critic_model = load_adapted(model_path, self.dtype, lora, saved / CRITIC_DIR if saved else None)
+                self.critic_model = load_adapted(model_path, weights, lora, saved / CRITIC_DIR if saved else None)
         # what gets gradients, as one module: one forward call per optimiser step, so DDP can
         # wrap it (``distribute``) even though a forward runs the LM several times
         shared = self.critic_model is None
         self.net = PolicyNet(self.model, self.value_head if shared else None, temperature)
         self.critic_net = None if shared else PolicyNet(self.critic_model, self.value_head, temperature)
+        if self.full and reference:  # the base as it was loaded, frozen (a resumed run: still the base)
+            self.net.reference = (load_causal_lm(model_path, weights).requires_grad_(False).eval(),)
         self.train_net: torch.nn.Module = self.net
         self.train_critic: torch.nn.Module | None = self.critic_net
         self.sampling_context = contextlib.nullcontext
         # sampling folds the adapter into fp32 weights (fast_lora.merged): one GEMM per layer
-        self.merge_for_sampling, self._merged_weights = True, {}
+        self.merge_for_sampling, self._merged_weights = not self.full, {}
         self.disable_dropout = disable_dropout
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
@@ -183,6 +209,8 @@ class LMPolicy:
         """Move every module (one process: evaluation; the trainer places them with ``distribute``)."""
         for net in self._nets():
             net.to(device)
+            for ref in net.reference:
+                ref.to(device)
         return self
 
     def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
@@ -197,6 +225,8 @@ class LMPolicy:
                 raise UserError(f"dtype: float16 trains with a loss scaler in one process or under DDP, not "
                                 f"under {dist.kind}; use dtype: bfloat16 there")
             self.scaler = torch.amp.GradScaler(dist.device.type)
+        for ref in self.net.reference:  # not trained: only placed
+            ref.to(dist.device)
         if self.critic_net is not None:
             self.train_critic = dist.wrap(self.critic_net)
         if dist.kind not in DATA_PARALLEL:  # sharded or engine-managed weights: never swapped
@@ -264,10 +294,11 @@ class LMPolicy:
         parameters whole and the adapter folded into the weights where it can be."""
         self.eval_mode()
         merge = adapter and self.merge_for_sampling
-        with (self.sampling_context(), self._adapter(adapter),
+        model = self.model if adapter or not self.full else self.net.lm(adapter=False)[0]
+        with (self.sampling_context(), self._adapter(adapter), self.compute(),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
             return decode_engine(self.decode_mode, self.device)(
-                self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
+                model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
                 greedy, uniforms)
 
     # ------------------------------------------------------------------ log-probs
@@ -283,13 +314,21 @@ class LMPolicy:
         See ``PolicyNet.forward``."""
         args = (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.mask)
         kw = {"group_size": batch.group_size, "attn_mask": batch.attn_mask}
-        out = self.train_net(*args, **kw, adapter=adapter, values=values, entropy=entropy)
-        if values and self.train_critic is not None:  # the separate critic's own pass
-            out["values"] = self.train_critic(*args, **kw, values=True, logp=False)["values"]
+        with self.compute():
+            out = self.train_net(*args, **kw, adapter=adapter, values=values, entropy=entropy)
+            if values and self.train_critic is not None:  # the separate critic's own pass
+                out["values"] = self.train_critic(*args, **kw, values=True, logp=False)["values"]
         return out
 
+    def compute(self):
+        """The forward passes' precision: full fine-tuning in bf16 / fp16 autocasts its fp32 master
+        weights (LoRA: the base weights are stored in ``dtype`` and need no cast)."""
+        if not self.full or self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+
     def _adapter(self, enabled: bool):
-        return contextlib.nullcontext() if enabled else self.model.disable_adapter()
+        return contextlib.nullcontext() if enabled or self.full else self.model.disable_adapter()
 
     # ------------------------------------------------------------------ weights
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -305,15 +344,29 @@ class LMPolicy:
 
     def adapter_norm(self, full: dict[str, Tensor] | None = None) -> float:
         """L2 norm of the LoRA B matrices: 0 at init, so 0 after training means nothing moved.
-        ``full``: ``full_trainable``'s tensors (needed where the parameters are sharded)."""
+        ``full``: ``full_trainable``'s tensors (needed where the parameters are sharded).
+        Full fine-tuning: the L2 distance of the weights from the reference's (NaN without one)."""
+        if self.full:
+            return self.distance_from_reference(full)
         named = full.items() if full is not None else self.model.named_parameters()
         sq = sum(float((p.detach().float() ** 2).sum()) for n, p in named if "lora_B" in n)
         return sq ** 0.5
 
+    def distance_from_reference(self, full: dict[str, Tensor] | None = None) -> float:
+        """Full fine-tuning: L2 distance of the trained weights from the frozen reference's."""
+        if not self.net.reference:
+            return float("nan")
+        ref = dict(self.net.reference[0].named_parameters())
+        named = {n[len("model."):]: p for n, p in full.items() if n.startswith("model.")} if full is not None \
+            else dict(self.model.named_parameters())
+        return sum(float(((p.detach().cpu().float() - ref[n].detach().cpu().float()) ** 2).sum())
+                   for n, p in named.items() if n in ref) ** 0.5
+
     def save_adapter(self, path, full: dict[str, Tensor] | None = None) -> None:
         """PEFT-format adapter (plus ``value_head.safetensors`` when there is a value head, and
         the separate critic's adapter in ``critic/``). ``full``: ``full_trainable``'s tensors,
-        written instead of the module's own (which may be shards)."""
+        written instead of the module's own (which may be shards). Full fine-tuning: the whole
+        model as ``save_pretrained`` writes it (``AutoModelForCausalLM.from_pretrained`` loads it)."""
         if full is None:
             self.model.save_pretrained(str(path), safe_serialization=True)
             if self.value_head is not None:
@@ -327,4 +380,4 @@ class LMPolicy:
         if self.critic_model is not None:
             self.critic_model.save_pretrained(str(Path(path) / CRITIC_DIR), safe_serialization=True)
         # portable: the base's Hub id in adapter_config.json, the tokenizer and chat template beside it
-        make_portable(path, self.model.get_base_model().config._name_or_path, self.tokenizer)
+        make_portable(path, base_lm(self.model).config._name_or_path, self.tokenizer)

@@ -87,6 +87,19 @@ class Rollout:
                        pick(self.mask), pick(self.truncated), self.group_size, pick(self.rollout_logp),
                        pick(self.attn_mask), inputs)
 
+    def select_rows(self, rows: Tensor) -> "Rollout":
+        """The sub-rollout of completion ``rows`` (a micro-batch): whole groups keep their shared
+        prompt (``select_groups``); otherwise every row gets its own copy of its prompt (group_size 1)."""
+        g = self.group_size
+        owner = torch.div(rows, g, rounding_mode="floor")
+        groups = torch.unique_consecutive(owner)
+        if len(rows) == len(groups) * g and torch.equal(self.rows_of(groups), rows):
+            return self.select_groups(groups)
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        inputs = self.reward_inputs and self.reward_inputs.select(rows.tolist())
+        return Rollout(self.prompt_ids[owner], self.prompt_mask[owner], pick(self.completion_ids), pick(self.mask),
+                       pick(self.truncated), 1, pick(self.rollout_logp), pick(self.attn_mask), inputs)
+
     def rows_of(self, groups: Tensor) -> Tensor:
         """Completion rows of the prompts ``groups``."""
         return (groups[:, None] * self.group_size + torch.arange(self.group_size, device=groups.device)).reshape(-1)

@@ -24,7 +24,7 @@ def make_portable(adapter_dir, base_path: str, tokenizer) -> None:
     """Point the adapter at the Hub id (and commit) of its base where the base came from the
     Hub, and save the tokenizer (with its chat template) beside it."""
     origin = model_origin(base_path)
-    for config in [Path(adapter_dir) / ADAPTER_CONFIG, *Path(adapter_dir).glob(f"*/{ADAPTER_CONFIG}")]:
+    for config in [*Path(adapter_dir).glob(ADAPTER_CONFIG), *Path(adapter_dir).glob(f"*/{ADAPTER_CONFIG}")]:
         data = json.loads(config.read_text())
         if origin is not None:
             data["base_model_name_or_path"] = origin["hub_id"]
@@ -44,9 +44,10 @@ def adapter_writer(policy, run, full=None):
 def write_model_card(adapter_dir, run) -> Path:
     """``adapter/README.md``: base model, recipe, steps, final metrics, the command, and how to load it."""
     adapter_dir = Path(adapter_dir)
-    data = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    base = data.get("base_model_name_or_path")
+    full = not (adapter_dir / ADAPTER_CONFIG).is_file()  # lora_r: 0 saves the whole model
+    data = {} if full else json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     recipe = yaml.safe_load((Path(run.dir) / "recipe.yaml").read_text())
+    base = recipe.get("model") if full else data.get("base_model_name_or_path")
     origin = _origin(recipe)
     last = run.history[-1] if run.history else {}
     metrics = "\n".join(f"| {k} | {v} |" for k, v in last.items()
@@ -59,10 +60,10 @@ def write_model_card(adapter_dir, run) -> Path:
                 "training base by that quantisation error.\n")
     text = f"""---
 base_model: {base}
-library_name: peft
-tags: [rlhf, lora, {recipe.get('algo')}]
+library_name: {"transformers" if full else "peft"}
+tags: [rlhf, {"full-fine-tune" if full else "lora"}, {recipe.get('algo')}]
 ---
-# LoRA adapter for {base}
+# {"Full fine-tune" if full else "LoRA adapter"} of {base}
 
 Trained by [rlhf](https://pypi.org/project/rlhf/) with **{recipe.get('algo')}** on task
 `{recipe.get('task')}`, rewards `{recipe.get('rewards')}`, for {last.get('step', 0)} of {recipe.get('steps')} steps.
@@ -80,10 +81,10 @@ Trained by [rlhf](https://pypi.org/project/rlhf/) with **{recipe.get('algo')}** 
 ## Use
 
 ```python
-from peft import AutoPeftModelForCausalLM
-from transformers import AutoTokenizer
+{"from transformers import AutoModelForCausalLM, AutoTokenizer" if full else
+ "from peft import AutoPeftModelForCausalLM" + chr(10) + "from transformers import AutoTokenizer"}
 
-model = AutoPeftModelForCausalLM.from_pretrained("path/to/adapter")
+model = {"AutoModelForCausalLM" if full else "AutoPeftModelForCausalLM"}.from_pretrained("path/to/adapter")
 tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")
 ```
 
@@ -122,13 +123,22 @@ def run_config(run_dir: str):
     return cfg
 
 
+def is_full_model(adapter_dir: Path) -> bool:
+    """Whether a run's ``adapter/`` holds a whole model (``lora_r: 0``) rather than a LoRA adapter."""
+    return (adapter_dir / "config.json").is_file() and not (adapter_dir / ADAPTER_CONFIG).is_file()
+
+
 def load_adapted(run_dir: str):
-    """(model, tokenizer) of a run: its base with its adapter, in eval mode, float32 on the CPU."""
+    """(model, tokenizer) of a run: its base with its adapter (lora_r 0: the whole trained model),
+    in eval mode, float32 on the CPU."""
     import transformers
     from peft import PeftModel
 
     cfg = run_config(run_dir)
     adapter = Path(run_dir) / "adapter"
+    if is_full_model(adapter):
+        return (transformers.AutoModelForCausalLM.from_pretrained(str(adapter), dtype="float32").eval(),
+                transformers.AutoTokenizer.from_pretrained(str(adapter)))
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(f"{run_dir!r} has no adapter/{ADAPTER_CONFIG}; train it first (rlhf train ...) or "
                         "point at a run directory of an LM run")
@@ -171,6 +181,9 @@ def merge(run_dir: str, out_dir: str) -> str:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out_dir!r} is not empty; give a new directory for the merged model")
+    if is_full_model(Path(run_dir) / "adapter"):
+        raise UserError(f"{run_dir!r} is a full fine-tune (lora_r: 0): its adapter/ already is the whole model, "
+                        "which AutoModelForCausalLM.from_pretrained loads; there is nothing to merge")
     model, tokenizer = load_adapted(run_dir)
     merged = model.merge_and_unload()
     origin = json.loads((Path(run_dir) / "adapter" / ADAPTER_CONFIG).read_text())

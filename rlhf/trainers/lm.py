@@ -9,7 +9,6 @@ and stopping on a diverged loss in ``rlhf/checkpoint.py``, sampling in ``rlhf/lm
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -29,6 +28,7 @@ from rlhf.core import (
     value_loss,
     whiten,
 )
+from rlhf.core.importance import tis_level, tis_weights
 from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.forward import length_buckets
@@ -36,6 +36,7 @@ from rlhf.lm.policy import LMPolicy
 from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, kl_terms, rollout_pass, sampling_uniforms
 from rlhf.lm.rollout_record import Rollout, completion_id_lists
 from rlhf.lm.share import adapter_writer
+from rlhf.trainers.lm_step import accumulate, optimiser_step
 from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
@@ -47,6 +48,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     dist = Dist(trackers=accelerator_kwargs(cfg, run.dir))
     track = Tracking(cfg, run, dist.acc, progress)  # trackers, completions.jsonl, report.html
     dist.check_split(cfg.prompts_per_step, cfg.minibatches)
+    dist.check_micro_batches(cfg.micro_batch_size)
     seed_everything(cfg.seed, cfg.threads)
     task = task_from_config(cfg)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
@@ -112,7 +114,7 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
                       value_head=cfg.algo == "ppo", critic=cfg.critic,
                       gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
-                      device=dist.device)
+                      device=dist.device, reference=bool(cfg.kl_coef))
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -242,16 +244,16 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
         perm = torch.randperm(n_groups) if cfg.minibatches > 1 else torch.arange(n_groups)
         for k in range(cfg.minibatches):
             first = epoch == 0 and k == 0
-            loss, stats, first_stats = minibatch_loss(policy, roll, perm[k * size:(k + 1) * size], adv, ret,
-                                                      passes, mask, cfg, dist, penalty_coef, first)
-            once |= set(first_stats)
-            stats.update(first_stats)
-            grad_norm, bad_step = _step(policy, opt, sched, loss, stats, cfg, dist)
+            opt.zero_grad(set_to_none=True)
+            stats, first_keys, bad = minibatch_gradients(policy, roll, perm[k * size:(k + 1) * size], adv, ret,
+                                                         passes, mask, cfg, dist, penalty_coef, first)
+            once |= first_keys
+            grad_norm, bad_step = optimiser_step(policy, opt, sched, stats, cfg.max_grad_norm, dist, bool(bad))
             skipped += bad_step
-            for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
+            for key, v in {**stats, "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
             if first:
-                loss_part = float(loss.detach())  # this rank's share of the first loss
+                loss_part = stats.get("loss", float("nan"))  # this rank's share of the first loss
     out = _step_stats(sums, once, cfg.epochs * cfg.minibatches, dist)
     out["skipped"] = skipped
     if cfg.objective == "adaptive_kl":  # the controller's input: the policy's move over the whole update
@@ -264,31 +266,64 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     return out, loss_part
 
 
-def minibatch_loss(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, adv: torch.Tensor,
-                   ret: torch.Tensor | None, passes: RolloutPass, mask: torch.Tensor, cfg: LMConfig, dist: Dist,
-                   penalty_coef: float | None, first: bool) -> tuple[torch.Tensor, dict, dict]:
-    """The loss of the minibatch of prompt ``groups``: the recipe's ``objective`` (``rlhf.core``'s
-    registry) with the KL term in the loss, plus (with value targets ``ret``) the critic's loss on
-    the same tokens and normaliser. Returns ``(loss, stats, first-minibatch stats)``."""
+def minibatch_gradients(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, adv: torch.Tensor,
+                        ret: torch.Tensor | None, passes: RolloutPass, mask: torch.Tensor, cfg: LMConfig, dist: Dist,
+                        penalty_coef: float | None, first: bool) -> tuple[dict, set, bool]:
+    """Gradients of the minibatch of prompt ``groups``, accumulated over micro-batches of
+    ``micro_batch_size`` rows (rlhf/trainers/lm_step.py), each micro-batch's loss normalised by
+    the whole minibatch over all processes. Returns its stats (the micro-batches' sums: a per-token
+    mean is weighted by each micro-batch's share of the tokens, so it is the minibatch's), the
+    names of the first-minibatch stats, and whether a non-finite loss stopped it."""
     idx = roll.rows_of(groups)
-    mb_mask = mask[idx]
-    denom = dist.sum(_denom(mb_mask, cfg))
-    with dist.autocast():
-        out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
-    old_logp = _pick(passes.old_logp, idx)
+    denom = dist.sum(_denom(mask[idx], cfg))
+    tokens = (mask[idx].sum().clamp(min=1), roll.mask[idx].sum().clamp(min=1))  # the per-token means' weights
+    tis = tis_level(cfg.tis, policy.dtype) if roll.rollout_logp is not None else "none"
+    first_keys: set = set()
+
+    def loss_of(out: dict, rows: torch.Tensor):
+        rows = idx[rows]
+        loss, stats = micro_loss(out, roll, rows, adv, ret, passes, mask, cfg, penalty_coef, denom, tis,
+                                 kl_logged="k1" if policy.truncation.active else None)
+        share = mask[rows].sum() / tokens[0]
+        stats = {k: v if k in SUMMED_STATS else v * share for k, v in stats.items()}
+        if first:
+            first_stats = _first_minibatch_stats(out, roll, rows, _pick(passes.old_logp, rows))
+            first_keys.update(first_stats)
+            stats.update({k: v * roll.mask[rows].sum() / tokens[1] for k, v in first_stats.items()})
+        return loss, stats
+
+    stats, bad = accumulate(policy, roll.select_groups(groups), cfg.micro_batch_size, loss_of, dist,
+                            values=ret is not None, entropy=first)
+    return stats, first_keys, bad
+
+
+def micro_loss(out: dict, roll: Rollout, rows: torch.Tensor, adv: torch.Tensor, ret: torch.Tensor | None,
+               passes: RolloutPass, mask: torch.Tensor, cfg: LMConfig, penalty_coef: float | None, denom: float,
+               tis: str, *, kl_logged: str | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of the rollout's ``rows`` (a micro-batch) from the policy's outputs ``out`` on them,
+    normalised by the minibatch's ``denom``: the recipe's ``objective`` (``rlhf.core``'s registry),
+    weighted by truncated importance sampling of the sampler against the trainer (``tis``: token,
+    sequence or none), with the KL term in the loss, plus (with value targets ``ret``) the critic's
+    loss on the same tokens and normaliser. The trainer's rollout-policy log-probs are the rollout
+    pass's, or, where it ran none (one on-policy step), this update's own before any step."""
+    m = mask[rows]
+    old_logp = _pick(passes.old_logp, rows)
+    old_logp = out["logp"].detach() if old_logp is None else old_logp
+    weight, tis_stats = None, {}
+    if tis != "none":
+        weight, tis_stats = tis_weights(old_logp, roll.rollout_logp[rows], m, tis, cfg.tis_cap)
     kl = kl_terms(cfg)
     loss, stats = policy_loss(
-        out["logp"], adv[idx], mb_mask, old_logp=out["logp"].detach() if old_logp is None else old_logp,
-        ref_logp=_pick(passes.ref_logp, idx), objective=cfg.objective, clip_range=cfg.clip_range,
-        clip_range_high=cfg.clip_range_high, penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
-        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom,
-        kl_logged="k1" if policy.truncation.active else None)  # (truncated pi vs full ref: policy_loss)
+        out["logp"], adv[rows], m, old_logp=old_logp, ref_logp=_pick(passes.ref_logp, rows),
+        objective=cfg.objective, clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
+        penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
+        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom, is_weight=weight,
+        kl_logged=kl_logged)  # k1 where the policy is truncated (truncated pi vs full ref: policy_loss)
     if ret is not None:  # the critic's loss on the same tokens and normaliser
-        vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
-        stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
-        loss = loss + cfg.vf_coef * stats["vf_loss"]
-        stats["vf_loss"] = stats["vf_loss"].detach()
-    return loss, stats, _first_minibatch_stats(out, roll, idx, old_logp) if first else {}
+        vf = aggregate(value_loss(out["values"], ret[rows], passes.old_values[rows], cfg.clip_range_value),
+                       m, cfg.agg, denom)
+        loss, stats["vf_loss"] = loss + cfg.vf_coef * vf, vf.detach()
+    return loss, {**stats, **tis_stats}
 
 
 def _step_stats(sums: dict, once: set, steps: int, dist: Dist) -> dict:
@@ -297,44 +332,6 @@ def _step_stats(sums: dict, once: set, steps: int, dist: Dist) -> dict:
     out = {key: v / steps if key not in once else v for key, v in sums.items() if key != "nonfinite"}
     return {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
                   v if key == "grad_norm" else dist.mean(v)) for key, v in out.items()}
-
-
-def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig,
-          dist: Dist | None = None) -> tuple[float, bool]:
-    """One optimiser step; a non-finite loss or gradient (on any rank) skips it on every rank
-    and keeps the weights. ``loss`` is this rank's share of the global loss. Returns the gradient
-    norm and whether the step was skipped as non-finite.
-
-    ``dtype: float16`` (``policy.scaler``, a ``torch.amp.GradScaler``): the loss is multiplied by
-    the scale before backward, so that small gradients survive float16's range, and the gradients
-    are divided by it before clipping. Gradients that overflow at the current scale skip the step
-    and halve the scale (the scaler's own job: not counted as a non-finite step); the scale
-    grows again after 2000 clean steps. Logged: ``amp/loss_scale``, ``amp/overflow``."""
-    dist = dist or ONE_PROCESS
-    scaler = policy.scaler
-    opt.zero_grad(set_to_none=True)
-    grad_norm = float("nan")
-    bad = dist.max(float("nonfinite" in stats or not math.isfinite(float(loss.detach()))))
-    if not bad:  # (DeepSpeed's engine steps inside backward and clips at max_grad_norm itself)
-        scaled = loss * dist.world  # DDP, FSDP, ZeRO average gradients over ranks; undo the 1/world
-        dist.backward(scaled if scaler is None else scaler.scale(scaled))
-        if scaler is not None:
-            scaler.unscale_(opt)
-        grad_norm = dist.clip_grad_norm(policy.trainable_parameters(), cfg.max_grad_norm)
-    if scaler is not None and not bad:
-        stats["amp/loss_scale"] = scaler.get_scale()  # the scale this step's backward used
-        stats["amp/overflow"] = float(not math.isfinite(grad_norm))
-        scaler.step(opt)  # skips opt.step() when unscale_ found an inf or NaN gradient
-        scaler.update()
-        if math.isfinite(grad_norm):
-            sched.step()
-        return grad_norm, False
-    if math.isfinite(grad_norm):
-        opt.step()
-        sched.step()
-    else:
-        opt.zero_grad(set_to_none=True)
-    return grad_norm, not math.isfinite(grad_norm)
 
 
 def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor, old_logp: torch.Tensor | None) -> dict:
@@ -377,6 +374,8 @@ def summary(run: Run, policy: LMPolicy, seconds: float, full: dict | None = None
            "reward_last5": sum(r["reward"] for r in last) / len(last) if last else None,
            "kl_last": hist[-1].get("kl") if hist else None, "adapter_norm": round(policy.adapter_norm(full), 4),
            "dtype": policy.dtype}  # the base weights' precision (dtype: auto's choice)
+    if out["adapter_norm"] != out["adapter_norm"]:  # full fine-tuning without a reference: nothing to measure from
+        out["adapter_norm"] = None
     if hist and out["adapter_norm"] == 0.0:
-        out["warning"] = "the LoRA adapter did not move: check lr and the reward signal"
+        out["warning"] = "the trained weights did not move: check lr and the reward signal"
     return out

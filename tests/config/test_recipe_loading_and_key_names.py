@@ -68,9 +68,10 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 @pytest.mark.parametrize("key, pattern", [
-    ("gradient_accumulation_steps", "no counterpart here.*minibatches: N is not accumulation"),
-    ("gradient_accumulation_step", "no counterpart here"),  # a typo of it gets the same sentence
-    ("per_device_train_batch_size", "prompts_per_step x group_size completions"),
+    ("gradient_accumulation_steps", "accumulates the gradients of prompts_per_step x group_size / \\(processes x "
+                                    "minibatches x micro_batch_size\\) micro-batches.*minibatches: N is not accumulation"),
+    ("gradient_accumulation_step", "micro_batch_size"),  # a typo of it gets the same sentence
+    ("per_device_train_batch_size", "micro_batch_size: N is the completions one process runs per forward/backward"),
 ])
 def test_trl_names_that_are_not_our_knobs_explain_instead_of_mapping(key, pattern):
     # following "did you mean minibatches / prompts_per_step" would change the algorithm

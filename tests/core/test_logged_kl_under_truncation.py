@@ -69,6 +69,6 @@ def test_the_trainer_logs_k1_exactly_when_sampling_is_truncated(tiny_model, monk
         roll = policy.generate(*policy.encode_prompts(["What is 1 + 2?"]), 2, 3)
         passes = lm.rollout_pass(policy, roll, cfg)
         seen.clear()
-        lm.minibatch_loss(policy, roll, torch.arange(1), torch.zeros(2), None, passes, roll.mask, cfg,
-                          lm.ONE_PROCESS, None, first=False)
+        lm.minibatch_gradients(policy, roll, torch.arange(1), torch.zeros(2), None, passes, roll.mask, cfg,
+                               lm.ONE_PROCESS, None, first=False)
         assert seen == [expected], options

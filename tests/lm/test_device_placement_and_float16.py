@@ -128,10 +128,17 @@ def test_float16_training_keeps_lora_in_float32_and_scales_the_loss(tiny_model, 
 
 
 def test_float16_step_skips_an_overflow_halves_the_scale_then_steps(tiny_model, tmp_path):
-    """The scaler path of ``_step``: a loss whose scaled gradient overflows float32 skips the step
-    (weights unchanged, not counted as a non-finite step) and halves the scale; the next, finite
-    one steps with the gradient unscaled (the clipped norm is the true one)."""
-    from rlhf.trainers.lm import _step, build
+    """The scaler path of the optimiser step: a loss whose scaled gradient overflows float32 skips
+    the step (weights unchanged, not counted as a non-finite step) and halves the scale; the next,
+    finite one steps with the gradient unscaled (the clipped norm is the true one)."""
+    from rlhf.distributed import ONE_PROCESS
+    from rlhf.trainers.lm import build
+    from rlhf.trainers.lm_step import optimiser_step
+
+    def _step(policy, opt, sched, loss, stats, cfg):  # accumulate's backward in one process, then the step
+        opt.zero_grad(set_to_none=True)
+        policy.scaler.scale(loss).backward()
+        return optimiser_step(policy, opt, sched, stats, cfg.max_grad_norm, ONE_PROCESS, False)
 
     cfg = tiny_cfg(tiny_model, tmp_path, "dtype=float16", "max_grad_norm=0")
     policy, opt, sched = build(cfg, Dist())

@@ -114,6 +114,18 @@ def test_resume_reward_model_matches_uninterrupted(tiny_model, tmp_path, monkeyp
     run_pair(tmp_path, monkeypatch, capsys, args, 1, "reward_model")
 
 
+@pytest.mark.parametrize("extra", [["lora_r=0"], ["lora_r=0", "kl_coef=0", "micro_batch_size=2"],
+                                   ["lora_r=0", "dtype=bfloat16"]],
+                         ids=["full_fine_tuning", "full_no_reference_micro_batches", "full_bf16_fp32_masters"])
+def test_resume_lm_full_fine_tuning_matches_uninterrupted(tiny_model, tmp_path, monkeypatch, capsys, extra):
+    """lora_r: 0 (every weight, Adam's state for each) stopped after its first checkpoint and
+    resumed: the same metrics and weights as an uninterrupted run, exactly."""
+    args = [str(RECIPES / "grpo_arith.yaml"), "--no-progress",
+            *_sets([f"model={tiny_model}", "steps=4", "save_every=2", "prompts_per_step=2", "group_size=3",
+                    "max_new_tokens=5", "epochs=2", "lr=1e-3", "seed=3", "threads=1", *extra])]
+    run_pair(tmp_path, monkeypatch, capsys, args, 1, "adapter")
+
+
 def test_resume_gym_refuses_without_a_checkpoint(tmp_path, capsys):
     args = [str(RECIPES / "a2c_cartpole.yaml"), "--no-progress", *_sets(COMMON + ["total_steps=64"])]
     assert main(["train", *args, "--run-dir", str(tmp_path / "r")]) == 0

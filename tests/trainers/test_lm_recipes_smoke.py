@@ -93,6 +93,8 @@ def test_bf16_trains_and_evaluates(recipe, tiny_model, tmp_path, capsys):
     # the bound of tests/lm/test_bf16_and_auto_dtype.py for this model is ~0.18; a wrong path (a dropped adapter,
     # bf16 log-softmax over a masked vocabulary) shows up far above it
     assert all(math.isfinite(r["loss"]) and r["logp_gap_rollout_trainer"] < 0.18 for r in rows), rows
+    # tis: auto corrects the bf16 sampler/trainer mismatch per token, logged beside the gap
+    assert all(0 < r["tis/mean_weight"] <= 2.0 and 0 <= r["tis/frac_capped"] <= 1 for r in rows), rows
     code, ev, err = run_cli(capsys, "eval", str(tmp_path / "r"), "--no-progress")
     assert code == 0, err
 

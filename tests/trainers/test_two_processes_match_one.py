@@ -45,7 +45,9 @@ def _tensors(run_dir: Path, step: int, world: int) -> list[dict]:
 
 
 def _adapter(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    """The trained weights: the LoRA adapter, or (lora_r 0) the whole model."""
+    lora = run_dir / "adapter" / "adapter_model.safetensors"
+    return load_file(str(lora if lora.is_file() else run_dir / "adapter" / "model.safetensors"))
 
 
 def _launch_two(args: list[str], config: str = "ddp_2proc") -> subprocess.CompletedProcess:
@@ -66,6 +68,8 @@ GRPO = ("grpo", ["epochs=2", "kl_coef=0.04"])                         # clipped 
 PPO = ("ppo", ["kl_coef=0.04", "kl_placement=reward", "kl_estimator=k1",  # the reward's KL (k3 is refused there)
                "epochs=2"])                                         # value head, GAE, whitening over ranks
 SHARDED = {"fsdp2_2proc", "zero3_2proc"}  # each rank holds half of every weight
+MICRO = ("grpo", ["epochs=2", "kl_coef=0.04", "micro_batch_size=3"])  # micro-batches that cut groups of 4
+FULL = ("grpo", ["epochs=2", "kl_coef=0.04", "lora_r=0"])            # every weight trains, a frozen reference
 
 
 @pytest.mark.parametrize("config,algo,extra,resume", [
@@ -74,7 +78,10 @@ SHARDED = {"fsdp2_2proc", "zero3_2proc"}  # each rank holds half of every weight
     ("fsdp2_2proc", *GRPO, True),   # FSDP2: weights and optimiser state sharded; sampled with weights gathered
     ("zero2_2proc", *PPO, False),   # DeepSpeed ZeRO-2: optimiser state partitioned; its engine steps
     ("zero3_2proc", *GRPO, True),   # DeepSpeed ZeRO-3: weights partitioned too; checkpoint per rank
-], ids=lambda x: x if isinstance(x, str) and x.endswith("proc") else None)
+    ("ddp_2proc", *MICRO, False),   # gradients accumulated without a reduction until the last micro-batch
+    ("ddp_2proc", *FULL, True),     # full fine-tuning: every weight, its checkpoint and resume
+    ("fsdp2_2proc", *FULL, True),   # full fine-tuning with every weight sharded, the reference whole on each rank
+], ids=lambda x: x if isinstance(x, str) and x.endswith("proc") else "-".join(x[2:]) if isinstance(x, list) else None)
 def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resume):
     if config.startswith("zero"):
         pytest.importorskip("deepspeed", reason="the DeepSpeed configs need `pip install deepspeed` (in .[dev])")
@@ -113,8 +120,9 @@ def test_two_processes_match_one(tiny_model, tmp_path, config, algo, extra, resu
             assert rows[step - 1][key] == pytest.approx(single[step - 1][key], rel=1e-3, abs=1e-5), key
     a1, a2 = _adapter(one), _adapter(two)
     assert a1.keys() == a2.keys()
-    moved = max(float(v.abs().max()) for k, v in a1.items() if "lora_B" in k)
-    assert moved > 0  # the adapter was trained
+    trained = [k for k in a1 if "lora_B" in k] or list(a1)  # lora_r 0: every weight
+    assert max(float(v.abs().max()) for k, v in a1.items() if k in trained) > 0
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["adapter_norm"] > 0  # the weights moved
     # The trained weights cannot be compared tightly: Adam divides by sqrt(v), so where an
     # entry's gradient is ~0 its update is set by summation-order rounding (which differs
     # between one process and two, and between CPUs) and can land anywhere in [-B_t, B_t] * lr.
