@@ -59,5 +59,5 @@ def prefix_error(opened: str, closed: str, after: str) -> str:
     at = next((i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b), len(shorter))
     return (f"the chat template breaks the prefix property a multi-turn episode needs: rendering {where} "
             f"rewrites earlier text (at character {at}: {shorter[at:at + 40]!r} became {longer[at:at + 40]!r}); "
-            "use a template that keeps earlier turns as they were (e.g. turn off thinking-trace stripping "
-            "via chat_template_kwargs) or a model whose template does")
+            "use a template that keeps earlier turns as they were (such as one with thinking-trace stripping "
+            "turned off through chat_template_kwargs) or a model whose template does")
