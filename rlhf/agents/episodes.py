@@ -30,9 +30,14 @@ from torch import Tensor
 
 from rlhf.agents.chat_turns import ChatTurns
 from rlhf.agents.choose import ChoiceRollout, choose_turn
+from rlhf.agents.env_loading import env_factory
 from rlhf.errors import UserError
 from rlhf.lm.policy import LMPolicy
 from rlhf.lm.rollout_record import RewardInputs, Rollout
+
+
+# what reward functions receive about an episode besides its prompts and completions
+EPISODE_COLUMNS = ("seed", "env_return", "success", "turns", "invalid_actions")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,12 @@ class EpisodeSettings:
     invalid_penalty: float = -0.1
     action_mode: str = "generate"        # generate | choose
     system_prompt: str | None = None
+
+    @classmethod
+    def of(cls, cfg) -> "EpisodeSettings":
+        """The settings an agent recipe (``AgentConfig``) gives."""
+        return cls(cfg.max_turns, cfg.max_new_tokens, cfg.max_episode_tokens, cfg.invalid_action,
+                   cfg.invalid_penalty, cfg.action_mode, cfg.system_prompt)
 
 
 @dataclass
@@ -223,3 +234,10 @@ def generate_turn(src: EpisodeSource, prompts, episodes, live, g, greedy, adapte
         text = policy.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True)
         replies.append((text, ended))
     return replies
+
+
+def episode_source(policy: LMPolicy, cfg, held_out: bool = False) -> EpisodeSource:
+    """The episode source of an agent recipe; ``held_out``: on its evaluation environments
+    (``env_kwargs`` with ``eval_env_kwargs`` over them)."""
+    kwargs = {**cfg.env_kwargs, **(cfg.eval_env_kwargs if held_out else {})}
+    return EpisodeSource(policy, env_factory(cfg.env, kwargs), cfg.group_size, EpisodeSettings.of(cfg))

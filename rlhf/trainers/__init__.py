@@ -16,6 +16,7 @@ FAMILIES = [
     ("LMConfig", "reward_model", "rlhf.trainers.reward_model:train_reward_model",
      "rlhf.lm.evaluate:evaluate_rm_cli"),
     ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.lm.evaluate:evaluate_lm_cli"),
+    ("AgentConfig", None, "rlhf.trainers.lm:train", "rlhf.agents.evaluate:evaluate_agent_cli"),
     ("GymConfig", None, "rlhf.trainers.gym:train", "rlhf.gym.evaluate:evaluate_cli"),
 ]
 
