@@ -30,7 +30,7 @@ from torch import Tensor
 
 from rlhf.agents.chat_turns import ChatTurns
 from rlhf.agents.choose import ChoiceRollout, choose_turn
-from rlhf.agents.env_loading import env_factory
+from rlhf.agents.env_loading import env_class, env_factory
 from rlhf.errors import UserError
 from rlhf.lm.policy import LMPolicy
 from rlhf.lm.rollout_record import RewardInputs, Rollout
@@ -237,7 +237,9 @@ def generate_turn(src: EpisodeSource, prompts, episodes, live, g, greedy, adapte
 
 
 def episode_source(policy: LMPolicy, cfg, held_out: bool = False) -> EpisodeSource:
-    """The episode source of an agent recipe; ``held_out``: on its evaluation environments
-    (``env_kwargs`` with ``eval_env_kwargs`` over them)."""
-    kwargs = {**cfg.env_kwargs, **(cfg.eval_env_kwargs if held_out else {})}
+    """The episode source of an agent recipe; ``held_out``: on its evaluation environments (the
+    environment's own ``held_out_kwargs`` where it has them, ``env_kwargs`` and ``eval_env_kwargs``
+    over them)."""
+    kwargs = {**getattr(env_class(cfg.env), "held_out_kwargs", {}), **cfg.env_kwargs, **cfg.eval_env_kwargs} \
+        if held_out else cfg.env_kwargs
     return EpisodeSource(policy, env_factory(cfg.env, kwargs), cfg.group_size, EpisodeSettings.of(cfg))

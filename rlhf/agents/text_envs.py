@@ -91,7 +91,9 @@ class FrozenLakeRandom(FrozenLakeText):
     """FrozenLake on a fresh random ``size`` x ``size`` map per seed (gymnasium's
     ``generate_random_map``: a path from S to G always exists), not slippery by default.
     ``split``: ``train`` maps or ``eval`` maps (one in ``eval_every`` layouts, by a hash of the
-    layout), so held-out maps are never trained on."""
+    layout), so held-out maps are never trained on; ``rlhf eval`` plays the held-out ones."""
+
+    held_out_kwargs = {"split": "eval"}
 
     def __init__(self, size: int = 4, p: float = 0.8, is_slippery: bool = False, split: str = "train",
                  eval_every: int = 5, max_episode_steps: int = 100):
