@@ -8,7 +8,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from rewards._text import completion_text
-from rlhf.sandbox import Limits, missing_layers, run_python
+from rlhf.sandbox import Limits, limits_note, missing_layers, run_python
 
 _FENCE = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _warned = False
@@ -32,10 +32,10 @@ def code_tests(prompts, completions, tests, **_) -> list[float | None]:
     everything) without printing the right answer. A row with no cases scores None.
 
     Each run is a separate process under ``rlhf.sandbox`` limits (``code_tests.limits``: 2 s CPU,
-    5 s wall clock, 512 MB address space, 16 MB files, 16 processes, no network, an empty temporary
-    directory as its only writable place, empty environment, ``python -I -S``: standard library
-    only); see that module for what holds on which machine. A program that breaks a limit fails that
-    case. Cases run in parallel, up to one per CPU.
+    5 s wall clock, 512 MB for all its processes, 16 MB files, 16 processes, no network, a read-only
+    root holding only the interpreter and its standard library, a 64 MB tmpfs as its only writable
+    place, empty environment, ``python -I -S``); see that module for what holds on which machine.
+    A program that breaks a limit fails that case. Cases run in parallel, up to one per CPU.
     """
     _warn_once()
     jobs = []
@@ -81,9 +81,7 @@ def _warn_once() -> None:
         return
     _warned = True
     if missing_layers():
-        print(f"code_tests: sandbox layers {', '.join(missing_layers())} are not available on this machine "
-              "(they need root with CAP_SYS_ADMIN); programs run with rlimits only for those parts: see "
-              "rlhf/sandbox.py", file=sys.stderr)
+        print(f"code_tests: {limits_note()}", file=sys.stderr)
 
 
 code_tests.limits = Limits()  # tests and users may set a smaller or larger one

@@ -55,6 +55,9 @@ def math_correct(prompts, completions, answer, **_) -> list[float]:
     return out
 
 
+math_correct.requires = ("math_verify",)  # checked by the preflight before a run directory exists
+
+
 def think_format(prompts, completions, **_) -> list[float]:
     """R1-style format: 1.0 when the completion is one ``<think>...</think>`` block followed by a
     non-empty answer, else 0.0 (no tags, an unclosed block, nothing after it, a second block)."""

@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass, field
 
 from rlhf.agents.config import AgentKeys
+from rlhf.core import ADV_ESTIMATORS, POLICY_OBJECTIVES
 from rlhf.errors import UserError, check_choices
 from rlhf.gym.config import GymConfig
 from rlhf.hub import check_repo_id
@@ -42,6 +43,10 @@ class LMConfig:
 
     algo: str = "grpo"                   # grpo | rloo | reinforce | ppo (value head + token GAE)
                                          # | reward_model (Bradley-Terry on preference pairs)
+    adv_estimator: str | None = None     # advantage estimator, a name in rlhf.core.ADV_ESTIMATORS (verl's key).
+                                         # None: the algo's own, grpo -> grpo (group-normalised), rloo -> rloo
+                                         # (leave-one-out), reinforce -> reinforce (moving-average baseline),
+                                         # ppo -> gae (token GAE from the value head; gae needs algo ppo)
     model: str = "SmolLM2-135M-Instruct" # alias, Hub id, or local HF checkpoint directory
     revision: str | None = None          # Hub branch, tag or commit of model (None: main; pinned: no GGUF fallback)
     task: str = "arith"                  # "arith" (generated), a .jsonl/.json/.csv/.parquet file, a dataset
@@ -97,10 +102,11 @@ class LMConfig:
     gamma: float = 1.0                   # ppo: discount over tokens
     gae_lambda: float = 0.95             # ppo: GAE lambda
     norm_adv: bool = True                # ppo: whiten token advantages over the batch
-    objective: str = "clip"              # surrogate (PPO paper): clip | kl_penalty (fixed penalty_coef)
-                                         # | adaptive_kl (penalty_coef halves/doubles around target_kl)
-                                         # | none (unclipped ratio); all but clip need epochs x minibatches
-                                         # > 1 (one step: ratio 1). algo reinforce uses plain REINFORCE
+    objective: str | None = None         # a name in rlhf.core.POLICY_OBJECTIVES. surrogate (PPO paper): clip |
+                                         # kl_penalty (fixed penalty_coef) | adaptive_kl (penalty_coef halves/
+                                         # doubles around target_kl) | none (unclipped ratio); all but clip need
+                                         # epochs x minibatches > 1 (one step: ratio 1). reinforce: plain
+                                         # REINFORCE (one step). None: reinforce for algo reinforce, else clip
     penalty_coef: float = 1.0            # kl_penalty / adaptive_kl: (initial) coefficient of KL(pi_old || pi)
     target_kl: float = 0.01              # adaptive_kl: the KL(pi_old || pi) per token after the update that
                                          # the controller steers to (logged: kl_after_update)
@@ -143,7 +149,8 @@ class LMConfig:
         "algo": ("grpo", "rloo", "reinforce", "ppo", "reward_model"),
         "kl_estimator": ("k1", "k2", "k3", "k3+"),
         "kl_placement": ("loss", "reward"),
-        "objective": ("clip", "kl_penalty", "adaptive_kl", "none"),
+        "adv_estimator": ADV_ESTIMATORS,  # registries: an estimator or objective registered in code is valid
+        "objective": POLICY_OBJECTIVES,
         "critic": ("shared", "separate"),
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
@@ -154,6 +161,11 @@ class LMConfig:
     def __post_init__(self) -> None:
         if self.kl_estimator is None:  # the placement's default, written into the resolved recipe
             self.kl_estimator = DEFAULT_KL_ESTIMATOR.get(self.kl_placement)
+        if self.adv_estimator is None:  # the algo's own (written into the resolved recipe)
+            self.adv_estimator = DEFAULT_ADV_ESTIMATOR.get(self.algo)
+        if self.objective is None or (self.algo == "reinforce" and self.objective == "clip"):
+            # (recipes resolved before objective 'reinforce' existed wrote clip for algo reinforce)
+            self.objective = "reinforce" if self.algo == "reinforce" else "clip"
 
     def validate(self) -> None:
         # numeric ranges are checked first, in one place for every family: rlhf/validation.py (RANGES)
@@ -161,19 +173,24 @@ class LMConfig:
         refused = KL_REFUSED.get((self.kl_estimator, self.kl_placement))
         if refused:
             raise UserError(f"kl_estimator={self.kl_estimator} with kl_placement={self.kl_placement}: {refused}")
-        if self.algo in ("grpo", "rloo") and self.group_size < 2:
-            raise UserError(f"{self.algo} needs group_size >= 2 (got {self.group_size}): its baseline is "
+        if self.adv_estimator in ("grpo", "rloo") and self.group_size < 2:
+            raise UserError(f"{self.adv_estimator} needs group_size >= 2 (got {self.group_size}): its baseline is "
                             "the other completions of the same prompt; use algo: reinforce for 1")
+        if (self.adv_estimator == "gae") != (self.algo == "ppo") and self.algo != "reward_model":
+            raise UserError(f"adv_estimator {self.adv_estimator} with algo {self.algo}: gae reads the value head "
+                            "that only algo ppo has, and ppo's value head learns gae's returns; pair gae with "
+                            "algo ppo only, or remove adv_estimator from the recipe")
         if self.prompts_per_step % self.minibatches:
             raise UserError(f"minibatches={self.minibatches} must divide prompts_per_step="
                             f"{self.prompts_per_step} (a minibatch holds whole groups)")
-        if self.algo == "reinforce" and self.objective != "clip":
+        if self.algo == "reinforce" and self.objective != "reinforce":
             raise UserError(f"objective {self.objective!r} is a ratio surrogate; algo reinforce uses plain "
                             "REINFORCE (no ratio): choose algo grpo, rloo or ppo for it")
         steps = self.epochs * self.minibatches  # optimiser steps per rollout
-        if self.algo == "reinforce" and steps > 1:
-            raise UserError(f"algo reinforce with epochs={self.epochs} x minibatches={self.minibatches} > 1 "
-                            "trains off-policy without importance weights after the first step; use algo "
+        if self.objective == "reinforce" and steps > 1:
+            raise UserError(f"algo {self.algo} with epochs={self.epochs} x minibatches={self.minibatches} > 1 "
+                            "trains off-policy without importance weights after the first step (objective "
+                            "reinforce has no ratio); use algo "
                             "grpo, rloo or ppo for several update steps per rollout, or epochs=1 and "
                             "minibatches=1")
         if self.algo in ("grpo", "rloo", "ppo") and self.objective in ONE_STEP_PLAIN_PG and steps == 1:
@@ -198,6 +215,10 @@ ONE_STEP_PLAIN_PG = {
                    "and the controller would steer a coefficient that does nothing",
     "none": "the importance ratio is 1 at its only step",
 }
+# each algo's own advantage estimator (adv_estimator: None)
+DEFAULT_ADV_ESTIMATOR = {"grpo": "grpo", "rloo": "rloo", "reinforce": "reinforce", "ppo": "gae"}
+
+
 @dataclass
 class AgentConfig(LMConfig, AgentKeys):
     """A language model acting over many turns in a text environment (rlhf/agents/config.py holds

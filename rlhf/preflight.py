@@ -1,5 +1,6 @@
 """Checks of what a run depends on, made before a model loads or a run directory is written
-(``preflight``, called by the CLI): the model directory (``check_model_dir``: ``config.json``,
+(``preflight``, called by the CLI): the optional packages it imports (``check_packages``:
+trackers, the env's simulator, the rewards' packages), the model directory (``check_model_dir``: ``config.json``,
 safetensors weights -- the project loads no pickles --, every shard an index names, tokenizer
 files) and the data (``check_rows``: non-empty, prompts are text or chat messages, the columns
 each reward names in its signature (a reward without ``**kwargs`` gets only those), and
@@ -18,12 +19,14 @@ import json
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.extras import env_packages, require
+from rlhf.reward_loading import GIVEN, load_reward, parse_reward_specs, reward_label
 from rlhf.tracking import tracker_names
 
 # ------------------------------------------------------------------------------ the preflight
 def preflight(cfg) -> None:
     """Everything a run depends on that can be checked before a model loads."""
-    tracker_names(cfg.report_to, installed=True)  # each tracker's package is installed
+    check_packages(cfg)
     if type(cfg).__name__ == "GymConfig":
         from rlhf.gym.common import env_spec
         from rlhf.gym.resume import check_saveable
@@ -46,6 +49,25 @@ def preflight(cfg) -> None:
     if model_dir is not None:
         check_model_dir(model_dir, cfg.model)
         check_lengths(cfg, model_dir, sources, completion_keys)
+
+
+def check_packages(cfg) -> None:
+    """Every optional package the run will import is installed: its trackers', its env's
+    simulator, its rewards' (``fn.requires``); else one sentence with the pip line that brings it."""
+    tracker_names(cfg.report_to, installed=True)
+    if type(cfg).__name__ == "GymConfig":
+        require(env_packages(cfg.env), f"env {cfg.env!r}")
+        return
+    if cfg.algo == "reward_model":  # scores nothing with cfg.rewards
+        return
+    for spec, _ in parse_reward_specs(cfg.rewards):
+        if isinstance(spec, str) and spec.startswith("rm:"):  # torch and transformers: base dependencies
+            from rlhf.lm.classifier_reward import check_reward_model  # (torch: LM recipes load it anyway)
+
+            check_reward_model(spec[3:])  # a reward model of ours not trained yet: before the run directory
+            continue
+        fn = load_reward(spec) if isinstance(spec, str) else spec
+        require(getattr(fn, "requires", ()), f"reward {reward_label(spec)!r}")
 
 
 def check_agent(cfg) -> None:
@@ -164,14 +186,12 @@ def context_window(model_dir: str) -> tuple[int | None, str]:
 # ------------------------------------------------------------------------------- 3. the data
 def reward_columns(specs) -> dict[str, str]:
     """Column -> which reward needs it: each named parameter without a default (names or
-    callables, as ``rlhf.rewards.parse_reward_specs`` takes them)."""
-    from rlhf.rewards import GIVEN, _label, load_reward, parse_reward_specs
-
+    callables, as ``rlhf.reward_loading.parse_reward_specs`` takes them)."""
     needed = {}
     for spec, _ in parse_reward_specs(specs):
         if isinstance(spec, str) and spec.startswith("rm:"):  # (prompts, completions, **_); checked on load
             continue
-        name = _label(spec)
+        name = reward_label(spec)
         try:
             params = list(inspect.signature(load_reward(spec) if isinstance(spec, str) else spec).parameters.values())
         except (TypeError, ValueError):  # no signature to read (a C function): checked when called
@@ -225,7 +245,7 @@ def check_lengths(cfg, model_dir: str, sources, completion_keys: tuple = ()) -> 
     for source, rows in sources:
         prompt_len = _token_counts(tok, [_render(tok, r["prompt"], i, source) for i, r in enumerate(rows)])
         if completion_keys:  # preference pairs: the longer of the two completions follows the prompt
-            from rewards._text import completion_text
+            from rewards import completion_text
 
             extra = [max(c) for c in zip(*(_token_counts(tok, [completion_text(r[k]) for r in rows])
                                            for k in completion_keys))]

@@ -16,6 +16,7 @@ __all__ = [
     "discounted_returns",
     "gae",
     "group_normalize",
+    "last_index",
     "leave_one_out",
     "whiten",
     "explained_variance",
@@ -68,7 +69,7 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     gamma: float = 1.0,
-    lam: float = 0.95,
+    gae_lambda: float = 0.95,
     mask: Tensor | None = None,
     next_values: Tensor | None = None,
     terminated: Tensor | None = None,
@@ -77,7 +78,7 @@ def gae(
     """Generalised advantage estimation (Schulman et al. 2016). Returns ``(adv, ret)``.
 
         delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
-        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1}
+        A_t     = delta_t + gamma * gae_lambda * (1 - done_t) * A_{t+1}
         ret_t   = A_t + V(s_t)
 
     LM use: pass ``mask`` [B, T] over completion tokens; the value after the last real token
@@ -85,6 +86,13 @@ def gae(
     the final observation's value on truncation), ``terminated`` (no bootstrap) and ``dones``
     (terminated or truncated: the advantage recursion is cut).
     """
+    if mask is not None and next_values is None and terminated is None and dones is None and has_gaps(mask):
+        # a multi-turn episode: the environment's tokens (mask 0) sit between the policy's; they
+        # are no steps of the policy's, so GAE runs over its tokens alone (s_{t+1}: its next one)
+        idx, steps = masked_steps(mask)
+        adv, ret = gae(rewards.gather(-1, idx), values.gather(-1, idx), gamma, gae_lambda, mask=steps)
+        return (torch.zeros_like(rewards).scatter(-1, idx, adv * steps),
+                torch.zeros_like(rewards).scatter(-1, idx, ret * steps))
     mask = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
     if next_values is None:  # V(s_{t+1}) from the same row; 0 past the last real step
         next_values = torch.zeros_like(values)
@@ -94,17 +102,41 @@ def gae(
     _check_same_shape(rewards=rewards, values=values, mask=mask, next_values=next_values,
                       terminated=terminated, dones=dones)
     deltas = (rewards + gamma * (1 - terminated) * next_values - values) * mask
-    adv = discounted_cumsum(deltas, gamma * lam * (1 - dones)) * mask
+    adv = discounted_cumsum(deltas, gamma * gae_lambda * (1 - dones)) * mask
     return adv, (adv + values) * mask
 
 
+def has_gaps(mask: Tensor) -> bool:
+    """Whether some row of ``mask`` [B, T] has a 0 before a nonzero entry (not a prefix of ones)."""
+    m = mask != 0
+    return bool((m[..., 1:] & ~m[..., :-1]).any())
+
+
+def masked_steps(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(idx, steps)`` [B, K]: the positions of each row's nonzero ``mask`` entries, in order and
+    left-aligned (K: the most any row has), and 1 where a row has that many (0: filler)."""
+    nonzero = mask != 0
+    k = int(nonzero.sum(-1).max()) if mask.numel() else 0
+    idx = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :k]
+    return idx, nonzero.gather(-1, idx).to(mask.dtype)
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """[N] long: the position of the last nonzero entry of each row of ``mask`` [N, C], -1 where
+    the row has none. For a mask that is a prefix of ones this is ``mask.sum(1) - 1``."""
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return ((mask != 0).long() * pos).amax(1) - 1
+
+
 def group_normalize(
-    rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, valid: Tensor | None = None
+    rewards: Tensor, group_size: int, scale_rewards: str = "group", eps: float = 1e-4, valid: Tensor | None = None
 ) -> Tensor:
     """GRPO's advantage (Shao et al. 2024): ``A_i = (r_i - mean_group) / (std + eps)``.
 
     rewards: [N] with N = prompts * group_size, each prompt's completions contiguous.
-    scale: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
+    scale_rewards: "group" divides by the group's std (GRPO), "batch" by the whole batch's std,
     "none" only centres (Dr. GRPO). std is Bessel-corrected, as in TRL.
     valid: [N] bool, False for rows without a reward (no reward function scored them): their
     advantage is 0 and the means and stds are over the valid rows only (TRL's nanmean / nanstd).
@@ -116,18 +148,18 @@ def group_normalize(
     n = v.sum(dim=1, keepdim=True)
     mean = groups.sum(dim=1, keepdim=True) / n.clamp(min=1)
     centred = (groups - mean) * v
-    if scale == "group":
+    if scale_rewards == "group":
         std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
         centred = centred / (std + eps)
-    elif scale == "batch":
+    elif scale_rewards == "batch":
         m = v.reshape(-1)
         n_all = m.sum()
         flat = groups.reshape(-1)
         batch_mean = flat.sum() / n_all.clamp(min=1)
         batch_std = ((((flat - batch_mean) * m) ** 2).sum() / (n_all - 1).clamp(min=1)).sqrt()
         centred = centred / (batch_std + eps)
-    elif scale != "none":
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     return centred.reshape(-1)
 
 

@@ -34,25 +34,25 @@ def conjugate_gradient(avp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
     return x
 
 
-def max_step_scale(step_dir: Tensor, avp_step: Tensor, max_kl: float) -> Tensor:
-    """Scale ``beta`` so the quadratic KL model ``0.5 * beta^2 * s^T A s`` equals ``max_kl``:
-    ``beta = sqrt(2 * max_kl / s^T A s)``."""
-    return torch.sqrt(2 * max_kl / (step_dir @ avp_step).clamp(min=1e-12))
+def max_step_scale(step_dir: Tensor, avp_step: Tensor, target_kl: float) -> Tensor:
+    """Scale ``beta`` so the quadratic KL model ``0.5 * beta^2 * s^T A s`` equals ``target_kl``:
+    ``beta = sqrt(2 * target_kl / s^T A s)``."""
+    return torch.sqrt(2 * target_kl / (step_dir @ avp_step).clamp(min=1e-12))
 
 
 def backtracking_line_search(
     evaluate: Callable[[Tensor], tuple[float, float]], full_step: Tensor, expected_improve: float,
-    max_kl: float, steps: int = 10, shrink: float = 0.5, accept_ratio: float = 0.1,
+    target_kl: float, line_search_steps: int = 10, shrink: float = 0.5, accept_ratio: float = 0.1,
 ) -> tuple[Tensor | None, int]:
-    """Try ``full_step * shrink^k`` for k = 0..steps-1; ``evaluate(step) -> (improvement, kl)``
+    """Try ``full_step * shrink^k`` for k = 0..line_search_steps-1; ``evaluate(step) -> (improvement, kl)``
     where improvement is the decrease of the surrogate loss. Accept the first step with
-    ``kl <= max_kl`` and ``improvement >= accept_ratio * expected_improve * shrink^k`` (and > 0).
-    Returns ``(step, k)``, or ``(None, steps)`` when no step qualifies (then do not move)."""
+    ``kl <= target_kl`` and ``improvement >= accept_ratio * expected_improve * shrink^k`` (and > 0).
+    Returns ``(step, k)``, or ``(None, line_search_steps)`` when no step qualifies (then do not move)."""
     frac = 1.0
-    for k in range(steps):
+    for k in range(line_search_steps):
         step = full_step * frac
         improve, kl = evaluate(step)
-        if kl <= max_kl and improve > 0 and improve >= accept_ratio * expected_improve * frac:
+        if kl <= target_kl and improve > 0 and improve >= accept_ratio * expected_improve * frac:
             return step, k
         frac *= shrink
-    return None, steps
+    return None, line_search_steps

@@ -2,7 +2,8 @@
 
 Every objective here returns a *per-element* loss (to be minimised) shaped like its inputs,
 ``[B, T]`` for tokens or ``[N, 1]`` / ``[N]`` for gym actions; ``aggregate`` turns it into a
-scalar. ``policy_loss`` composes them and is what every trainer — LM or gym — calls.
+scalar. ``policy_loss`` composes them and is what every trainer — LM or gym — calls; the
+objectives it can use are registered below under the recipe's ``objective`` names.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from rlhf.core.registry import POLICY_OBJECTIVES, register_policy_loss
 
 __all__ = [
     "reinforce",
@@ -43,24 +46,27 @@ def clipped_surrogate(
     logp: Tensor,
     old_logp: Tensor,
     adv: Tensor,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), with an optional asymmetric clip
     (DAPO's clip-higher): ``-min(rho * A, clip(rho, 1 - eps_lo, 1 + eps_hi) * A)``,
-    ``rho = exp(logp - old_logp)``. Returns ``(loss, clipped)`` where ``clipped`` is 1 where
+    ``rho = exp(logp - old_logp)``, ``eps_lo = clip_range``, ``eps_hi = clip_range_high``
+    (default: ``clip_range``). Returns ``(loss, clipped)`` where ``clipped`` is 1 where
     the clipped branch was taken (the gradient is zero there).
     """
-    clip_high = clip_low if clip_high is None else clip_high
+    clip_range_high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logp - old_logp)
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range_high) * adv
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(logp.dtype)
 
 
-def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: float) -> tuple[Tensor, Tensor]:
+def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, penalty_coef: float
+                         ) -> tuple[Tensor, Tensor]:
     """PPO's KL-penalised surrogate (Schulman et al. 2017, sec. 4):
-    ``-rho * A + beta * KL(pi_old || pi)``, ``rho = exp(logp - old_logp)``, with the per-sample
+    ``-rho * A + beta * KL(pi_old || pi)``, ``rho = exp(logp - old_logp)``, beta = ``penalty_coef``,
+    with the per-sample
     KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho`` (>= 0; its value is
     unbiased for KL(pi_old || pi)). Here pi is the *second* argument of the divergence, so the
     autograd of this k3, ``(1 - 1/rho) * grad log pi``, has expectation under pi_old
@@ -69,7 +75,7 @@ def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, coef: floa
     plain importance-sampled surrogate.
     """
     kl = kl_estimate(old_logp, logp, "k3")
-    return -torch.exp(logp - old_logp) * adv + coef * kl, kl
+    return -torch.exp(logp - old_logp) * adv + penalty_coef * kl, kl
 
 
 def adaptive_kl_coef(coef: float, kl: float, target: float) -> float:
@@ -83,15 +89,15 @@ def adaptive_kl_coef(coef: float, kl: float, target: float) -> float:
 
 
 def value_loss(
-    values: Tensor, ret: Tensor, old_values: Tensor | None = None, clip: float | None = None
+    values: Tensor, ret: Tensor, old_values: Tensor | None = None, clip_range_value: float | None = None
 ) -> Tensor:
-    """``0.5 * (V - ret)^2``; with ``clip`` the PPO2 pessimistic clipped variant
+    """``0.5 * (V - ret)^2``; with ``clip_range_value`` (c) the PPO2 pessimistic clipped variant
     ``0.5 * max((V - ret)^2, (old_V + clip(V - old_V, -c, c) - ret)^2)``."""
     loss = (values - ret) ** 2
-    if clip is not None:
+    if clip_range_value is not None:
         if old_values is None:
             raise ValueError("value clipping needs old_values")
-        v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        v_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
         loss = torch.maximum(loss, (v_clipped - ret) ** 2)
     return 0.5 * loss
 
@@ -160,7 +166,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3",
     return (rho * k3).detach() + rho.detach() * (k2 - k2.detach())
 
 
-def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | None = None) -> Tensor:
+def aggregate(x: Tensor, mask: Tensor, agg: str = "token_mean", denom: float | None = None) -> Tensor:
     """Reduce a per-element loss ``x`` [B, T] under ``mask`` [B, T] to a scalar.
 
     token_mean: ``sum(x * mask) / denom``; denom = number of valid tokens in the *whole
@@ -174,16 +180,58 @@ def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", denom: float | 
     if x.shape != mask.shape:
         raise ValueError(f"x {tuple(x.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.to(x.dtype)
-    if mode == "token_mean":
+    if agg == "token_mean":
         return (x * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
-    if mode == "seq_mean":
+    if agg == "seq_mean":
         per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.sum() / (x.shape[0] if denom is None else denom)
-    if mode == "constant":
+    if agg == "constant":
         if denom is None:
-            raise ValueError("aggregate mode 'constant' needs an explicit denom")
+            raise ValueError("agg 'constant' needs an explicit denom")
         return (x * mask).sum() / denom
-    raise ValueError(f"aggregate mode must be one of {AGG_MODES}, got {mode!r}")
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@register_policy_loss("clip")
+def clip_objective(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_range: float = 0.2,
+                   clip_range_high: float | None = None, penalty_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """PPO / GRPO's clipped surrogate; stats: the clipped share and approx KL(old || new) (k3,
+    CleanRL's debug variable). Without ``old_logp``: one on-policy step, ratio 1."""
+    old_logp = logp.detach() if old_logp is None else old_logp
+    per_elem, clipped = clipped_surrogate(logp, old_logp, adv, clip_range, clip_range_high)
+    n = mask.sum().clamp(min=1)
+    return per_elem, {"clip_frac": ((clipped * mask).sum() / n).detach(),
+                      "approx_kl": ((kl_estimate(old_logp, logp.detach(), "k3") * mask).sum() / n)}
+
+
+@register_policy_loss("kl_penalty", "adaptive_kl")
+def kl_penalty_objective(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_range: float = 0.2,
+                         clip_range_high: float | None = None, penalty_coef: float = 0.0
+                         ) -> tuple[Tensor, dict]:
+    """PPO's KL-penalised surrogate with beta = ``penalty_coef`` (adaptive_kl: the controller's
+    current beta, which the trainer passes)."""
+    if old_logp is None:
+        raise ValueError("objective 'kl_penalty' needs old_logp")
+    per_elem, kl_old = kl_penalty_surrogate(logp, old_logp, adv, penalty_coef)
+    return per_elem, {"approx_kl": _masked_mean(kl_old.detach(), mask)}
+
+
+@register_policy_loss("none")
+def ratio_objective(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_range: float = 0.2,
+                    clip_range_high: float | None = None, penalty_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """The importance-sampled surrogate ``-rho * A``, no clip, no penalty (TRPO's)."""
+    return kl_penalty_objective(logp, old_logp, adv, mask, penalty_coef=0.0)
+
+
+@register_policy_loss("reinforce")
+def reinforce_objective(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, *, clip_range: float = 0.2,
+                        clip_range_high: float | None = None, penalty_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """Plain REINFORCE ``-A * log pi`` (no ratio: one on-policy step)."""
+    return reinforce(logp, adv), {}
 
 
 def policy_loss(
@@ -194,49 +242,32 @@ def policy_loss(
     old_logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
     objective: str = "clip",
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    penalty_coef: float = 0.0,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3+",
     agg: str = "token_mean",
     denom: float | None = None,
-    kl_penalty_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one policy loss of the library, for tokens and gym actions alike.
 
         loss = aggregate(objective(logp, old_logp, adv) + kl_coef * KL(pi || pi_ref), mask)
 
     logp, old_logp, ref_logp, mask: [B, T] (gym: [N, 1] or [N]); adv: same shape, or [B]
-    (one advantage per sequence, broadcast over its tokens). objective: "clip" (PPO / GRPO
-    surrogate; ``old_logp`` defaults to ``logp.detach()``, i.e. one on-policy epoch),
-    "reinforce", or "kl_penalty" (PPO's KL-penalised surrogate with ``kl_penalty_coef`` as
-    beta; needs ``old_logp``). ``kl_estimator`` is the KL term's (k2, k3 or k3+ have a meaning
-    in the loss, k1 does not: see ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
+    (one advantage per sequence, broadcast over its tokens). ``objective`` names an entry of
+    ``POLICY_OBJECTIVES`` (clip, kl_penalty, adaptive_kl, none, reinforce: the recipe's values);
+    clip's ``old_logp`` defaults to ``logp.detach()`` (one on-policy step: ratio 1). ``clip_range`` /
+    ``clip_range_high`` are clip's, ``penalty_coef`` the KL penalty's beta. ``kl_estimator`` is
+    the KL-to-reference term's (k2, k3 or k3+ have a meaning in the loss, k1 does not: see
+    ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
     Returns ``(loss, stats)``; stats are detached scalars.
     """
-    if logp.dim() == 1:
-        logp = logp[:, None]
-    mask = torch.ones_like(logp) if mask is None else mask.reshape(logp.shape).to(logp.dtype)
-    if adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
-        adv = adv[:, None].expand_as(logp)
-    adv = adv.reshape(logp.shape).to(logp.dtype)
-    stats: dict[str, Tensor] = {}
-    old = logp.detach() if old_logp is None else old_logp.reshape(logp.shape)
-    if objective == "clip":
-        per_elem, clipped = clipped_surrogate(logp, old, adv, clip_low, clip_high)
-        n = mask.sum().clamp(min=1)
-        stats["clip_frac"] = ((clipped * mask).sum() / n).detach()
-        # approx KL(old || new) with the k3 estimator, CleanRL's debug variable
-        stats["approx_kl"] = ((kl_estimate(old, logp.detach(), "k3") * mask).sum() / n)
-    elif objective == "reinforce":
-        per_elem = reinforce(logp, adv)
-    elif objective == "kl_penalty":
-        if old_logp is None:
-            raise ValueError("objective 'kl_penalty' needs old_logp")
-        per_elem, kl_old = kl_penalty_surrogate(logp, old_logp.reshape(logp.shape), adv, kl_penalty_coef)
-        stats["approx_kl"] = ((kl_old.detach() * mask).sum() / mask.sum().clamp(min=1))
-    else:
-        raise ValueError(f"objective must be 'clip', 'reinforce' or 'kl_penalty', got {objective!r}")
+    objective_fn = POLICY_OBJECTIVES.get(objective)
+    logp, adv, mask = _batch_layout(logp, adv, mask)
+    old = None if old_logp is None else old_logp.reshape(logp.shape)
+    per_elem, stats = objective_fn(logp, old, adv, mask, clip_range=clip_range, clip_range_high=clip_range_high,
+                                   penalty_coef=penalty_coef)
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
         kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator, old_logp=old)
@@ -247,6 +278,17 @@ def policy_loss(
     if not math.isfinite(loss.item()):
         stats["nonfinite"] = torch.tensor(1.0)
     return loss, stats
+
+
+def _batch_layout(logp: Tensor, adv: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``logp`` as [B, T] ([N] -> [N, 1]), ``mask`` like it (default ones), ``adv`` broadcast over
+    each row's tokens when it holds one value per row."""
+    if logp.dim() == 1:
+        logp = logp[:, None]
+    mask = torch.ones_like(logp) if mask is None else mask.reshape(logp.shape).to(logp.dtype)
+    if adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
+        adv = adv[:, None].expand_as(logp)
+    return logp, adv.reshape(logp.shape).to(logp.dtype), mask
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict]:

@@ -70,11 +70,11 @@ def temperature_loss(log_alpha: Tensor, logp: Tensor, target_entropy: float) -> 
 
 
 def q_learning_update(q_sa: float, reward: float, next_q_max: float, terminated: bool, gamma: float,
-                      step_size: float) -> float:
+                      alpha_q: float) -> float:
     """Tabular Q-learning (Watkins 1989):
-    ``Q(s,a) <- Q(s,a) + step * (r + gamma * (1 - term) * max_a' Q(s',a') - Q(s,a))``."""
+    ``Q(s,a) <- Q(s,a) + alpha_q * (r + gamma * (1 - term) * max_a' Q(s',a') - Q(s,a))``."""
     target = reward + gamma * (0.0 if terminated else next_q_max)
-    return q_sa + step_size * (target - q_sa)
+    return q_sa + alpha_q * (target - q_sa)
 
 
 def linear_schedule(start: float, end: float, fraction: float, progress: float) -> float:

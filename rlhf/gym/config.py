@@ -10,12 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf.core import ADV_ESTIMATORS, POLICY_OBJECTIVES
 from rlhf.errors import UserError, check_choices
 from rlhf.tracking import tracker_names
 
 ON_POLICY = ("reinforce", "a2c", "ppo", "trpo")
 OFF_POLICY = ("dqn", "sac")
 TABULAR = ("q_learning",)
+# the on-policy algorithms' own advantage estimator and policy objective (ppo's objective: the recipe's)
+DEFAULT_ADV_ESTIMATOR = {"reinforce": "reinforce", "a2c": "gae", "ppo": "gae", "trpo": "gae"}
+FIXED_OBJECTIVE = {"reinforce": "reinforce", "a2c": "reinforce", "trpo": "none"}
+PPO_OBJECTIVES = ("clip", "kl_penalty", "adaptive_kl")
 
 
 @dataclass
@@ -43,12 +48,16 @@ class GymConfig:
     clip_obs: float = 10.0               # clip normalised observations to +-clip_obs
     # --- on-policy (reinforce, a2c, ppo, trpo)
     n_steps: int = 128                   # rollout length per env between updates
+    adv_estimator: str | None = None     # a name in rlhf.core.ADV_ESTIMATORS (verl's key). None: the algo's own,
+                                         # reinforce -> reinforce (Monte-Carlo return - V), a2c | ppo | trpo ->
+                                         # gae (bootstrapped on truncation); off-policy algos have none
     gae_lambda: float = 0.95             # GAE lambda (reinforce uses Monte-Carlo returns)
     epochs: int = 4                      # update epochs per rollout (ppo)
     minibatches: int = 4                 # optimiser steps per epoch (ppo, trpo critic), each on
                                          # n_steps * n_envs / minibatches rows; must divide that
-    objective: str = "clip"              # ppo surrogate: clip | kl_penalty | adaptive_kl (the last two need
-                                         # more than one optimiser step per rollout)
+    objective: str | None = None         # ppo surrogate: clip | kl_penalty | adaptive_kl (the last two need
+                                         # more than one optimiser step per rollout). None: clip for ppo; the
+                                         # others' own: reinforce, a2c -> reinforce, trpo -> none (plain ratio)
     clip_range: float = 0.2              # ppo clip epsilon
     clip_schedule: str = "constant"      # constant | linear (clip epsilon decays with lr)
     clip_range_value: float | None = None  # value clipping epsilon (None: no value clipping)
@@ -105,22 +114,38 @@ class GymConfig:
         "clip_schedule": ("constant", "linear"),
         "optimizer": ("adam", "rmsprop"),
         "activation": ("tanh", "relu"),
-        "objective": ("clip", "kl_penalty", "adaptive_kl"),
+        "adv_estimator": ADV_ESTIMATORS,  # registries: an estimator or objective registered in code is valid
+        "objective": POLICY_OBJECTIVES,
         "loss": ("huber", "mse"),
         "network": ("mlp", "nature_cnn", "minatar_cnn"),
         "device": ("cpu", "cuda"),
     }
 
+    def __post_init__(self) -> None:  # the algo's own choices, written into the resolved recipe
+        if self.adv_estimator is None:
+            self.adv_estimator = DEFAULT_ADV_ESTIMATOR.get(self.algo)
+        if self.objective is None or (self.algo != "ppo" and self.objective == "clip"):
+            # (recipes resolved before each algo's own objective was written held clip for every algo)
+            self.objective = "clip" if self.algo == "ppo" else FIXED_OBJECTIVE.get(self.algo)
+
     def validate(self) -> None:
         # numeric ranges are checked in one place for every family: rlhf/validation.py (RANGES)
         check_choices(self)
+        if self.adv_estimator in ("grpo", "rloo"):
+            raise UserError(f"adv_estimator {self.adv_estimator} baselines a group of completions of one prompt "
+                            f"(LM); gym algos use {', '.join(sorted(set(DEFAULT_ADV_ESTIMATOR.values())))}")
+        if self.adv_estimator is not None and self.algo not in ON_POLICY:
+            raise UserError(f"adv_estimator is an on-policy setting; algo {self.algo} learns from values "
+                            "(remove adv_estimator from the recipe)")
         tracker_names(self.report_to)  # an unknown tracker name: one sentence
         if self.algo == "ppo" and self.objective != "clip" and self.ppo_steps_per_rollout() == 1:
             raise UserError(f"objective {self.objective} with one optimiser step per rollout (epochs="
                             f"{self.epochs}, minibatches={self.minibatches}) is plain policy gradient: the ratio is 1 and the "
                             "KL(pi_old || pi) penalty has zero gradient at its only step; set epochs or "
                             "minibatches > 1 (or objective: clip)")
-        if self.objective != "clip" and self.algo != "ppo":
+        if self.algo == "ppo" and self.objective not in PPO_OBJECTIVES:
+            raise UserError(f"objective {self.objective} with algo ppo: choose one of {', '.join(PPO_OBJECTIVES)}")
+        if self.algo != "ppo" and self.objective != FIXED_OBJECTIVE.get(self.algo):
             raise UserError(f"objective {self.objective} is a ppo surrogate; algo {self.algo} has its own fixed "
                             "objective and would ignore it: remove objective from the recipe, or use algo ppo")
         if self.algo in ("ppo", "trpo") and (self.n_steps * self.n_envs) % self.minibatches:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from rlhf.errors import UserError
+from rlhf.extras import install_line
 
 
 # Atari: the Nature DQN pipeline (Mnih et al. 2015): 30 no-op starts, the max of the last two of
@@ -23,8 +24,7 @@ ATARI_FRAME_STACK = 4
 # bricks respawn) would never end an evaluation. Episodes are truncated here instead (training
 # bootstraps through truncation); random play ends within ~70 steps, Freeway at 2500 by its rules.
 MINATAR_MAX_STEPS = 10_000
-PIXEL_PACKAGES = {"ALE/": ("ale_py", "pip install 'rlhf[atari]'"),
-                  "MinAtar/": ("minatar", "pip install 'rlhf[minatar]'")}
+PIXEL_PACKAGES = {"ALE/": ("ale_py", install_line("ale_py")), "MinAtar/": ("minatar", install_line("minatar"))}
 
 
 def _register_pixel_envs(env_id: str) -> None:

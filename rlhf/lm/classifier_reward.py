@@ -15,20 +15,33 @@ from pathlib import Path
 
 import torch
 
-from rewards._text import completion_text
+from rewards import completion_text
 from rlhf.errors import UserError
 from rlhf.lm.models import looks_local, resolve_model
-from rlhf.lm.reward_model import RM_DIR, RewardModelFn
+from rlhf.lm.reward_model import RM_DIR, RewardModelFn, require_trained
 
 
 def load_reward_model(target: str):
     """The reward function ``rm:target`` names: one of ours, or a sequence classifier."""
+    if is_ours(target):
+        return RewardModelFn(target)  # (it says how to train one when the directory is missing)
+    return SequenceClassifierReward(target)
+
+
+def is_ours(target: str) -> bool:
+    """Whether ``rm:target`` names a reward model trained here (``algo: reward_model``): its
+    directory, or a local path that does not exist yet (to be trained)."""
     path = Path(target).expanduser()
     ours = (path / "adapter_config.json").is_file()
     missing_local = not path.exists() and (looks_local(target) or path.name == RM_DIR)
-    if ours or missing_local or (path.is_dir() and not (path / "config.json").is_file()):
-        return RewardModelFn(target)  # (it says how to train one when the directory is missing)
-    return SequenceClassifierReward(target)
+    return ours or missing_local or (path.is_dir() and not (path / "config.json").is_file())
+
+
+def check_reward_model(target: str) -> None:
+    """Before a run: a reward model of ours that is not trained yet stops with one sentence
+    (a Hub classifier is checked when it loads)."""
+    if is_ours(target):
+        require_trained(target)
 
 
 class SequenceClassifierReward:

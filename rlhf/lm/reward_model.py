@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rewards._text import completion_text
+from rewards import completion_text
 from rlhf.config import LMConfig
 from rlhf.distributed import process_device
 from rlhf.errors import UserError
@@ -181,15 +181,20 @@ class RewardModel:
             {"model": self.model_name, "head": self.head, "beta": self.beta, "reward": reward}, indent=1))
 
 
+def require_trained(path: str) -> None:
+    """One sentence, saying how to train it, unless ``path`` holds a trained reward model."""
+    if not (Path(path) / "adapter_config.json").is_file():
+        parent = Path(path).parent if Path(path).name == RM_DIR else Path("RUN_DIR")
+        raise UserError(f"reward model {path!r} not found (no adapter_config.json); train it first: "
+                        f"`rlhf train recipes/rm_arith.yaml --run-dir {parent}` writes "
+                        f"{parent / RM_DIR}")
+
+
 class RewardModelFn:
     """A trained reward model behind the TRL reward contract: ``fn(prompts, completions, **kw)``."""
 
     def __init__(self, path: str):
-        if not (Path(path) / "adapter_config.json").is_file():
-            parent = Path(path).parent if Path(path).name == RM_DIR else Path("RUN_DIR")
-            raise UserError(f"reward model {path!r} not found (no adapter_config.json); train it first: "
-                            f"`rlhf train recipes/rm_arith.yaml --run-dir {parent}` writes "
-                            f"{parent / RM_DIR}")
+        require_trained(path)
         self.rm = RewardModel(path)
         self.rm.model.eval()
         self.__name__ = f"rm:{path}"

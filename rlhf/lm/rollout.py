@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +31,21 @@ class RolloutPass:
     old_logp: Tensor | None
     old_values: Tensor | None
     seconds: float = 0.0
+
+
+class KLTerms(NamedTuple):
+    """Where the KL(pi || ref) term goes: its coefficient in the reward and in the loss (one of
+    them is 0) and its estimator."""
+
+    reward_coef: float
+    loss_coef: float
+    estimator: str
+
+
+def kl_terms(cfg: LMConfig) -> KLTerms:
+    """The one reader of ``kl_coef``, ``kl_placement`` and ``kl_estimator``."""
+    in_reward = cfg.kl_placement == "reward"
+    return KLTerms(cfg.kl_coef if in_reward else 0.0, 0.0 if in_reward else cfg.kl_coef, cfg.kl_estimator)
 
 
 def sampling_uniforms(seed: int, prompt_ids, group_size: int, max_new_tokens: int) -> torch.Tensor:
@@ -88,7 +104,7 @@ def rollout_pass(policy: LMPolicy, roll: Rollout, cfg: LMConfig) -> RolloutPass:
     per rollout make it off-policy; PPO needs V(s_t) for GAE)."""
     t = time.time()
     policy.eval_mode()  # the policy itself (no dropout): these are the ratio's and the KL's denominators
-    ref_logp = policy.logp(roll, adapter=False) if cfg.kl_coef else None
+    ref_logp = policy.logp(roll, adapter=False) if any(kl_terms(cfg)[:2]) else None
     old_logp = old_values = None
     if cfg.algo == "ppo" or cfg.epochs * cfg.minibatches > 1:
         out = policy.forward(roll, values=cfg.algo == "ppo")

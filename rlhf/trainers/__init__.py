@@ -1,37 +1,46 @@
-"""Which trainer and evaluator serve a config: one row per family, first match wins.
+"""Which trainer and evaluator serve a config: a registry per config family, keyed by its algo.
 
 Trainers: ``train(cfg, run, progress=True, resume=False) -> dict``.
 Evaluators: ``evaluate(run_dir, cfg, args) -> dict`` (what ``rlhf eval`` prints).
-Both are imported lazily, by name, so ``rlhf train`` on a gym recipe never imports transformers
-(nor peft or accelerate): a start-up cost, not an import cycle; nothing here is imported by the
-modules these rows name.
+Entries are ``"module:function"`` strings imported on first use, so ``rlhf train`` on a gym
+recipe never imports transformers (nor peft or accelerate): a start-up cost, not an import
+cycle; nothing here is imported by the modules these entries name. ``ppo`` and ``reinforce``
+are algo names of both families, hence one registry per family.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
-# (config class name, algo or None for any, trainer, evaluator)
-FAMILIES = [
-    ("LMConfig", "reward_model", "rlhf.trainers.reward_model:train_reward_model",
-     "rlhf.lm.evaluate:evaluate_rm_cli"),
-    ("LMConfig", None, "rlhf.trainers.lm:train", "rlhf.lm.evaluate:evaluate_lm_cli"),
-    ("AgentConfig", None, "rlhf.trainers.lm:train", "rlhf.agents.evaluate:evaluate_agent_cli"),
-    ("GymConfig", None, "rlhf.trainers.gym:train", "rlhf.gym.evaluate:evaluate_cli"),
-]
+from rlhf.config import AgentConfig, LMConfig
+from rlhf.core import Registry
+from rlhf.gym.config import GymConfig
+
+LM_ALGOS = tuple(a for a in LMConfig.choices["algo"] if a != "reward_model")
+GYM_ALGOS = GymConfig.choices["algo"]
+AGENT_ALGOS = AgentConfig.choices["algo"]
+
+TRAINERS = {"LMConfig": Registry("algo"), "AgentConfig": Registry("algo"), "GymConfig": Registry("algo")}
+EVALUATORS = {"LMConfig": Registry("algo"), "AgentConfig": Registry("algo"), "GymConfig": Registry("algo")}
+TRAINERS["LMConfig"].register("reward_model")("rlhf.trainers.reward_model:train_reward_model")
+TRAINERS["LMConfig"].register(*LM_ALGOS)("rlhf.trainers.lm:train")
+TRAINERS["AgentConfig"].register(*AGENT_ALGOS)("rlhf.trainers.lm:train")  # the LM loop, episodes as its source
+TRAINERS["GymConfig"].register(*GYM_ALGOS)("rlhf.trainers.gym:train")
+EVALUATORS["LMConfig"].register("reward_model")("rlhf.lm.evaluate:evaluate_rm_cli")
+EVALUATORS["LMConfig"].register(*LM_ALGOS)("rlhf.lm.evaluate:evaluate_lm_cli")
+EVALUATORS["AgentConfig"].register(*AGENT_ALGOS)("rlhf.agents.evaluate:evaluate_agent_cli")
+EVALUATORS["GymConfig"].register(*GYM_ALGOS)("rlhf.gym.evaluate:evaluate_cli")
 
 
 def get_trainer(cfg) -> Callable:
-    return _lookup(cfg, 2)
+    return _lookup(TRAINERS, cfg)
 
 
 def get_evaluator(cfg) -> Callable:
-    return _lookup(cfg, 3)
+    return _lookup(EVALUATORS, cfg)
 
 
-def _lookup(cfg, column: int) -> Callable:
-    for row in FAMILIES:
-        if type(cfg).__name__ == row[0] and row[1] in (None, getattr(cfg, "algo", None)):
-            module, _, name = row[column].partition(":")
-            return getattr(importlib.import_module(module), name)
-    raise TypeError(f"no trainer or evaluator for {type(cfg).__name__}")
+def _lookup(families: dict[str, Registry], cfg) -> Callable:
+    family = families.get(type(cfg).__name__)
+    if family is None:
+        raise TypeError(f"no trainer or evaluator for {type(cfg).__name__}")
+    return family.get(cfg.algo)

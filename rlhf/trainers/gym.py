@@ -1,6 +1,7 @@
 """The gym family's ``rlhf train``: pick the algorithm's loop, train, save, evaluate."""
 from __future__ import annotations
 
+from rlhf.core import Registry
 from rlhf.gym.common import env_spec, save_agent
 from rlhf.gym.config import ON_POLICY, GymConfig
 from rlhf.gym.evaluate import evaluate_agent
@@ -12,7 +13,11 @@ from rlhf.trainers.sac import train_sac
 from rlhf.trainers.tabular import train_q_learning
 
 
-LOOPS = {"dqn": train_dqn, "sac": train_sac, "q_learning": train_q_learning}  # the rest: on-policy
+LOOPS = Registry("algo")  # each algo's training loop, ``loop(cfg, spec, run, progress, resume) -> (agent, summary)``
+LOOPS.register(*ON_POLICY)(train_on_policy)
+LOOPS.register("dqn")(train_dqn)
+LOOPS.register("sac")(train_sac)
+LOOPS.register("q_learning")(train_q_learning)
 
 
 def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> dict:
@@ -20,8 +25,7 @@ def train(cfg: GymConfig, run, progress: bool = True, resume: bool = False) -> d
     seed_everything(cfg.seed, cfg.threads)
     spec = env_spec(cfg)
     track = Tracking(cfg, run, progress=progress)  # trackers, report.html
-    loop = train_on_policy if cfg.algo in ON_POLICY else LOOPS[cfg.algo]
-    agent, summary = loop(cfg, spec, run, progress, resume=resume)
+    agent, summary = LOOPS.get(cfg.algo)(cfg, spec, run, progress, resume=resume)
     save_agent(run, agent)
     run.plot("return", "return.png")
     result = {"run_dir": str(run.dir), "algo": cfg.algo, "env": cfg.env, "seed": cfg.seed, **summary}

@@ -19,13 +19,12 @@ from tqdm.auto import tqdm
 from rlhf.checkpoint import LMSaver, load_lm_checkpoint
 from rlhf.config import LMConfig
 from rlhf.core import (
+    ADV_ESTIMATORS,
+    AdvInput,
     adaptive_kl_coef,
     aggregate,
     explained_variance,
-    gae,
-    group_normalize,
     kl_estimate,
-    leave_one_out,
     policy_loss,
     value_loss,
     whiten,
@@ -34,7 +33,7 @@ from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.forward import length_buckets
 from rlhf.lm.policy import LMPolicy
-from rlhf.lm.rollout import RolloutPass, kl_after_update, rollout_pass, sampling_uniforms
+from rlhf.lm.rollout import RolloutPass, kl_after_update, kl_terms, rollout_pass, sampling_uniforms
 from rlhf.lm.rollout_record import Rollout, completion_id_lists
 from rlhf.lm.share import adapter_writer
 from rlhf.rewards import TrainerState, load_rewards, score
@@ -84,8 +83,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             stats, loss_part = update(policy, opt, sched, roll, adv, ret, passes, cfg, dist,  # update
                                       state.penalty_coef)
             stats["time/ref_s"] = passes.seconds
-            if cfg.objective == "adaptive_kl":
-                stats["penalty_coef"] = state.penalty_coef  # the coefficient this update used
+            if "kl_after_update" in stats:  # adaptive_kl (``update`` decides): the coefficient this update used
+                stats["penalty_coef"] = state.penalty_coef
             state = state.after(stats, baseline.value, cfg)
             row = metrics_row(step + 1, rewards, reward_means, roll, {**stats, **adv_stats}, cfg,  # log
                               lr=sched.get_last_lr()[0], times=(t0, t1, t2, time.time()), dist=dist)
@@ -136,7 +135,7 @@ class LoopState:
 
     def after(self, stats: dict, baseline: float | None, cfg: LMConfig) -> LoopState:
         coef = self.penalty_coef
-        if cfg.objective == "adaptive_kl":  # the PPO paper's controller, once per rollout
+        if "kl_after_update" in stats:  # adaptive_kl: the PPO paper's controller, once per rollout
             coef = adaptive_kl_coef(coef, stats["kl_after_update"], cfg.target_kl)
         return LoopState(step=self.step + 1, baseline=baseline, penalty_coef=coef,
                          bad_steps=self.bad_steps + 1 if stats["skipped"] else 0)
@@ -187,10 +186,11 @@ class Baseline:
 def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: LMConfig, baseline: Baseline,
                dist: Dist | None = None, scored: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """Advantages of this rank's rows: one per completion [N] (grpo, rloo, reinforce) or per
-    token [N, C] (ppo, with the value targets ``ret``), and their stats (ppo: the critic's
-    explained variance). ``rewards`` and ``scored`` hold every rank's rows (rank order), so batch
-    statistics are the whole batch's. KL placed in the reward is subtracted here.
+    """Advantages of this rank's rows from the recipe's ``adv_estimator`` (``rlhf.core``'s
+    registry): one per completion [N] (grpo, rloo, reinforce) or per token [N, C] (gae, with the
+    value targets ``ret``), and their stats (with ``ret``: the critic's explained variance).
+    ``rewards`` and ``scored`` hold every rank's rows (rank order), so batch statistics are the
+    whole batch's. KL placed in the reward is handed to the estimator, which subtracts it.
     ``scored`` [N] bool (default all True): a row no reward function scored has no reward, so its
     advantage is 0 and it stays out of every statistic (group mean/std, leave-one-out, the
     REINFORCE baseline, PPO's whitening; PPO's value target there is the critic's own rollout
@@ -198,33 +198,20 @@ def advantages(rewards: torch.Tensor, roll: Rollout, passes: RolloutPass, cfg: L
     row with advantage 0, like a group whose rewards are all equal, still carries the KL term."""
     dist = dist or ONE_PROCESS
     valid = None if scored is None or bool(scored.all()) else scored.bool()
-    kl = None
-    if cfg.kl_placement == "reward" and passes.ref_logp is not None:
+    x = AdvInput(rewards, mask=roll.mask, values=passes.old_values, valid=valid, group_size=cfg.group_size,
+                 gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, scale_rewards=cfg.scale_rewards, baseline=baseline,
+                 local=dist.local, gather=dist.gather, reduce=dist.sum)
+    kl = kl_terms(cfg)
+    if kl.reward_coef and passes.ref_logp is not None:
         logp = passes.old_logp if passes.old_logp is not None else roll.rollout_logp
-        kl = kl_estimate(logp, passes.ref_logp, cfg.kl_estimator) * roll.mask     # [N, C]
-    if cfg.algo == "ppo":
-        last = (roll.mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards = torch.zeros_like(roll.mask)
-        token_rewards[torch.arange(len(roll)), last] = dist.local(rewards)  # sequence reward on its last token
-        if kl is not None:
-            token_rewards = token_rewards - cfg.kl_coef * kl
-        adv, ret = gae(token_rewards, passes.old_values, cfg.gamma, cfg.gae_lambda, mask=roll.mask)
-        keep = roll.mask
-        if valid is not None:
-            keep = roll.mask * dist.local(valid)[:, None].to(roll.mask.dtype)
-            adv, ret = adv * keep, torch.where(keep > 0, ret, passes.old_values * roll.mask)
-        if cfg.norm_adv:
-            adv = whiten(adv, keep, reduce=dist.sum)
-        return adv, ret, {"explained_variance": explained_variance(passes.old_values, ret, keep, dist.sum)}
-    if kl is not None:
-        rewards = rewards - cfg.kl_coef * dist.gather(kl.sum(1))
-    if cfg.algo == "grpo":
-        adv = group_normalize(rewards, cfg.group_size, cfg.scale_rewards, valid=valid)
-    elif cfg.algo == "rloo":
-        adv = leave_one_out(rewards, cfg.group_size, valid=valid)
-    else:  # reinforce
-        adv = rewards - baseline(rewards) if valid is None else (rewards - baseline(rewards, valid)) * valid
-    return dist.local(adv), None, {}
+        x.kl, x.kl_coef = kl_estimate(logp, passes.ref_logp, kl.estimator) * roll.mask, kl.reward_coef  # [N, C]
+    adv, ret = ADV_ESTIMATORS.get(cfg.adv_estimator)(x)
+    if ret is None:
+        return adv, None, {}
+    keep = roll.mask if valid is None else roll.mask * dist.local(valid)[:, None].to(roll.mask.dtype)
+    if cfg.norm_adv:
+        adv = whiten(adv, keep, reduce=dist.sum)
+    return adv, ret, {"explained_variance": explained_variance(passes.old_values, ret, keep, dist.sum)}
 
 
 # statistics aggregated with the step's global normaliser: their sum over ranks is the whole
@@ -242,7 +229,8 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     the step's stats and this rank's share of the first minibatch's loss (``debug_tensors``).
     ``approx_kl`` is the mean of the minibatches' KL(pi_old || pi) *before* each step (CleanRL's
     debug variable); with ``objective: adaptive_kl``, ``kl_after_update`` is the KL after the last
-    step, on the whole rollout (one more no-grad forward): what the controller is fed."""
+    step, on the whole rollout (one more no-grad forward): what the controller is fed.
+    ``penalty_coef``: the KL penalty's current beta (default: the recipe's)."""
     dist = dist or ONE_PROCESS
     mask = roll.mask * (~roll.truncated)[:, None] if cfg.mask_truncated else roll.mask
     n_groups = roll.prompt_ids.shape[0]
@@ -254,41 +242,18 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n_groups) if cfg.minibatches > 1 else torch.arange(n_groups)
         for k in range(cfg.minibatches):
-            groups = perm[k * size:(k + 1) * size]
-            idx = roll.rows_of(groups)
-            mb_mask, first = mask[idx], epoch == 0 and k == 0
-            denom = dist.sum(_denom(mb_mask, cfg))
-            with dist.autocast():
-                out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
-            objective, coef = _objective(cfg, penalty_coef)
-            old_logp = _pick(passes.old_logp, idx)
-            if objective == "kl_penalty" and old_logp is None:  # one on-policy step: ratio 1
-                old_logp = out["logp"].detach()
-            loss, stats = policy_loss(
-                out["logp"], adv[idx], mb_mask, old_logp=old_logp,
-                ref_logp=_pick(passes.ref_logp, idx), objective=objective, kl_penalty_coef=coef,
-                clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-                kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
-                kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)
-            if ret is not None:  # ppo: the critic's loss on the same tokens and normaliser
-                vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
-                stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
-                loss = loss + cfg.vf_coef * stats["vf_loss"]
-                stats["vf_loss"] = stats["vf_loss"].detach()
-            if first:
-                first_stats = _first_minibatch_stats(out, roll, idx, old_logp)
-                once |= set(first_stats)
-                stats.update(first_stats)
+            first = epoch == 0 and k == 0
+            loss, stats, first_stats = minibatch_loss(policy, roll, perm[k * size:(k + 1) * size], adv, ret,
+                                                      passes, mask, cfg, dist, penalty_coef, first)
+            once |= set(first_stats)
+            stats.update(first_stats)
             grad_norm, bad_step = _step(policy, opt, sched, loss, stats, cfg, dist)
             skipped += bad_step
             for key, v in {**stats, "loss": loss.detach(), "grad_norm": grad_norm}.items():
                 sums[key] = sums.get(key, 0.0) + float(v)
             if first:
                 loss_part = float(loss.detach())  # this rank's share of the first loss
-    steps = cfg.epochs * cfg.minibatches
-    out = {key: v / steps if key not in once else v for key, v in sums.items() if key != "nonfinite"}
-    out = {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
-                 v if key == "grad_norm" else dist.mean(v)) for key, v in out.items()}
+    out = _step_stats(sums, once, cfg.epochs * cfg.minibatches, dist)
     out["skipped"] = skipped
     if cfg.objective == "adaptive_kl":  # the controller's input: the policy's move over the whole update
         old = passes.old_logp if passes.old_logp is not None else roll.rollout_logp
@@ -298,6 +263,40 @@ def update(policy: LMPolicy, opt, sched, roll: Rollout, adv: torch.Tensor, ret: 
     out["tokens/train"] = dist.sum(float(roll.prompt_ids.numel()
                                          + sum(len(r) * w for r, w in length_buckets(roll.mask))))
     return out, loss_part
+
+
+def minibatch_loss(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, adv: torch.Tensor,
+                   ret: torch.Tensor | None, passes: RolloutPass, mask: torch.Tensor, cfg: LMConfig, dist: Dist,
+                   penalty_coef: float | None, first: bool) -> tuple[torch.Tensor, dict, dict]:
+    """The loss of the minibatch of prompt ``groups``: the recipe's ``objective`` (``rlhf.core``'s
+    registry) with the KL term in the loss, plus (with value targets ``ret``) the critic's loss on
+    the same tokens and normaliser. Returns ``(loss, stats, first-minibatch stats)``."""
+    idx = roll.rows_of(groups)
+    mb_mask = mask[idx]
+    denom = dist.sum(_denom(mb_mask, cfg))
+    with dist.autocast():
+        out = policy.forward(roll.select_groups(groups), values=ret is not None, entropy=first)
+    old_logp = _pick(passes.old_logp, idx)
+    kl = kl_terms(cfg)
+    loss, stats = policy_loss(
+        out["logp"], adv[idx], mb_mask, old_logp=out["logp"].detach() if old_logp is None else old_logp,
+        ref_logp=_pick(passes.ref_logp, idx), objective=cfg.objective, clip_range=cfg.clip_range,
+        clip_range_high=cfg.clip_range_high, penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
+        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom)
+    if ret is not None:  # the critic's loss on the same tokens and normaliser
+        vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
+        stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)
+        loss = loss + cfg.vf_coef * stats["vf_loss"]
+        stats["vf_loss"] = stats["vf_loss"].detach()
+    return loss, stats, _first_minibatch_stats(out, roll, idx, old_logp) if first else {}
+
+
+def _step_stats(sums: dict, once: set, steps: int, dist: Dist) -> dict:
+    """The update's stats: means over its ``steps`` optimiser steps (``once``: the first
+    minibatch's value), then over ranks (``SUMMED_STATS``: summed, the global normaliser's)."""
+    out = {key: v / steps if key not in once else v for key, v in sums.items() if key != "nonfinite"}
+    return {key: (dist.sum(v) if key in SUMMED_STATS else  # grad_norm: already the same on every rank
+                  v if key == "grad_norm" else dist.mean(v)) for key, v in out.items()}
 
 
 def _step(policy: LMPolicy, opt, sched, loss: torch.Tensor, stats: dict, cfg: LMConfig,
@@ -350,17 +349,6 @@ def _first_minibatch_stats(out: dict, roll: Rollout, idx: torch.Tensor, old_logp
     if old_logp is not None:
         stats["logp_gap_old_trainer"] = ((out["logp"].detach() - old_logp).abs() * m).sum() / n
     return stats
-
-
-def _objective(cfg: LMConfig, penalty_coef: float | None) -> tuple[str, float]:
-    """The core objective and its KL-penalty coefficient for the recipe's settings."""
-    if cfg.algo == "reinforce":
-        return "reinforce", 0.0
-    if cfg.objective == "clip":
-        return "clip", 0.0
-    if cfg.objective == "none":  # the importance-sampled surrogate without clip or penalty
-        return "kl_penalty", 0.0
-    return "kl_penalty", cfg.penalty_coef if penalty_coef is None else penalty_coef
 
 
 def _denom(mask: torch.Tensor, cfg: LMConfig) -> float:

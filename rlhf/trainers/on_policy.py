@@ -1,8 +1,11 @@
 """On-policy actor-critic family: REINFORCE with a baseline (reinforce), A2C, PPO, TRPO.
 
 One loop: ``collect -> advantages -> update -> log``. The algorithms differ only in the
-advantage estimator (Monte-Carlo returns for reinforce, GAE otherwise) and in ``update``; every
-policy loss goes through ``rlhf.core.policy_loss`` with the gym layout ``[N, 1]``.
+advantage estimator (the recipe's ``adv_estimator``: Monte-Carlo returns for reinforce, GAE
+otherwise), the policy objective (``objective``: reinforce for reinforce and a2c, ppo's surrogate,
+none for trpo) and the update rule (``UPDATES``, by algo); estimators and objectives are looked up
+in ``rlhf.core``'s registries, and every policy loss goes through ``rlhf.core.policy_loss`` with
+the gym layout ``[N, 1]``.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf.core import adaptive_kl_coef, discounted_returns, gae, kl_estimate, policy_loss, value_loss, whiten
+from rlhf.core import (ADV_ESTIMATORS, AdvInput, Registry, adaptive_kl_coef, explained_variance, kl_estimate,
+                       policy_loss, value_loss, whiten)
 from rlhf.core.natural_gradient import backtracking_line_search, conjugate_gradient, max_step_scale
 from rlhf.gym.common import build_agent, clip_grad_norm
 from rlhf.gym.config import GymConfig
@@ -70,25 +74,19 @@ def collect(cfg: GymConfig, env: VecEnv, policy: ActorCritic, scaler: RewardScal
         next_values = torch.cat([values[1:], last_value[None]])  # V(s_{t+1}) along each env's row
         for t, rows, final_value in truncations:  # the successor of a truncated step is its final obs
             next_values[t, rows] = final_value
-    # time-last layout [N, T] for the core estimators
-    rewards, values_nt, next_values = rewards.T, values.T, next_values.T
-    terminated, dones = terminated.T, dones.T
-    if cfg.algo == "reinforce":  # Monte-Carlo return G_t; a truncation adds gamma * V(final obs) as its tail
-        truncated = dones - terminated
-        boot = rewards + cfg.gamma * truncated * next_values
-        ret = discounted_returns(boot, cfg.gamma, dones=dones, last_value=last_value)
-        adv = ret - values_nt
-    else:
-        adv, ret = gae(rewards, values_nt, cfg.gamma, cfg.gae_lambda, next_values=next_values,
-                       terminated=terminated, dones=dones)
+    # time-last layout [N, T] for the core estimators; the recipe's adv_estimator (rlhf.core's registry)
+    adv, ret = ADV_ESTIMATORS.get(cfg.adv_estimator)(AdvInput(
+        rewards.T, values=values.T, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, next_values=next_values.T,
+        terminated=terminated.T, dones=dones.T, last_value=last_value))
     flat = lambda x: x.T.reshape(-1)  # noqa: E731  back to time-major rows, matching obs
     return Batch(obs.reshape(T * N, -1), actions.reshape(T * N, *actions.shape[2:]),
                  logp.reshape(-1), values.reshape(-1), flat(adv), flat(ret))
 
 
 def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: float, penalty_coef: float,
-                      objective: str, norm_adv: bool, log_entropy: bool = True) -> tuple[Tensor, dict]:
-    """policy_loss (shared core) + vf_coef * value loss - ent_coef * entropy on rows ``idx``
+                      norm_adv: bool, log_entropy: bool = True) -> tuple[Tensor, dict]:
+    """policy_loss (shared core, the recipe's ``objective``) + vf_coef * value loss - ent_coef *
+    entropy on rows ``idx``
     (slice(None) for the whole batch: no gather copies). ``norm_adv`` whitens the rows'
     advantages; without an entropy bonus the entropy is only a logged statistic, computed
     outside the graph and only when ``log_entropy``."""
@@ -98,7 +96,7 @@ def actor_critic_loss(cfg: GymConfig, policy: ActorCritic, b: Batch, idx, clip: 
     adv = b.adv[idx]
     adv = whiten(adv) if norm_adv and len(adv) > 1 else adv
     pg, stats = policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[idx][:, None],
-                            objective=objective, clip_low=clip, kl_penalty_coef=penalty_coef)
+                            objective=cfg.objective, clip_range=clip, penalty_coef=penalty_coef)
     vl = value_loss(v, b.ret[idx], b.values[idx], cfg.clip_range_value).mean()
     loss = pg + cfg.vf_coef * vl
     stats["value_loss"] = vl.detach()
@@ -118,6 +116,10 @@ def step(opt, loss: Tensor, params, max_grad_norm: float) -> None:
     if max_grad_norm > 0:
         clip_grad_norm(params, max_grad_norm)
     opt.step()
+
+
+# each on-policy algo's update rule, ``rule(updater, batch, clip) -> stats``, by the recipe's algo name
+UPDATES = Registry("algo")
 
 
 class Updater:
@@ -140,20 +142,19 @@ class Updater:
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * frac
         clip = self.cfg.clip_range * (1.0 - progress if self.cfg.clip_schedule == "linear" else 1.0)
-        return getattr(self, self.cfg.algo)(b, clip)
+        return UPDATES.get(self.cfg.algo)(self, b, clip)
 
+    @UPDATES.register("reinforce", "a2c")  # A2C differs in the advantage (GAE, short rollouts) and recipe
     def reinforce(self, b: Batch, clip: float) -> dict:
-        """One gradient step of REINFORCE (objective 'reinforce') + value regression."""
-        loss, stats = actor_critic_loss(self.cfg, self.policy, b, slice(None), clip, 0.0, "reinforce",
-                                        self.cfg.norm_adv)
+        """One gradient step of the policy objective (reinforce's and a2c's: 'reinforce') + value
+        regression."""
+        loss, stats = actor_critic_loss(self.cfg, self.policy, b, slice(None), clip, 0.0, self.cfg.norm_adv)
         step(self.opt, loss, self.params, self.cfg.max_grad_norm)
         return stats
 
-    a2c = reinforce  # same update; A2C differs in the advantage (GAE, short rollouts) and recipe
-
+    @UPDATES.register("ppo")
     def ppo(self, b: Batch, clip: float) -> dict:
         cfg, n = self.cfg, len(b.logp)
-        objective = "clip" if cfg.objective == "clip" else "kl_penalty"
         mb = n // cfg.minibatches  # minibatches divides n (GymConfig.validate)
         full = mb == n  # one minibatch = the whole rollout (rl-zoo's CartPole setting)
         if full and cfg.norm_adv:  # the same rows every epoch: whiten once, not once per epoch
@@ -165,7 +166,7 @@ class Updater:
             for start in starts:
                 idx = slice(None) if full else perm[start:start + mb]
                 last = epoch == cfg.epochs - 1 and start == starts[-1]
-                loss, stats = actor_critic_loss(cfg, self.policy, b, idx, clip, self.penalty_coef, objective,
+                loss, stats = actor_critic_loss(cfg, self.policy, b, idx, clip, self.penalty_coef,
                                                 cfg.norm_adv and not full, log_entropy=last)
                 step(self.opt, loss, self.params, cfg.max_grad_norm)
                 kls.append(stats["approx_kl"])
@@ -187,6 +188,7 @@ class Updater:
         logp = self.policy.log_prob(self.policy.actor(b.obs), b.actions)  # b.obs is normalised (``collect``)
         return kl_estimate(b.logp, logp, "k3").mean()
 
+    @UPDATES.register("trpo")
     def trpo(self, b: Batch, clip: float) -> dict:
         """Natural-gradient step on the importance-sampled surrogate under mean KL <= target_kl,
         then ``critic_updates`` epochs of value regression."""
@@ -198,8 +200,7 @@ class Updater:
 
         def surrogate() -> tuple[Tensor, dict]:
             logp = policy.log_prob(policy.actor(b.obs), b.actions)
-            return policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[:, None],
-                               objective="kl_penalty", kl_penalty_coef=0.0)
+            return policy_loss(logp[:, None], adv[:, None], None, old_logp=b.logp[:, None], objective=cfg.objective)
 
         def mean_kl() -> Tensor:
             return policy.kl_from(old_params, policy.actor(b.obs), old_log_std).mean()
@@ -244,11 +245,6 @@ class Updater:
         return stats
 
 
-def explained_variance(values: Tensor, ret: Tensor) -> float:
-    var = ret.var()
-    return float("nan") if var == 0 else float(1 - (ret - values).var() / var)
-
-
 def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool, resume: bool = False):
     env = VecEnv(cfg.env, cfg.n_envs, cfg.seed, processes=cfg.env_processes)
     policy = build_agent(cfg, spec)
@@ -266,7 +262,7 @@ def train_on_policy(cfg: GymConfig, spec: dict, run, progress: bool, resume: boo
     while bar.steps < cfg.total_steps:
         b = collect(cfg, env, policy, scaler, rng)
         stats = update(b, bar.steps / cfg.total_steps)
-        stats["explained_variance"] = explained_variance(b.values, b.ret)
+        stats["explained_variance"] = explained_variance(b.values, b.ret, torch.ones_like(b.ret))
         bar.advance(per_rollout, env.drain_episodes(), lambda: stats)
         saver.maybe(bar.steps, counters)
     saver.final(bar.steps, counters)

@@ -135,3 +135,23 @@ def test_invalid_actions_cost_the_penalty_or_end_the_episode(policy):
     assert cols["env_return"] == [-0.75] * 4
     cols = episodes(policy, "generate", invalid_action="end", invalid_penalty=-0.25).reward_inputs.columns
     assert cols["turns"] == [1] * 4 and cols["env_return"] == [-0.25] * 4
+
+
+def test_gae_runs_over_the_policys_tokens_alone():
+    """Environment tokens between two policy turns are no steps of the policy: GAE over a row
+    with gaps equals GAE over its policy tokens packed together, scattered back; a prefix mask
+    is untouched (bit for bit)."""
+    from rlhf.core import gae
+
+    mask = torch.tensor([[1., 1., 0., 0., 1., 0.], [1., 1., 1., 0., 0., 0.]])
+    values = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.1, 9.0], [0.3, 0.4, 0.6, 0.0, 0.0, 0.0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 2.0, 0.0, 0.0, 0.0]])
+    adv, ret = gae(rewards, values, 0.9, 0.8, mask=mask)
+    packed, packed_ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.2, 0.1]]), 0.9, 0.8)
+    assert adv[0, [0, 1, 4]].tolist() == packed[0].tolist() and adv[0, [2, 3, 5]].tolist() == [0.0] * 3
+    assert ret[0, [0, 1, 4]].tolist() == packed_ret[0].tolist()
+    # by hand: deltas 0 + 0.9*0.2 - 0.5 = -0.32, 0 + 0.9*0.1 - 0.2 = -0.11, 1 - 0.1 = 0.9
+    assert torch.allclose(adv[0, [0, 1, 4]], torch.tensor([-0.32 + 0.72 * (-0.11 + 0.72 * 0.9),
+                                                           -0.11 + 0.72 * 0.9, 0.9]))
+    plain, _ = gae(rewards[1:], values[1:], 0.9, 0.8, mask=mask[1:])
+    assert torch.equal(adv[1:], plain)

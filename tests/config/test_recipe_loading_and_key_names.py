@@ -89,7 +89,7 @@ def test_ppo_recipe_puts_k1_in_the_reward():
     assert (cfg.kl_estimator, cfg.kl_placement) == ("k1", "reward")
 
 
-# ---- one name per knob (issue 11 item 4): old names load per family, with a one-line hint
+# ---- one name per knob: old names load per family, with a one-line hint
 OLD_LM = {"clip_range": "clip_low", "clip_range_high": "clip_high", "clip_range_value": "value_clip",
           "gae_lambda": "lam", "norm_adv": "whiten_advantages"}
 OLD_GYM = {"clip_range_value": "clip_vloss", "penalty_coef": "kl_coef"}

@@ -49,7 +49,7 @@ def test_gae_lm_layout_by_hand():
     rewards = T([[0.0, 0.0, 1.0, 0.0]])
     values = T([[0.5, 0.2, 0.4, 9.0]])
     mask = T([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = gae(rewards, values, gamma=1.0, lam=0.5, mask=mask)
+    adv, ret = gae(rewards, values, gamma=1.0, gae_lambda=0.5, mask=mask)
     close(adv, [[-0.05, 0.5, 0.6, 0.0]])
     close(ret, [[0.45, 0.7, 1.0, 0.0]])
 
@@ -69,7 +69,7 @@ def test_gae_gym_truncation_bootstraps_but_termination_does_not():
 def test_gae_lambda_one_equals_returns_minus_values():
     torch.manual_seed(0)
     r, v = torch.randn(3, 7), torch.randn(3, 7)
-    adv, _ = gae(r, v, gamma=0.9, lam=1.0)
+    adv, _ = gae(r, v, gamma=0.9, gae_lambda=1.0)
     close(adv, discounted_returns(r, 0.9) - v)
 
 
@@ -85,13 +85,13 @@ def test_group_normalize_by_hand():
 
 def test_group_normalize_scales():
     r = T([1.0, 3.0, 10.0, 14.0])
-    close(group_normalize(r, 2, scale="none"), [-1.0, 1.0, -2.0, 2.0])
+    close(group_normalize(r, 2, scale_rewards="none"), [-1.0, 1.0, -2.0, 2.0])
     std_batch = r.std().item()
-    close(group_normalize(r, 2, scale="batch", eps=0.0), T([-1.0, 1.0, -2.0, 2.0]) / std_batch)
+    close(group_normalize(r, 2, scale_rewards="batch", eps=0.0), T([-1.0, 1.0, -2.0, 2.0]) / std_batch)
     with pytest.raises(ValueError):
         group_normalize(r, 3)
     with pytest.raises(ValueError):
-        group_normalize(r, 2, scale="bogus")
+        group_normalize(r, 2, scale_rewards="bogus")
 
 
 def test_leave_one_out_by_hand():
@@ -126,7 +126,7 @@ def test_clipped_surrogate_by_hand():
 
 def test_clip_higher_is_asymmetric():
     logp = T([0.25, -0.25])
-    loss, _ = clipped_surrogate(logp, torch.zeros(2), T([1.0, -1.0]), clip_low=0.1, clip_high=0.3)
+    loss, _ = clipped_surrogate(logp, torch.zeros(2), T([1.0, -1.0]), clip_range=0.1, clip_range_high=0.3)
     # rho=e^.25=1.284 < 1.3: unclipped; rho=e^-.25=.7788 < 0.9 with A<0: clipped to .9
     close(loss, [-math.exp(0.25), 0.9])
 
@@ -135,7 +135,7 @@ def test_value_loss_by_hand():
     v, ret, old = T([2.0, 0.0]), T([0.0, 0.0]), T([1.0, 0.5])
     close(value_loss(v, ret), [2.0, 0.0])
     # clipped: old + clip(v - old, -.2, .2) = [1.2, 0.3]; max(4, 1.44)/2=2, max(0, .09)/2=.045
-    close(value_loss(v, ret, old, clip=0.2), [2.0, 0.045])
+    close(value_loss(v, ret, old, clip_range_value=0.2), [2.0, 0.045])
 
 
 def test_entropy_and_selective_log_softmax():
@@ -215,7 +215,7 @@ def test_token_path_and_flat_gym_path_are_the_same_function():
     # the same 5 actions laid out as 2 "sequences" of length 3 (last slot padded)
     slots = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     mask = torch.zeros(2, 3)
-    kw = dict(objective="clip", clip_low=0.2, kl_coef=0.1, kl_estimator="k3")
+    kw = dict(objective="clip", clip_range=0.2, kl_coef=0.1, kl_estimator="k3")
 
     def to_tokens(v, fill=0.0):
         out = torch.full((2, 3), fill)
@@ -259,7 +259,7 @@ def test_policy_loss_kl_penalty_objective_by_hand():
     # per element: -1 + 0 = -1 ; -(2 * -1) + (2 - 1 - ln 2) = 2 + 0.306853 ; mean = 0.653426
     logp, old = T([[0.0], [math.log(2)]]), T([[0.0], [0.0]])
     loss, stats = policy_loss(logp, T([[1.0], [-1.0]]), None, old_logp=old, objective="kl_penalty",
-                              kl_penalty_coef=1.0)
+                              penalty_coef=1.0)
     close(loss, (-1 + 2 + 1 - math.log(2)) / 2)
     close(stats["approx_kl"], (1 - math.log(2)) / 2)
     with pytest.raises(ValueError, match="old_logp"):

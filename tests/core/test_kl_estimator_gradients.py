@@ -24,7 +24,7 @@ from rlhf.config import KL_REFUSED, LMConfig, load_recipe
 from rlhf.core import KL_ESTIMATORS, KL_PLACEMENTS, kl_estimate, policy_loss
 from rlhf.errors import UserError
 from rlhf.lm.rollout_record import Rollout
-from rlhf.lm.rollout import RolloutPass
+from rlhf.lm.rollout import RolloutPass, kl_terms
 from rlhf.trainers.lm import advantages
 
 TOL = 1e-10  # float64 enumeration: see the module docstring
@@ -223,10 +223,9 @@ def trainer_loss(cfg, logp, adv, mask, old_logp, ref_logp, denom):
     argument, with the recipe's settings; objective clip (grpo's), adv 0 isolates the KL term."""
     return policy_loss(
         logp, adv, mask, old_logp=old_logp,
-        ref_logp=ref_logp, objective="clip", kl_penalty_coef=0.0,
-        clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
-        kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=denom)[0]
+        ref_logp=ref_logp, objective="clip", penalty_coef=0.0,
+        clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
+        kl_coef=kl_terms(cfg).loss_coef, kl_estimator=kl_terms(cfg).estimator, agg=cfg.agg, denom=denom)[0]
 
 
 def expected_token_grad(cfg, theta, ref, old, layout):
@@ -317,9 +316,8 @@ def reward_path_grad(cfg, theta, ref):
     weight = (logp.detach() * mask).sum(1).exp()                      # pi(completion)
     loss, _ = policy_loss(
         logp, adv * weight, mask, old_logp=None, ref_logp=ref_logp, objective="reinforce",
-        kl_penalty_coef=0.0, clip_low=cfg.clip_range, clip_high=cfg.clip_range_high,
-        kl_coef=cfg.kl_coef if cfg.kl_placement == "loss" else 0.0,
-        kl_estimator=cfg.kl_estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
+        penalty_coef=0.0, clip_range=cfg.clip_range, clip_range_high=cfg.clip_range_high,
+        kl_coef=kl_terms(cfg).loss_coef, kl_estimator=kl_terms(cfg).estimator, agg=cfg.agg, denom=1.0)       # denom 1: the plain sum
     return torch.autograd.grad(loss, th)[0]
 
 

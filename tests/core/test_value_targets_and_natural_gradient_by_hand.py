@@ -82,5 +82,5 @@ def test_backtracking_line_search_shrinks_until_kl_fits():
     full = T([1.0])
     step, k = backtracking_line_search(lambda s: (float(s), float(s) ** 2 * 0.04), full, 1.0, 0.005)
     assert k == 2 and float(step) == pytest.approx(0.25)
-    none, k = backtracking_line_search(lambda s: (-1.0, 0.0), full, 1.0, 0.005, steps=3)
+    none, k = backtracking_line_search(lambda s: (-1.0, 0.0), full, 1.0, 0.005, line_search_steps=3)
     assert none is None and k == 3

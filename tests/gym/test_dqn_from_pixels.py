@@ -1,4 +1,4 @@
-"""DQN from pixels (issue 17 item 4): the CNN Q-networks' shapes and sizes, uint8 frames
+"""DQN from pixels: the CNN Q-networks' shapes and sizes, uint8 frames
 through the env, the replay buffer (round trip, frame sharing, memory) and training, the
 refusals of what cannot train on images, and smoke runs on MinAtar and a real Atari game."""
 from __future__ import annotations

@@ -108,8 +108,8 @@ def test_ppo_whole_batch_loss_equals_the_shuffled_one():
     b = Batch(torch.randn(n, 4), torch.randint(0, 2, (n,)), -torch.rand(n), torch.randn(n), torch.randn(n) * 3,
               torch.randn(n))
     pre = Batch(b.obs, b.actions, b.logp, b.values, whiten(b.adv), b.ret)
-    whole, _ = actor_critic_loss(cfg, pol, pre, slice(None), 0.2, 0.0, "clip", norm_adv=False)
-    shuffled, _ = actor_critic_loss(cfg, pol, b, torch.randperm(n), 0.2, 0.0, "clip", norm_adv=True)
+    whole, _ = actor_critic_loss(cfg, pol, pre, slice(None), 0.2, 0.0, norm_adv=False)
+    shuffled, _ = actor_critic_loss(cfg, pol, b, torch.randperm(n), 0.2, 0.0, norm_adv=True)
     torch.testing.assert_close(whole, shuffled)
 
 

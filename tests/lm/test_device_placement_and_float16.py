@@ -1,4 +1,4 @@
-"""Devices and precisions (issue 14 item 6): evaluation and reward models follow the trainer's
+"""Devices and precisions: evaluation and reward models follow the trainer's
 device; no float64 tensor is made where an accelerator would hold it; ``dtype: float16`` trains
 with a loss scaler; the training log-probs apply the model's own logit transforms (Gemma-2's
 soft-cap, Cohere's and Granite's scales) as the sampler's ``model(...).logits`` do.

@@ -20,7 +20,7 @@ from rlhf.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 # imports that belong to an extra, not to the base install: module -> extra
-OPTIONAL = {"gymnasium": "gym", "deepspeed": "deepspeed", "math_verify": "math", "ale_py": "atari",
+OPTIONAL = {"deepspeed": "deepspeed", "math_verify": "math", "ale_py": "atari",
             "minatar": "minatar", "mujoco": "mujoco"}
 
 

@@ -1,4 +1,4 @@
-"""Module modes of the LM trainer's phases (issue 13, item 6), through the real trainer step on
+"""Module modes of the LM trainer's phases, through the real trainer step on
 the tiny model: sampling, the reference pass and the old-log-prob pass run in eval mode; the
 update runs without dropout unless ``disable_dropout: false``; gradient checkpointing really
 recomputes; the ratio is exactly 1 at the first minibatch with ``lora_dropout > 0``."""

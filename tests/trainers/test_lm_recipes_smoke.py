@@ -169,17 +169,6 @@ def test_ppo_paper_surrogates_on_tokens(objective, tiny_model, tmp_path, capsys)
             assert nxt == pytest.approx(adaptive_kl_coef(prev["penalty_coef"], prev["kl_after_update"], 0.001), rel=1e-3)
 
 
-def test_the_objective_of_each_setting():
-    from rlhf.config import LMConfig
-    from rlhf.trainers.lm import _objective
-
-    assert _objective(LMConfig(), None) == ("clip", 0.0)
-    assert _objective(LMConfig(objective="none"), None) == ("kl_penalty", 0.0)
-    assert _objective(LMConfig(objective="kl_penalty", penalty_coef=0.3), None) == ("kl_penalty", 0.3)
-    assert _objective(LMConfig(objective="adaptive_kl"), 2.0) == ("kl_penalty", 2.0)
-    assert _objective(LMConfig(algo="reinforce", group_size=1), None) == ("reinforce", 0.0)
-
-
 def test_ppo_with_a_separate_critic_trains_saves_and_resumes(tiny_model, tmp_path, capsys):
     run = tmp_path / "r"
     code, result, err = run_cli(capsys, "train", str(RECIPE_DIR / "ppo_arith.yaml"), "--no-progress", "--run-dir", str(run),

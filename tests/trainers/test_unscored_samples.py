@@ -69,10 +69,10 @@ def test_group_normalize_leaves_none_rows_out_of_the_group_stats():
     torch.testing.assert_close(group_normalize(r, 4, eps=0.0, valid=valid),
                                T([-1.0, 0.0, 1.0, 0.0, -1 / s, -1 / s, 1 / s, 1 / s]))
     # scale none: only centred on the valid rows' mean
-    torch.testing.assert_close(group_normalize(r, 4, scale="none", valid=valid),
+    torch.testing.assert_close(group_normalize(r, 4, scale_rewards="none", valid=valid),
                                T([-2.0, 0.0, 2.0, 0.0, -1.0, -1.0, 1.0, 1.0]))
     # scale batch: std over the 7 scored rows [1,3,5,2,2,4,4]: mean 3, sum of squares 12 / 6 -> sqrt 2
-    torch.testing.assert_close(group_normalize(r, 4, scale="batch", eps=0.0, valid=valid),
+    torch.testing.assert_close(group_normalize(r, 4, scale_rewards="batch", eps=0.0, valid=valid),
                                T([-2.0, 0.0, 2.0, 0.0, -1.0, -1.0, 1.0, 1.0]) / math.sqrt(2))
     # the same rows without the None row, as a group of 3, give the same advantages
     torch.testing.assert_close(group_normalize(T([1.0, 3.0, 5.0]), 3, eps=0.0), T([-1.0, 0.0, 1.0]))
@@ -82,7 +82,7 @@ def test_group_normalize_with_none_groups_of_one_or_zero_scored_rows_gives_zero(
     r = T([7.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     valid = torch.tensor([True, False, False, False, False, False, False, False])
     for scale in ("group", "batch", "none"):
-        torch.testing.assert_close(group_normalize(r, 4, scale=scale, valid=valid), torch.zeros(8, dtype=torch.float64))
+        torch.testing.assert_close(group_normalize(r, 4, scale_rewards=scale, valid=valid), torch.zeros(8, dtype=torch.float64))
 
 
 def test_leave_one_out_with_none_rows_averages_the_other_scored_rows():
@@ -143,7 +143,7 @@ def test_lm_ppo_advantages_with_a_none_row_are_zero_and_out_of_whitening():
     r = roll_of([[1, 1, 1], [1, 1, 0]])
     values = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
     passes = RolloutPass(ref_logp=None, old_logp=None, old_values=values)
-    c = load_recipe(None, ["algo=ppo", "lam=0.5", "beta=0", "group_size=2", "prompts_per_step=1"])
+    c = load_recipe(None, ["algo=ppo", "gae_lambda=0.5", "kl_coef=0", "group_size=2", "prompts_per_step=1"])
     adv, ret, _ = advantages(torch.tensor([1.0, 0.0]), r, passes, c, Baseline(), scored=torch.tensor([True, False]))
     a0 = torch.tensor([0.25, 0.5, 1.0])
     mean, var = a0.mean(), ((a0 - a0.mean()) ** 2).mean()  # whitening over row 0's 3 tokens only
