@@ -15,8 +15,7 @@ class AgentKeys:
     env: str = "FrozenLakeRandom-v0"     # a text environment: a shipped id (FrozenLake-v1, FrozenLakeRandom-v0,
                                          # CliffWalking-v1, Taxi-v4, Blackjack-v1), module:Class or file.py:Class
     env_kwargs: dict = field(default_factory=dict)       # the environment's constructor arguments
-    eval_env_kwargs: dict = field(default_factory=dict)  # overrides for rlhf eval (default: the env's own
-                                         # held_out_kwargs, e.g. FrozenLakeRandom's held-out maps)
+    eval_env_kwargs: dict = field(default_factory=dict)  # rlhf eval's overrides (default: the env's held_out_kwargs)
     action_mode: str = "generate"        # generate: free text parsed into an action | choose: a categorical over
                                          # the valid actions, each scored by its text's log-probability
     max_turns: int = 8                   # turns per episode (the policy acts once a turn)
