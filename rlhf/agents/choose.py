@@ -174,7 +174,14 @@ def choice_forward(net: PolicyNet, roll: ChoiceRollout, adapter: bool = True, va
 
 class ChoicePolicy(LMPolicy):
     """``LMPolicy`` whose training forward scores a ``choose`` record's actions (``choice_forward``);
-    any other record goes through the usual forward."""
+    any other record goes through the usual forward. One process: the scoring runs the policy's
+    modules directly, outside the wrapper DDP / FSDP would synchronise gradients through."""
+
+    def distribute(self, dist, optimizer, max_grad_norm: float | None = None):
+        if dist.world > 1 or dist.kind != "NO":
+            raise UserError(f"action_mode: choose trains in one process for now (this run: {dist.kind}, "
+                            f"{dist.world} processes); launch it without accelerate, or use action_mode: generate")
+        return super().distribute(dist, optimizer, max_grad_norm)
 
     def forward(self, batch: Rollout, adapter: bool = True, values: bool = False,
                 entropy: bool = False) -> dict[str, Tensor]:

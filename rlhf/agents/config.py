@@ -30,5 +30,10 @@ class AgentKeys:
         if self.max_episode_tokens < 2:
             raise UserError(f"max_episode_tokens must leave room for a reply and its end token (>= 2), "
                             f"got {self.max_episode_tokens}")
-        if getattr(self, "critic", "shared") != "shared" and self.action_mode == "choose":
+        if self.action_mode != "choose":
+            return
+        if getattr(self, "critic", "shared") != "shared":
             raise UserError("action_mode: choose trains with critic: shared (the value head on the policy's trunk)")
+        if getattr(self, "gradient_checkpointing", False):
+            raise UserError("action_mode: choose scores each action on the KV cache of its episode, which gradient "
+                            "checkpointing does not keep; set gradient_checkpointing: false")
