@@ -434,6 +434,15 @@ def check_environment(ctx):
     return picked.type == ctx.device.type, fields
 
 
+def check_confident_head(ctx):
+    """The fused head in bf16 on the device, on confident tokens: log p <= 0 and every log-prob
+    within the bound of one consistent rounding (``rlhf.testing.confident_head_check``)."""
+    from rlhf.testing import confident_head_check
+
+    out = confident_head_check(str(ctx.device))
+    return out["max_logp"] <= 0.0 and out["worst_ratio"] <= 1.0, out
+
+
 def check_imports(ctx):
     loaded = sorted(m for m in ABSENT_THERE if m in sys.modules)
     return not loaded, {"loaded": loaded, "must_not_load": list(ABSENT_THERE)}
@@ -472,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(args, tmp)
         print(json.dumps({"device": ctx.device_name}), flush=True)
         rep.run("environment", check_environment, ctx)
+        rep.run("confident_head_bf16", check_confident_head, ctx)
         rep.run(f"grpo_{ctx.dtype}", check_training, ctx, "grpo", ctx.dtype)
         rep.run(f"ppo_{ctx.dtype}", check_training, ctx, "ppo", ctx.dtype)
         rep.run("grpo_float16", check_training, ctx, "grpo", "float16")

@@ -156,6 +156,10 @@ def run_recipe(cfg, recipe: str | None = None, run_dir: str | None = None, *, re
     from rlhf.trainers import get_trainer
 
     given = cfg if given is None else given
+    if resume:  # a run directory may come from elsewhere: name the code it makes us import, first
+        from rlhf.run import announce_code
+
+        announce_code(given, f"resuming {run_dir}")
     preflight(given)  # model files, data, env: checked before a run directory is touched
     fresh = not resume and _new_dir(cfg, run_dir)
     # (before the trainer's heavy imports: a locked run directory is refused at once)
@@ -195,6 +199,9 @@ def evaluate(run, problems: int | None = None, rewards=None, progress: bool = Fa
         if not hasattr(cfg, "rewards"):
             raise UserError(f"rewards= applies to language-model runs; {run_dir!r} is a gym run")
         cfg = dataclasses.replace(cfg, rewards=rewards)
+    from rlhf.run import announce_code
+
+    announce_code(cfg, f"evaluating {run_dir}")
     args = SimpleNamespace(problems=problems, episodes=episodes, no_progress=not progress)
     return get_evaluator(cfg)(run_dir, cfg, args)
 

@@ -9,7 +9,10 @@
 A run killed at any instant -- SIGKILL or power cut, in the middle of a save included --
 keeps its newest complete checkpoint (``rlhf.storage`` says how); a disk that fills up or
 turns read-only during a save stops the run with one sentence and the previous checkpoint
-intact. Run directories written before versioned checkpoints (a real ``checkpoint/``
+intact. ``keep_checkpoints`` (default 2) complete checkpoints are kept: a resume that finds the
+newest unreadable (a truncated ``state.pt``, a garbled ``.safetensors``) names it in one
+sentence, moves it aside to ``corrupt-checkpoint-N`` and continues from the previous one.
+Run directories written before versioned checkpoints (a real ``checkpoint/``
 directory) are read as they are and converted by their next save.
 
 Any trainer uses the same three calls::
@@ -25,13 +28,18 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
+import os
 import random
 from pathlib import Path
 
 import torch
 
 from rlhf.errors import UserError
-from rlhf.storage import Slot
+from rlhf.storage import Slot, point
+
+log = logging.getLogger("rlhf")
 
 NAME = "checkpoint"
 STATE_FILE = "state.pt"
@@ -57,15 +65,99 @@ def publish(run, step: int, writer, follow: dict[str, str] | None = None, fresh:
 
     s = slot(run.dir, follow)
     run_publish(run, s, step, writer, what=f"the checkpoint of step {step}",
-                kept="the previous checkpoint is intact", fresh=fresh)
+                kept="the previous checkpoint is intact", fresh=fresh, keep=getattr(run, "keep_checkpoints", 2))
     return s.link
 
 
-def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
+def recover(run_dir, follow: dict[str, str] | None = None) -> Path | None:
     """The newest complete checkpoint after recovering from a crash (``Slot.recover``: a
-    leftover temporary or old directory is removed or restored, with a logged line). Call it
-    with the run's lock held (a ``Run`` holds it). None when no checkpoint was saved."""
-    return slot(run_dir, follow).recover()
+    leftover temporary or old directory is removed or restored, with a logged line), unread.
+    Call it with the run's lock held. None when no checkpoint was saved."""
+    return slot(run_dir, follow).recover(keep=kept_count(run_dir))
+
+
+def kept_count(run_dir) -> int | None:
+    """The run's ``keep_checkpoints`` as its ``recipe.yaml`` says (None: every older checkpoint)."""
+    import yaml
+
+    try:
+        value = (yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) or {}).get("keep_checkpoints", 2)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def latest(run_dir, follow: dict[str, str] | None = None) -> Path | None:
+    """The newest readable checkpoint after recovering from a crash (``recover``). One that
+    cannot be read (a truncated ``state.pt``, a garbled ``.safetensors``: ``unreadable``) is
+    named in one sentence and moved aside to ``corrupt-checkpoint-N``, and the slot falls back
+    to the previous complete one (``keep_checkpoints`` keeps it). Call it with the run's lock
+    held (a ``Run`` holds it). None when no checkpoint was saved."""
+    s = slot(run_dir, follow)
+    current = recover(run_dir, follow)
+    if current is None:
+        return None
+    newest = current.resolve().name if current.is_symlink() else None
+    older = [v for v in reversed(s.versions()) if v != newest]
+    candidates = [current] + [s.dir / v for v in older] if newest in s.versions() else [current]
+    for i, d in enumerate(candidates):
+        problem = unreadable(d, s.follow.values())
+        if problem is None:
+            break
+        label = d.name if d is not current else (newest or NAME)
+        nxt = candidates[i + 1].name if i + 1 < len(candidates) else None
+        if nxt is None:
+            raise UserError(f"{label} in {str(run_dir)!r} cannot be read ({problem}) and no older "
+                            f"complete checkpoint is left to resume from; start the run again, or restore {label}")
+        log.warning("%s in %s cannot be read (%s); resuming from %s, the previous complete checkpoint (the "
+                    "unreadable one is moved aside to corrupt-%s)", label, run_dir, problem, nxt, label)
+    if d is current:
+        return current
+    for bad in candidates[:i]:
+        name = bad.resolve().name
+        os.rename(s.dir / name, _free(s.dir, f"corrupt-{name}"))
+    point(s.link, d.name)
+    for link, inner in s.follow.items():
+        if (d / inner).exists():
+            point(s.dir / link, f"{d.name}/{inner}")
+    return s.current()
+
+
+def unreadable(directory: Path, inner=()) -> str | None:
+    """Why checkpoint ``directory`` cannot be resumed from (``state.pt`` or a directory of ``inner``
+    missing, ``state.pt`` not loadable with ``weights_only=True``, a ``.safetensors`` or ``.json``
+    file that does not load), or None."""
+    directory = Path(directory)
+    state = directory / STATE_FILE
+    for name in (STATE_FILE, *inner):
+        if not os.path.exists(directory / name):
+            return f"no {name}"
+    checks = [(state, lambda p: torch.load(p, weights_only=True))]
+    checks += [(p, _load_safetensors) for p in sorted(directory.rglob("*.safetensors"))]
+    checks += [(p, lambda p: json.loads(p.read_text())) for p in sorted(directory.rglob("*.json"))]
+    for path, load in checks:
+        try:
+            load(path)
+        except Exception as exc:  # (whatever the library raises on a torn or garbled file)
+            why = (str(exc).splitlines() or [""])[0][:120]
+            return f"{path.relative_to(directory)}: {type(exc).__name__}{': ' + why if why else ''}"
+    return None
+
+
+def _load_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            f.get_tensor(key)
+
+
+def _free(parent: Path, name: str) -> Path:
+    path, n = parent / name, 0
+    while os.path.lexists(path):
+        n += 1
+        path = parent / f"{name}.{n}"
+    return path
 
 
 def write_state(directory: Path, state: dict) -> None:
@@ -145,7 +237,7 @@ def load_lm_checkpoint(run_dir, dist) -> tuple[Path, dict]:
     """``--resume`` of an LM run: the main process recovers what a crash left behind (once,
     under the run's lock), then every process reads the newest complete checkpoint."""
     if dist.is_main:
-        latest(run_dir, LM_FOLLOW)
+        latest(run_dir, LM_FOLLOW)  # (falls back past an unreadable checkpoint, for every process)
     dist.barrier()
     return load_checkpoint(run_dir, recover=False)
 

@@ -122,6 +122,9 @@ class LMConfig:
     dtype: str = "float32"               # base model weights: float32 | bfloat16 | float16 | auto (bf16 where
                                          # this machine runs it faster); LoRA, log-probs and loss stay fp32;
                                          # float16 (GPUs without bf16) trains with a loss scaler
+    decode: str = "auto"                 # sampler: dynamic (rows that end leave the batch) | static (a fixed-shape
+                                         # KV cache, the step a CUDA graph on CUDA) | auto (static on CUDA, dynamic
+                                         # on the CPU: docs/speed.md, "The decode path")
     disable_dropout: bool = True         # no dropout in any phase, update included (ratio 1 on-policy, as TRL)
     gradient_checkpointing: bool = False # recompute activations in backward: less memory, more time
     threads: int = 0                     # torch intra-op threads (0: torch's default)
@@ -135,6 +138,8 @@ class LMConfig:
                                          # to RUN_DIR/debug/ (to check multi-process numerics)
     save_every: int = 10                 # write the adapter every N steps (0: only at the end)
     max_nonfinite_steps: int = 3         # stop after this many non-finite losses in a row
+    keep_checkpoints: int = 2            # complete checkpoints kept (the newest and older ones to fall back on
+                                         # when the newest is unreadable); >= 1
     report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
                                          # one or a list (none: no tracker); rlhf/tracking.py says where each writes
     log_completions_every: int = 10      # write sampled completions (prompt, completion, rewards, advantage)
@@ -155,6 +160,7 @@ class LMConfig:
         "agg": ("token_mean", "seq_mean", "constant"),
         "scale_rewards": ("group", "batch", "none"),
         "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "decode": ("auto", "dynamic", "static"),
         "rm_head": ("log_ratio", "classifier"),
     }
 

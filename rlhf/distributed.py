@@ -310,6 +310,10 @@ class OneProcess:
     def clip_grad_norm(self, params, max_norm):
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
 
+    def autocast(self):
+        """No mixed precision outside a run (the trainer's phases call it unconditionally)."""
+        return contextlib.nullcontext()
+
 
 ONE_PROCESS = OneProcess()
 

@@ -15,13 +15,7 @@ def read_recipe(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"recipe {path!r} does not exist; see recipes/ for examples")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"recipe {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(values, dict):
-        raise UserError(f"recipe {path!r} must be a mapping of key: value")
-    return values
+    return _mapping(p, f"recipe {path!r}")
 
 
 def apply_overrides(values: dict, overrides) -> dict:
@@ -44,10 +38,15 @@ def read_run_recipe(run_dir: str) -> dict:
     if not path.is_file():
         raise UserError(f"{run_dir!r} is not a run directory (no recipe.yaml); pass the run_dir "
                         "printed by `rlhf train`")
+    return _mapping(path, repr(str(path)))
+
+
+def _mapping(path: Path, name: str) -> dict:
+    """The YAML mapping in ``path`` (safe loader), or one sentence naming the file as ``name``."""
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"{str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"{name} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(values, dict):
-        raise UserError(f"{str(path)!r} must be a mapping of key: value")
+        raise UserError(f"{name} must be a mapping of key: value")
     return values

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.errors import UserError
-from rlhf.storage import read_jsonl
+from rlhf.storage import read_jsonl, replace_file
 
 REPORT = "report.html"
 # (title, metric keys): the first charts of an LM run, in this order; "rewards/" stands for every
@@ -40,7 +40,7 @@ def write_report(run_dir) -> Path:
         raise UserError(f"{str(run_dir)!r} is not a run directory (no recipe.yaml); pass the run_dir "
                         "printed by `rlhf train`")
     path = run_dir / REPORT
-    path.write_text(render(run_dir), encoding="utf-8")
+    replace_file(path, render(run_dir).encode("utf-8"))  # (a rename: a link in its place is not written through)
     return path
 
 
@@ -154,8 +154,8 @@ def sample_tables(samples: list[dict]) -> str:
             "<tr>" + f'<td class="text">{_e(r["prompt"])}</td><td class="text">{_e(r["completion"])}</td>'
             + "".join(f"<td>{_num(v)}</td>" for v in [r["reward"], *(r["rewards"].get(k) for k in names),
                                                       r["advantage"]])
-            + f"<td>{r['length']}</td><td>{'yes' if r['truncated'] else 'no'}</td></tr>" for r in rows)
-        out.append(f"<h3>{labels[step]}: step {step}</h3><table><tr>{head}</tr>{body}</table>")
+            + f"<td>{_e(r['length'])}</td><td>{'yes' if r['truncated'] else 'no'}</td></tr>" for r in rows)
+        out.append(f"<h3>{labels[step]}: step {_e(step)}</h3><table><tr>{head}</tr>{body}</table>")
     return "\n".join(out)
 
 
@@ -209,9 +209,10 @@ def _finite(v) -> bool:
 
 
 def _num(v) -> str:
+    """A value for the page, escaped (the files it comes from may hold anything)."""
     if v is None:
         return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return _e(f"{v:.4g}" if isinstance(v, float) else v)
 
 
 def _e(x) -> str:

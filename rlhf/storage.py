@@ -28,9 +28,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from rlhf.errors import UserError
+from rlhf.run_dir_guard import APPEND_FILE, NEW_FILE, not_ours
 
 log = logging.getLogger("rlhf")
 LOCK_FILE = "run.lock"
@@ -56,11 +58,47 @@ def fsync_tree(root: Path) -> None:
 
 
 def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file ``path`` and fsync it (publication is the caller's rename)."""
-    with open(path, "wb") as f:
+    """Write ``data`` to a new file ``path`` and fsync it (publication is the caller's rename).
+    Whatever held the name before (a temporary left by a crash, a planted link) is unlinked,
+    never written through: the file is created afresh (``O_EXCL``)."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, NEW_FILE, 0o666)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_file(path: Path, data: bytes) -> None:
+    """Append ``data`` to the run's own file ``path`` (created if missing). A link in its place is
+    refused in one sentence; a file with other hard links (a copy made with ``cp -al``, or a
+    planted one) is first replaced by a private copy, so the other names keep their content."""
+    path = Path(path)
+    try:
+        fd = os.open(path, APPEND_FILE, 0o666)
+    except OSError as exc:
+        raise not_ours(path, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{str(path)!r} is not a regular file; rlhf writes its own {path.name} there: "
+                            "remove it, or choose another --run-dir")
+        if st.st_nlink > 1:
+            os.close(fd)
+            fd = None
+            replace_file(path, path.read_bytes())  # (the rename gives this name its own inode)
+            fd = os.open(path, APPEND_FILE, 0o666)
+        _write_all(fd, data)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -112,13 +150,16 @@ class Slot:
         """The published version (a pre-versioning real directory counts), or None."""
         return self.link if self.link.is_dir() else None
 
-    def publish(self, step: int, writer=None, fresh: bool = True) -> Path:
+    def publish(self, step: int, writer=None, fresh: bool = True, keep: int = 1) -> Path:
         """Build version ``step`` with ``writer(tmp_dir)`` (``fresh=False``: into the directory
         other processes already filled, see ``tmp_path``), then publish it as described in the
-        module docstring. Returns the link."""
+        module docstring; ``keep``: complete versions kept (the new one and ``keep - 1`` older
+        ones to fall back on). Returns the link."""
         tmp = self.tmp_path(step)
         if fresh:
-            if tmp.exists():
+            if tmp.is_symlink() or tmp.is_file():
+                os.unlink(tmp)  # (never written through)
+            elif tmp.exists():
                 shutil.rmtree(tmp)
             os.mkdir(tmp)
         if writer is not None:
@@ -131,16 +172,17 @@ class Slot:
         point(self.link, final)
         for link, inner in self.follow.items():
             point(self.dir / link, f"{final}/{inner}")
-        self.collect_garbage(expected=replaced)
+        self.collect_garbage(expected=replaced, keep=keep, quiet=True)
         return self.link
 
-    def recover(self) -> Path | None:
+    def recover(self, keep: int | None = None) -> Path | None:
         """After a crash (call with the run's lock held, before reading the slot): point a
         missing or dangling link at the newest complete version, restore a directory the
-        pre-versioning save left at ``.NAME.old``, re-point followers, remove leftovers; each
-        action is logged. Returns the current version or None."""
+        pre-versioning save left at ``.NAME.old``, re-point followers, remove leftovers (older
+        complete versions beyond ``keep``: see ``collect_garbage``); each action is logged.
+        Returns the current version or None."""
         if not self.link.is_dir():
-            versions = self._versions()
+            versions = self.versions()
             old = self.dir / f".{self.name}.old"
             if versions:
                 log.warning("%s: %s had no valid link; pointing it at the newest complete version %s",
@@ -159,16 +201,27 @@ class Slot:
                     log.warning("%s: re-pointing %s at %s (a save was interrupted before it moved)",
                                 self.dir, link, target)
                     point(path, target)
-        self.collect_garbage()
+        self.collect_garbage(keep=keep)
         return self.current()
 
-    def collect_garbage(self, expected=()) -> None:
+    def collect_garbage(self, expected=(), keep: int | None = None, quiet: bool = False) -> None:
         """Remove this slot's (and its followers') versions and temporaries no link points to,
-        each with a logged line (``expected``: the versions a publication just replaced, quietly)."""
+        each with a logged line (``expected``: the versions a publication just replaced, quietly),
+        except the ``keep - 1`` newest complete versions older than the published one (kept to fall
+        back on; ``None``: every older one; ``quiet``: those beyond, pruned by a publication, without
+        a line). Versions newer than the published one (a crash between their rename and the
+        link's swap) are removed."""
         names = {self.name, *self.follow}
-        keep = {self._target_top(self.dir / n) for n in names} - {None}
+        kept = {self._target_top(self.dir / n) for n in names} - {None}
+        versions, current = self.versions(), self._target_top(self.link)
+        if current in versions:
+            older = versions[:versions.index(current)]
+            fallback = set(older if keep is None else older[len(older) - max(keep - 1, 0):])
+            kept |= fallback
+            if quiet:
+                expected = {*expected, *(set(older) - fallback)}
         for entry in sorted(os.listdir(self.dir)):
-            if entry in keep or not self._owned(entry, names):
+            if entry in kept or not self._owned(entry, names):
                 continue
             path = self.dir / entry
             if entry not in expected:
@@ -182,12 +235,12 @@ class Slot:
                 log.warning("%s: could not remove %s (%s)", self.dir, entry, exc.strerror)
 
     # ------------------------------------------------------------------ helpers
-    def _versions(self) -> list[str]:
+    def versions(self) -> list[str]:
         """Complete versions of this slot, oldest first."""
         found = []
         for entry in os.listdir(self.dir):
             m = _VERSION.match(entry)
-            if m and m["name"] == self.name and (self.dir / entry).is_dir():
+            if m and m["name"] == self.name and (self.dir / entry).is_dir() and not (self.dir / entry).is_symlink():
                 found.append((int(m["step"]), int(m["n"] or 0), entry))
         return [e for *_, e in sorted(found)]
 
@@ -250,7 +303,7 @@ def lock_run_dir(run_dir: Path) -> int:
     import fcntl
 
     path = Path(run_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -263,18 +316,51 @@ def lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
+def _open_lock(path: Path) -> int:
+    """``run.lock``, opened without following a link; one that is not the run's own plain file
+    (a hard link to another file) is replaced by a new one, whose writes touch nothing else."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise not_ours(path, exc) from None
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return fd
+    os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{str(path)!r} is not a regular file; rlhf keeps its own {path.name} there: remove it, "
+                        "or choose another --run-dir")
+    os.unlink(path)  # (a hard link: the other name keeps its content)
+    return os.open(path, flags | os.O_EXCL, 0o644)
+
+
 def unlock(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file up to a line torn by a crash; [] when there is no file."""
-    rows, path = [], Path(path)
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a crash: after the checkpoint, redone
-                break
-    return rows
+    """The rows of a JSONL file, every line that is not a JSON object left out (``read_rows``
+    says which); [] when there is no file."""
+    return read_rows(path)[0]
+
+
+def read_rows(path: Path) -> tuple[list[dict], list[tuple[int, int]]]:
+    """(rows, broken): the JSON objects of a JSONL file in order, and for each line that is not
+    one, (its line number from 1, how many rows precede it). ([], []) when there is no file."""
+    rows, broken, path = [], [], Path(path)
+    if not path.is_file():
+        return rows, broken
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            broken.append((number, len(rows)))
+    return rows, broken

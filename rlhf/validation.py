@@ -85,7 +85,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "clip_range_high": POSITIVE, "rm_beta": NON_NEGATIVE, "lora_r": AT_LEAST_1, "lora_alpha": AT_LEAST_1,
         "lora_dropout": Range(0, 1, high_open=True), "threads": NON_NEGATIVE,
         "eval_problems": AT_LEAST_1, "eval_seed": SEED, "eval_batch": AT_LEAST_1,
-        "save_every": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_1,
+        "save_every": NON_NEGATIVE, "max_nonfinite_steps": AT_LEAST_1, "keep_checkpoints": AT_LEAST_1,
         "reward_timeout_s": NON_NEGATIVE, "reward_workers": NON_NEGATIVE,   # 0 turns each off
         "top_k": NON_NEGATIVE, "min_p": UNIT, "max_prompt_length": NON_NEGATIVE,  # 0 turns each off
         "top_p": Range(0, 1, low_open=True),                                    # 1 turns it off
@@ -108,7 +108,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "target_entropy": ANY, "alpha_q": Range(0, 1, low_open=True),
         "eps_decay_episodes": AT_LEAST_1, "log_every": AT_LEAST_1, "select_every": NON_NEGATIVE,
         "select_episodes": AT_LEAST_1, "eval_episodes": AT_LEAST_1, "eval_seed": SEED,
-        "save_every": NON_NEGATIVE,
+        "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_1,
     },
 }
 

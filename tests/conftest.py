@@ -33,6 +33,31 @@ def policy_with_adapter(model: str, **kw):
     return policy
 
 
+def logp_rounding_bound(policy, u: float) -> float:
+    """A first-order bound on how far a log-prob computed with relative roundings of ``u`` is
+    from the exact one, for the policy's model, from its weights.
+
+    logp_y = z_y - logsumexp(z) moves by at most 2 max_j |dz_j| (logsumexp is 1-Lipschitz in
+    the max norm). z_j = h . w_j with h the final RMSNorm's output, so |h| <= sqrt(d) max|g|
+    (unit RMS times the norm's gain g) and, by Cauchy-Schwarz, |dz_j| <= K u |h| |w_j| when
+    h and w_j carry relative errors summing to K u. K counts the roundings on the path from
+    the embedding to a logit, each at most u relative: per decoder layer ~12 (the weights of
+    q, k, v, o, gate, up, down and the stored activations), and 2 at the head (its weight and
+    h). Well-conditioned layers (random init, a norm before every block) do not amplify them
+    at first order. It holds on any CPU: it assumes only IEEE round-to-nearest. (bf16 storage:
+    u = 2^-8; fp32 throughout, where summation order is what differs: u = n 2^-24, a length-n
+    dot product's worst-case error, Higham's gamma_n.)
+    """
+    import math
+
+    base = policy.model.get_base_model()
+    layers = base.config.num_hidden_layers
+    head = base.get_output_embeddings().weight.float()
+    h_norm = math.sqrt(base.config.hidden_size) * float(base.model.norm.weight.float().abs().max())
+    k = 12 * layers + 2
+    return 2 * k * u * h_norm * float(head.norm(dim=1).max())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))

@@ -66,7 +66,14 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None,
 class _LinearLogProbs(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T / temperature)[i, ids[i]]`` over the vocabulary in
     blocks of ``chunk`` entries (an online log-sum-exp); the [M, V] logits are never kept:
-    backward recomputes each block's logits."""
+    backward recomputes each block's logits.
+
+    The chosen logit is read from the same block of logits the log-sum-exp sums (one GEMM,
+    one rounding): under a bf16 head a separate fp32 dot product differs from the bf16-rounded
+    logit by up to half a bf16 ulp (0.125 at a logit of 40), which made log p > 0 on confident
+    tokens and a still policy read as a moving one. From one computation, ``lse >= top >=
+    picked`` holds in floating point too (the top entry adds exp(0) = 1 to the sum), so
+    log p <= 0 always."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ids, temperature, chunk, with_entropy):
@@ -74,10 +81,14 @@ class _LinearLogProbs(torch.autograd.Function):
         top = torch.full((m_rows,), float("-inf"), device=hidden.device)
         total = torch.zeros(m_rows, device=hidden.device)      # sum exp(logit - top)
         weighted = torch.zeros(m_rows, device=hidden.device)   # sum exp(logit - top) * logit
+        picked = torch.zeros(m_rows, device=hidden.device)     # logit of ids, from its block
         for s in range(0, v, chunk):
             logits = (hidden @ weight[s:s + chunk].t()).float()
             if temperature != 1.0:
                 logits.div_(temperature)
+            here = (ids >= s) & (ids < s + logits.shape[1])
+            local = (ids - s).clamp(0, logits.shape[1] - 1)[:, None]
+            picked = torch.where(here, logits.gather(1, local).squeeze(1), picked)
             new_top = torch.maximum(top, logits.amax(-1))
             rescale = torch.exp(top - new_top)
             e = torch.exp(logits - new_top[:, None])
@@ -86,7 +97,6 @@ class _LinearLogProbs(torch.autograd.Function):
                 weighted = weighted * rescale + (e * logits).sum(-1)
             top = new_top
         lse = top + total.log()
-        picked = (hidden.float() * weight[ids].float()).sum(-1) / temperature  # fp32 under a bf16 model too
         ctx.save_for_backward(hidden, weight, ids, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         if not with_entropy:

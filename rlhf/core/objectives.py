@@ -66,13 +66,13 @@ def kl_penalty_surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, penalty_co
                          ) -> tuple[Tensor, Tensor]:
     """PPO's KL-penalised surrogate (Schulman et al. 2017, sec. 4):
     ``-rho * A + beta * KL(pi_old || pi)``, ``rho = exp(logp - old_logp)``, beta = ``penalty_coef``,
-    with the per-sample
-    KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho`` (>= 0; its value is
-    unbiased for KL(pi_old || pi)). Here pi is the *second* argument of the divergence, so the
-    autograd of this k3, ``(1 - 1/rho) * grad log pi``, has expectation under pi_old
-    ``-E_old[grad log pi] = grad KL(pi_old || pi)``: the right gradient (unlike k3 against a
-    reference, where pi is the first argument). Returns ``(loss, kl)``; beta = 0 gives TRPO's
-    plain importance-sampled surrogate.
+    with the per-sample KL estimated by k3 from actions sampled by pi_old: ``rho - 1 - log rho``
+    (>= 0; its value is unbiased for KL(pi_old || pi)). Here pi is the *second* argument of the
+    divergence, so the per-sample autograd of this k3 is ``(rho - 1) * grad log pi``, whose
+    expectation under pi_old is ``E_old[rho grad log pi] - E_old[grad log pi] = grad sum_a pi(a)
+    - E_old[grad log pi] = -E_old[grad log pi] = grad KL(pi_old || pi)``: the right gradient
+    (unlike k3 against a reference, where pi is the first argument). Returns ``(loss, kl)``;
+    beta = 0 gives TRPO's plain importance-sampled surrogate.
     """
     kl = kl_estimate(old_logp, logp, "k3")
     return -torch.exp(logp - old_logp) * adv + penalty_coef * kl, kl
@@ -249,6 +249,7 @@ def policy_loss(
     kl_estimator: str = "k3+",
     agg: str = "token_mean",
     denom: float | None = None,
+    kl_logged: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one policy loss of the library, for tokens and gym actions alike.
 
@@ -261,6 +262,13 @@ def policy_loss(
     ``clip_range_high`` are clip's, ``penalty_coef`` the KL penalty's beta. ``kl_estimator`` is
     the KL-to-reference term's (k2, k3 or k3+ have a meaning in the loss, k1 does not: see
     ``kl_estimate``); k3+ weights by ``exp(logp - old_logp)``.
+
+    ``stats["kl"]`` is the value of ``kl_logged`` (default: ``kl_estimator``), a claim about
+    KL(pi || ref). Under truncated sampling (top_k / top_p / min_p) ``logp`` is the truncated,
+    renormalised pi_t's and ``ref_logp`` the reference's full distribution's: E_pi_t[ref / pi_t] is
+    then the reference's mass M on the kept tokens, not 1, so the values of k3 and k3+ estimate
+    KL(pi_t || ref) - (1 - M), too low by the dropped mass, while k1's value stays unbiased for
+    KL(pi_t || ref). The trainer logs k1 there (its gradient term keeps ``kl_estimator``).
     Returns ``(loss, stats)``; stats are detached scalars.
     """
     objective_fn = POLICY_OBJECTIVES.get(objective)
@@ -270,8 +278,10 @@ def policy_loss(
                                    penalty_coef=penalty_coef)
     stats["pg_loss"] = aggregate(per_elem.detach(), mask, agg, denom)
     if ref_logp is not None:
-        kl = kl_estimate(logp, ref_logp.reshape(logp.shape), kl_estimator, old_logp=old)
-        stats["kl"] = aggregate(kl.detach(), mask, agg, denom)
+        ref = ref_logp.reshape(logp.shape)
+        kl = kl_estimate(logp, ref, kl_estimator, old_logp=old)
+        shown = kl if kl_logged in (None, kl_estimator) else kl_estimate(logp, ref, kl_logged, old_logp=old)
+        stats["kl"] = aggregate(shown.detach(), mask, agg, denom)
         if kl_coef != 0.0:
             per_elem = per_elem + kl_coef * kl
     loss = aggregate(per_elem, mask, agg, denom)

@@ -102,6 +102,8 @@ class GymConfig:
     select_episodes: int = 5             # deterministic episodes per selection check (seeds apart from eval's)
     eval_episodes: int = 20              # deterministic episodes in the final evaluation
     save_every: int = 0                  # env steps between resumable checkpoints (--resume; 0: none)
+    keep_checkpoints: int = 2            # complete checkpoints kept (the newest and older ones to fall back on
+                                         # when the newest is unreadable); >= 1
     eval_seed: int = 1_000_000           # first seed of evaluation episodes (never used in training)
     report_to: str | list = "none"       # trackers beside metrics.jsonl: tensorboard | wandb | trackio | mlflow,
                                          # one or a list (none: no tracker); rlhf/tracking.py says where each writes

@@ -37,7 +37,7 @@ def evaluate_lm(run_dir: str, problems: int | None = None, progress: bool = True
                       device=device)
     policy.to(device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
-                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     task = task_from_config(cfg)
     rows = task.held_out(problems or cfg.eval_problems, cfg.eval_seed)
     if task.name == "arith":  # accuracy: the correctness reward alone, no shaping

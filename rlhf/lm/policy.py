@@ -28,8 +28,9 @@ from rlhf.lm.forward import PolicyNet
 from rlhf.lm.precision import resolve_dtype
 from rlhf.lm.prompts import decode_completions, render_prompt, tokenize_prompts
 from rlhf.lm.rollout_record import Rollout
-from rlhf.lm.sampler import DecodeSettings, decode, eos_ids
+from rlhf.lm.sampler import DecodeSettings, eos_ids
 from rlhf.lm.share import make_portable
+from rlhf.lm.static_decode import decode_engine
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -217,10 +218,13 @@ class LMPolicy:
     # generation: truncation of the sampling distribution (log-probs use it too), stop strings
     truncation: Truncation = Truncation()
     stop: tuple[str, ...] = ()
+    decode_mode: str = "auto"  # the decode path: auto | dynamic | static (rlhf/lm/static_decode.py)
 
     def set_options(self, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, stop=(),
-                    chat_template_kwargs: dict | None = None, max_prompt_length: int = 0) -> None:
+                    chat_template_kwargs: dict | None = None, max_prompt_length: int = 0,
+                    decode: str = "auto") -> None:
         """The recipe's prompt and generation options (LMConfig's keys of the same names)."""
+        self.decode_mode = decode
         self.truncation = Truncation(top_k, top_p, min_p)
         for net in filter(None, (self.net, self.critic_net)):
             net.truncation = self.truncation
@@ -262,8 +266,9 @@ class LMPolicy:
         merge = adapter and self.merge_for_sampling
         with (self.sampling_context(), self._adapter(adapter),
               fast_lora.merged(self.model, self._merged_weights) if merge else contextlib.nullcontext()):
-            return decode(self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
-                          greedy, uniforms)
+            return decode_engine(self.decode_mode, self.device)(
+                self.model, prompt_ids, prompt_mask, group_size, max_new_tokens, self.decode_settings(),
+                greedy, uniforms)
 
     # ------------------------------------------------------------------ log-probs
     def logp(self, batch: Rollout, adapter: bool = True) -> Tensor:

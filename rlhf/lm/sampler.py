@@ -49,8 +49,7 @@ def decode(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_new_token
     logps = torch.zeros(n, max_new_tokens, device=dev)
     if uniforms is not None:  # (float64 from the CPU's generators: float32 on an accelerator)
         uniforms = uniforms.to(dev, wide_dtype(dev))
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                position_ids=positions(prompt_mask), use_cache=True, logits_to_keep=1)
+    out = prefill(model, prompt_ids, prompt_mask)
     cache = out.past_key_values
     cache.batch_repeat_interleave(g)
     cache.layers = [InPlaceLayer(layer, max_new_tokens) for layer in cache.layers]
@@ -60,17 +59,8 @@ def decode(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_new_token
     stopped = torch.full((n,), -1, dtype=torch.long)  # where a stop string ended a row
     steps = 0
     for t in range(max_new_tokens):
-        x = logits.float()
-        if s.temperature != 1.0:
-            x = x / s.temperature
-        top = x.amax(-1, keepdim=True)
-        e = torch.exp(x - top)  # unnormalised probabilities
-        if s.truncation.active:  # top_k / top_p / min_p: the rest get probability 0
-            e = e * truncation_mask(x, s.truncation)
-        nxt = x.argmax(-1) if greedy else sample_categorical(
-            e, uniform=None if uniforms is None else uniforms[live, t])
+        nxt, logps[live, t] = draw(logits, s, greedy, None if uniforms is None else uniforms[live, t])
         tokens[live, t] = nxt
-        logps[live, t] = x.gather(-1, nxt[:, None]).squeeze(-1) - top.squeeze(-1) - e.sum(-1).log()
         steps = t + 1
         ended = torch.isin(nxt, eos)
         if s.stop:
@@ -85,10 +75,32 @@ def decode(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_new_token
         out = model(input_ids=nxt[:, None], attention_mask=attn, past_key_values=cache,
                     position_ids=attn.sum(-1, keepdim=True) - 1, use_cache=True)
         logits = out.logits[:, -1]
-    return _record(prompt_ids, prompt_mask, tokens[:, :steps], logps[:, :steps], stopped, g, s)
+    return record(prompt_ids, prompt_mask, tokens[:, :steps], logps[:, :steps], stopped, g, s)
 
 
-def _record(prompt_ids, prompt_mask, tokens: Tensor, logps: Tensor, stopped: Tensor, g: int,
+def prefill(model, prompt_ids: Tensor, prompt_mask: Tensor):
+    """The prompts' one pass: their KV cache (``out.past_key_values``) and the logits of their
+    last position (``out.logits`` [P, 1, V]), from which the first tokens are drawn."""
+    return model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions(prompt_mask),
+                 use_cache=True, logits_to_keep=1)
+
+
+def draw(logits: Tensor, s: DecodeSettings, greedy: bool, uniform: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One token per row from ``logits`` [B, V] (the argmax when ``greedy``) and its log-prob
+    under the distribution it was drawn from: temperature-scaled, truncated (top_k / top_p /
+    min_p), in fp32. ``uniform`` [B]: the rows' random numbers (None: torch's generator)."""
+    x = logits.float()
+    if s.temperature != 1.0:
+        x = x / s.temperature
+    top = x.amax(-1, keepdim=True)
+    e = torch.exp(x - top)  # unnormalised probabilities
+    if s.truncation.active:  # top_k / top_p / min_p: the rest get probability 0
+        e = e * truncation_mask(x, s.truncation)
+    nxt = x.argmax(-1) if greedy else sample_categorical(e, uniform=uniform)
+    return nxt, x.gather(-1, nxt[:, None]).squeeze(-1) - top.squeeze(-1) - e.sum(-1).log()
+
+
+def record(prompt_ids, prompt_mask, tokens: Tensor, logps: Tensor, stopped: Tensor, g: int,
             s: DecodeSettings) -> Rollout:
     """The rollout of the sampled ``tokens`` [N, steps]: mask up to each row's end token or the
     last token of its stop string; a row a stop string ended is not truncated."""

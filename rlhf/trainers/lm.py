@@ -115,7 +115,7 @@ def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.O
                       gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
                       device=dist.device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
-                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs)
+                       cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = policy.distribute(dist, opt, cfg.max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -282,7 +282,8 @@ def minibatch_loss(policy: LMPolicy, roll: Rollout, groups: torch.Tensor, adv: t
         out["logp"], adv[idx], mb_mask, old_logp=out["logp"].detach() if old_logp is None else old_logp,
         ref_logp=_pick(passes.ref_logp, idx), objective=cfg.objective, clip_range=cfg.clip_range,
         clip_range_high=cfg.clip_range_high, penalty_coef=cfg.penalty_coef if penalty_coef is None else penalty_coef,
-        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom)
+        kl_coef=kl.loss_coef, kl_estimator=kl.estimator, agg=cfg.agg, denom=denom,
+        kl_logged="k1" if policy.truncation.active else None)  # (truncated pi vs full ref: policy_loss)
     if ret is not None:  # the critic's loss on the same tokens and normaliser
         vf = value_loss(out["values"], ret[idx], passes.old_values[idx], cfg.clip_range_value)
         stats["vf_loss"] = aggregate(vf, mb_mask, cfg.agg, denom)

@@ -23,7 +23,7 @@ def test_cpu_quick_run_passes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     checks = {r["check"]: r for r in summary["checks"]}
     assert summary["failed"] == []
-    for name in ("environment", "grpo_bfloat16", "ppo_bfloat16", "grpo_float16", "eval", "reward_model",
+    for name in ("environment", "confident_head_bf16", "grpo_bfloat16", "ppo_bfloat16", "grpo_float16", "eval", "reward_model",
                  "grpo_step_speed", "imports"):
         assert checks[name]["status"] == "pass", checks[name]
     for name in ("grpo_bfloat16", "ppo_bfloat16", "grpo_float16"):

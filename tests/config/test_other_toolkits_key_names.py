@@ -90,7 +90,7 @@ def test_a_typo_gets_the_answer_of_the_name_it_is_near(typo, answer):
 
 def test_a_name_near_nothing_lists_the_valid_keys():
     message = error_for(["zzqq"])
-    assert message.startswith("unknown recipe key 'zzqq'; valid keys: algo, model") and "did you mean" not in message
+    assert message.startswith("unknown recipe key 'zzqq'; valid keys: algo, adv_estimator, model") and "did you mean" not in message
 
 
 def test_every_unknown_key_of_a_recipe_in_one_error(tmp_path):

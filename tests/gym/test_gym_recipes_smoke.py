@@ -34,7 +34,7 @@ def test_recipe_trains_saves_and_evaluates(recipe, tmp_path, capsys, monkeypatch
     import rlhf.trainers.on_policy as on_policy
 
     if "lunarlander" in recipe.stem:
-        pytest.importorskip("Box2D", reason='LunarLander needs pip install "gymnasium[box2d]"')
+        pytest.importorskip("Box2D", reason="LunarLander needs pip install 'rlhf[box2d]'")
 
     calls = []
     real = on_policy.policy_loss

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.checkpoint import LM_FOLLOW, latest
+from rlhf.checkpoint import LM_FOLLOW, recover
 from rlhf.config import LMConfig
 from rlhf.errors import UserError
 from rlhf.run import Run
@@ -71,7 +71,7 @@ def test_recovery_adopts_a_version_whose_link_was_never_made_and_cleans_temporar
     (tmp_path / ".checkpoint-000002.tmp").mkdir()  # a later save, killed while writing
     os.symlink("checkpoint-000001", tmp_path / ".checkpoint.link")
     with caplog.at_level(logging.INFO, logger="rlhf"):
-        found = latest(tmp_path, LM_FOLLOW)
+        found = recover(tmp_path, LM_FOLLOW)
     assert found == tmp_path / "checkpoint" and (found / "state.pt").read_text() == "one"
     assert listing(tmp_path) == {"adapter": "checkpoint-000001/adapter", "checkpoint": "checkpoint-000001",
                                  "checkpoint-000001": "dir"}
@@ -86,7 +86,7 @@ def test_a_run_directory_of_the_old_layout_is_read_and_converted(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "w.txt").write_text("old")
     (tmp_path / ".checkpoint.tmp").mkdir()  # the old save, killed while writing
-    assert latest(tmp_path, LM_FOLLOW) == tmp_path / "checkpoint"
+    assert recover(tmp_path, LM_FOLLOW) == tmp_path / "checkpoint"
     assert (tmp_path / "checkpoint" / "state.pt").read_text() == "old"
     assert listing(tmp_path) == {"adapter": "dir", "checkpoint": "dir"}
     Slot(tmp_path, "checkpoint", LM_FOLLOW).publish(3, writer("new"))
@@ -101,14 +101,14 @@ def test_the_old_layouts_crash_between_its_two_renames_is_recovered(tmp_path, ca
     writer("old")(tmp_path / ".checkpoint.old")
     (tmp_path / ".checkpoint.tmp").mkdir()
     with caplog.at_level(logging.INFO, logger="rlhf"):
-        found = latest(tmp_path, LM_FOLLOW)
+        found = recover(tmp_path, LM_FOLLOW)
     assert found is not None and (found / "state.pt").read_text() == "old"
     assert ".checkpoint.old" in caplog.text and ".checkpoint.tmp" in caplog.text
     assert sorted(os.listdir(tmp_path)) == ["adapter", "checkpoint"]
 
 
 def test_no_checkpoint_at_all_is_none(tmp_path):
-    assert latest(tmp_path, LM_FOLLOW) is None
+    assert recover(tmp_path, LM_FOLLOW) is None
 
 
 def _run(tmp_path, **kw) -> Run:

@@ -35,7 +35,8 @@ from rlhf.cli import main
 ARGS = ["--no-progress", "--set", "steps=2", "--set", "save_every=1", "--set", "threads=1",
         "--set", "prompts_per_step=2", "--set", "group_size=2", "--set", "max_new_tokens=3",
         "--set", "lora_r=2", "--set", "lora_alpha=4", "--set", "lr=0.05",
-        "--set", "rewards=[arith_correct, length_penalty]"]
+        "--set", "rewards=[arith_correct, length_penalty]",
+        "--set", "keep_checkpoints=1"]  # (one checkpoint: the kills reach the removal of the old one)
 KILLED = 137  # the exit status of a process killed by SIGKILL, used by the child's os._exit
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
