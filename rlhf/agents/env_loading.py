@@ -37,7 +37,8 @@ def env_factory(spec: str, kwargs: dict | None = None) -> Callable[[], object]:
 
 
 def env_class(spec: str) -> Callable:
-    """The class (or, for a shipped rendering, its constructor) ``spec`` names (a shipped rendering, ``module:Class`` or ``file.py:Class``)."""
+    """What ``spec`` names: a shipped rendering's constructor, or the class of ``module:Class`` or
+    ``file.py:Class``."""
     if spec in RENDERED:
         return RENDERED[spec]
     if ":" not in spec:

@@ -39,7 +39,7 @@ from rlhf.lm.share import adapter_writer
 from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
-from rlhf.trainers.lm_sources import draws_per_row, policy_class, rollout_source, train_rows
+from rlhf.trainers.lm_sources import completion_budget, draws_per_row, policy_class, rollout_source, train_rows
 from rlhf.tracking import Tracking, accelerator_kwargs
 
 
@@ -108,12 +108,11 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:
     """The policy (with a checkpoint's adapter when resuming), its optimiser placed for the
     processes (DDP, FSDP2 or DeepSpeed under accelerate) and the warm-up LR schedule."""
-    policy = policy_class(cfg)(resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
-                      temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
-                      value_head=cfg.algo == "ppo", critic=cfg.critic,
-                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
-                      device=dist.device)
+    policy = policy_class(cfg)(
+        resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype, temperature=cfg.temperature,
+        adapter_path=ckpt and str(ckpt / "adapter"), value_head=cfg.algo == "ppo", critic=cfg.critic,
+        gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout, device=dist.device)
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -358,7 +357,7 @@ def _denom(mask: torch.Tensor, cfg: LMConfig) -> float:
         return float(mask.sum().clamp(min=1))
     if cfg.agg == "seq_mean":
         return float(mask.shape[0])
-    return float(mask.shape[0] * cfg.max_new_tokens)  # constant: Dr. GRPO's B * max_len
+    return float(mask.shape[0] * completion_budget(cfg))  # constant: Dr. GRPO's B * max_len
 
 
 def _pick(t, idx):

@@ -1,7 +1,7 @@
 """Where an LM run's rollouts come from (``rlhf.lm.rollout_record.RolloutSource``): a task's
 prompts through the single-turn sampler, or an agent recipe's task seeds through multi-turn
 episodes in its environment (``AgentConfig``: a recipe with ``env:`` and ``model:``). The loop
-(``rlhf.trainers.lm``) is the same for both; these are the four places it asks which."""
+(``rlhf.trainers.lm``) is the same for both; these are the places it asks which."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -35,3 +35,8 @@ def draws_per_row(cfg: LMConfig) -> int:
 def policy_class(cfg: LMConfig) -> type[LMPolicy]:
     """``ChoicePolicy`` scores a ``choose`` episode's actions in the training forward."""
     return ChoicePolicy if isinstance(cfg, AgentConfig) and cfg.action_mode == "choose" else LMPolicy
+
+
+def completion_budget(cfg: LMConfig) -> int:
+    """The most ids a completion row holds (``agg: constant``'s max_len): a reply's, or an episode's."""
+    return cfg.max_episode_tokens if isinstance(cfg, AgentConfig) else cfg.max_new_tokens
