@@ -4,6 +4,7 @@
                             a gymnasium id with a shipped text rendering
     module:Class            a class importable from ``module``
     path/to/file.py:Class   a class defined in that file
+    (either of the two)     a TRL environment_factory class (reset, no step), unchanged (``rlhf.agents.tool_env``)
 
 A class is instantiated with the recipe's ``env_kwargs``; it must have ``reset`` and ``step``.
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from rlhf.agents.text_envs import RENDERED
+from rlhf.agents.tool_env import ToolEnvironment, is_tool_environment
 from rlhf.errors import UserError
 
 
@@ -22,6 +25,8 @@ def env_factory(spec: str, kwargs: dict | None = None) -> Callable[[], object]:
     """A function that makes a fresh text environment of ``spec`` (one per episode)."""
     kwargs = dict(kwargs or {})
     cls = env_class(spec)
+    if isinstance(cls, type) and is_tool_environment(cls):  # a TRL environment_factory class, unchanged
+        cls = partial(ToolEnvironment, cls)
 
     def make():
         try:

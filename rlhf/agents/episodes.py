@@ -169,7 +169,7 @@ class EpisodeSource:
                 e.done = e.out_of_budget = True
             else:
                 e.append(ids, [0.0] * len(ids), [0.0] * len(ids))
-        e.messages += [{"role": "assistant", "content": text}, user]
+        e.messages += [{"role": "assistant", "content": text}] + ([user] if user["content"] or not e.done else [])
 
     def record(self, episodes: list[Episode], prompts: list[list[int]], g: int) -> Rollout:
         """The rollout record of finished ``episodes`` (module docstring)."""

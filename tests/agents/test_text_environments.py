@@ -91,3 +91,36 @@ def test_bad_env_values_are_named_in_one_sentence(tmp_path):
         env_factory(f"{tmp_path}/e.py:NotAnEnv")()
     with pytest.raises(UserError, match="has no class 'Missing'"):
         env_factory(f"{tmp_path}/e.py:Missing")
+
+
+TRL_ENV = '''
+class Counter:
+    """A TRL environment_factory class: reset(**row) returns text, public methods are tools."""
+
+    def reset(self, **row):
+        self.count, self.reward = 0, 0.0
+        return "Count to two, then answer."
+
+    def increment(self, by: int) -> str:
+        """Add ``by`` to the counter."""
+        self.count += by
+        self.reward = 1.0 if self.count == 2 else 0.0
+        return f"count={self.count}"
+'''
+
+
+def test_a_trl_environment_class_works_unchanged(tmp_path):
+    from rlhf.agents.tool_env import parse_tool_call
+
+    (tmp_path / "counter.py").write_text(TRL_ENV)
+    env = env_factory(f"{tmp_path}/counter.py:Counter")()
+    assert "- increment(by: int) -> str: Add ``by`` to the counter." in env.instructions
+    assert env.reset(seed=3)[0] == "Count to two, then answer."
+    call = '<tool_call>{"name": "increment", "arguments": {"by": 1}}</tool_call>'
+    assert parse_tool_call("I will " + call) == ("increment", {"by": 1})
+    assert env.step(call)[:3] == ("count=1", 0.0, False)
+    assert env.step('{"name": "increment", "arguments": {"by": 1}}')[:3] == ("count=2", 1.0, False)
+    obs, reward, terminated, _, info = env.step('{"name": "decrement", "arguments": {}}')
+    assert obs.startswith("Error: no tool 'decrement'") and info["invalid_action"] and not terminated
+    assert env.step('{"name": "increment", "arguments": {"by": "x"}}')[0].startswith("Error: TypeError")
+    assert env.step("The count is two.")[1:3] == (0.0, True)  # the answer ends it; the return so far is 1
