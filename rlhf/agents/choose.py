@@ -65,6 +65,15 @@ def candidate_logps(net: PolicyNet, prompt_ids: Tensor, prompt_mask: Tensor, own
     return seq, vals
 
 
+def action_logprobs(seq: Tensor, cands: list[list[int]], score: str = "sum") -> Tensor:
+    """log pi [K] over one turn's actions from their sequence log-probs ``seq`` [K]: ``sum`` scores
+    an action by its text's log-prob; ``mean`` by its mean per token (TWOSOME's token
+    normalisation: a longer action's text is not less likely for being longer)."""
+    if score == "mean":
+        seq = seq / torch.tensor([len(c) for c in cands], dtype=seq.dtype, device=seq.device)
+    return torch.log_softmax(seq, -1)
+
+
 def reply_ids(tokenizer, names: list[str], eos_id: int) -> list[list[int]]:
     """Each action's text as a whole reply: its tokens, then the end token."""
     return [tokenizer(n, add_special_tokens=False).input_ids + [eos_id] for n in names]
@@ -94,11 +103,12 @@ def choose_turn(src, prompts, episodes, live, g, greedy, adapter, uniforms, turn
     replies = []
     for i in live:
         e, k = episodes[i], len(names[i])
-        logits = torch.log_softmax(seq[rows[i]:rows[i] + k].double(), -1)
+        cands = [c for _, _, c in entries[rows[i]:rows[i] + k]]
+        logits = action_logprobs(seq[rows[i]:rows[i] + k].double(), cands, src.settings.choose_score)
         u = None if uniforms is None else uniforms[i, turn:turn + 1]
         a = int(logits.argmax()) if greedy else int(sample_categorical(logits.exp()[None], uniform=u)[0])
         ids = entries[rows[i] + a][2]
-        e.choices.append((len(e.ids), [c for _, _, c in entries[rows[i]:rows[i] + k]], a))
+        e.choices.append((len(e.ids), cands, a))
         e.append(ids, [1.0] + [0.0] * (len(ids) - 1), [float(logits[a])] + [0.0] * (len(ids) - 1))
         if len(e.ids) >= src.settings.max_episode_tokens:
             e.out_of_budget = True
@@ -124,16 +134,17 @@ class ChoiceRollout(Rollout):
     candidate ids, chosen index)``: what the training forward scores again, with gradients."""
 
     choices: list = []
+    score: str = "sum"  # how an action's tokens score it (``action_logprobs``)
 
     @classmethod
-    def of(cls, roll: Rollout, choices: list) -> "ChoiceRollout":
+    def of(cls, roll: Rollout, choices: list, score: str = "sum") -> "ChoiceRollout":
         out = cls(**{f: getattr(roll, f) for f in roll.__dataclass_fields__})
-        out.choices = choices
+        out.choices, out.score = choices, score
         return out
 
     def select_groups(self, groups: Tensor) -> "ChoiceRollout":
         rows = self.rows_of(groups).tolist()
-        return ChoiceRollout.of(super().select_groups(groups), [self.choices[r] for r in rows])
+        return ChoiceRollout.of(super().select_groups(groups), [self.choices[r] for r in rows], self.score)
 
 
 def choice_forward(net: PolicyNet, roll: ChoiceRollout, adapter: bool = True, values: bool = False,
@@ -161,7 +172,7 @@ def choice_forward(net: PolicyNet, roll: ChoiceRollout, adapter: bool = True, va
     at_s = torch.tensor([t[1] for t in turns], device=dev)
     lps, ents = [], []
     for r, start, first, k, chosen in turns:
-        logits = torch.log_softmax(seq[first:first + k], -1)
+        logits = action_logprobs(seq[first:first + k], [c for _, _, c in entries[first:first + k]], roll.score)
         lps.append(logits[chosen])
         ents.append(-(logits.exp() * logits).sum().detach())
     out["logp"] = out["logp"].index_put((at_r, at_s), torch.stack(lps).float())

@@ -18,13 +18,16 @@ class AgentKeys:
     eval_env_kwargs: dict = field(default_factory=dict)  # rlhf eval's overrides (default: the env's held_out_kwargs)
     action_mode: str = "generate"        # generate: free text parsed into an action | choose: a categorical over
                                          # the valid actions, each scored by its text's log-probability
+    choose_score: str = "sum"            # choose: an action's score is the sum of its text's token log-probs (its
+                                         # log-prob) | mean (per token: TWOSOME's normalisation, no length bias)
     max_turns: int = 8                   # turns per episode (the policy acts once a turn)
     max_episode_tokens: int = 512        # ids per episode after the first prompt, the environment's included
     invalid_action: str = "penalty"      # a reply naming no valid action: penalty (add invalid_penalty, the
                                          # state stays) | end (add it and end the episode)
     invalid_penalty: float = -0.1        # added to the return for each invalid action
 
-    agent_choices = {"action_mode": ("generate", "choose"), "invalid_action": ("penalty", "end")}
+    agent_choices = {"action_mode": ("generate", "choose"), "invalid_action": ("penalty", "end"),
+                     "choose_score": ("sum", "mean")}
 
     def validate_agent(self) -> None:
         if self.max_episode_tokens < 2:

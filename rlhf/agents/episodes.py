@@ -51,12 +51,13 @@ class EpisodeSettings:
     invalid_penalty: float = -0.1
     action_mode: str = "generate"        # generate | choose
     system_prompt: str | None = None
+    choose_score: str = "sum"            # choose mode: sum | mean of an action's token log-probs
 
     @classmethod
     def of(cls, cfg) -> "EpisodeSettings":
         """The settings an agent recipe (``AgentConfig``) gives."""
         return cls(cfg.max_turns, cfg.max_new_tokens, cfg.max_episode_tokens, cfg.invalid_action,
-                   cfg.invalid_penalty, cfg.action_mode, cfg.system_prompt)
+                   cfg.invalid_penalty, cfg.action_mode, cfg.system_prompt, cfg.choose_score)
 
 
 @dataclass
@@ -193,7 +194,7 @@ class EpisodeSource:
                        torch.tensor([e.out_of_budget for e in episodes], device=dev), g, logp.to(dev),
                        attn.to(dev), inputs)
         if self.settings.action_mode == "choose":
-            return ChoiceRollout.of(roll, [e.choices for e in episodes])
+            return ChoiceRollout.of(roll, [e.choices for e in episodes], self.settings.choose_score)
         return roll
 
 

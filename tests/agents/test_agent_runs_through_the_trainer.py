@@ -4,7 +4,7 @@ completions.jsonl holds whole episodes with their rewards; the loss's gradient i
 on the environment's ids and not on the policy's; the sampler/trainer log-prob gap over
 multi-turn episodes stays within today's bound; a template breaking the prefix property stops
 the run in one sentence; a stopped run resumes exactly; ``rlhf eval`` reports success and
-return, base against trained."""
+return, base against trained; a short choose run on that environment raises its return."""
 import json
 import shutil
 from pathlib import Path
@@ -162,3 +162,14 @@ def test_a_stopped_agent_run_resumes_exactly(recipe, words_env, tiny_model, tmp_
     assert strip(metrics(cut)) == strip(metrics(full))
     weights = lambda run: (run / "adapter" / "adapter_model.safetensors").read_bytes()  # noqa: E731
     assert weights(cut) == weights(full)
+
+
+def test_a_short_choose_run_raises_the_return(words_env, tiny_model, tmp_path, capsys):
+    """Learning tier, on the tiny model in seconds: GRPO in choose mode (actions scored per token,
+    so the tiny model starts near uniform over yes / no / maybe) learns that "yes" pays."""
+    extra = [f"env={words_env}", "action_mode=choose", "choose_score=mean", "steps=30", "group_size=4",
+             "lora_r=4", "lora_alpha=8", "lr=0.01", "seed=0"]
+    assert train("grpo_frozenlake.yaml", tmp_path / "run", tiny_model, extra) == 0
+    rewards = [r["reward"] for r in metrics(tmp_path / "run")]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
+    assert last > first + 0.3, rewards

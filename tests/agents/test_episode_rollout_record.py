@@ -85,10 +85,12 @@ def test_sampler_and_trainer_agree_over_multi_turn_episodes(policy):
         assert (logp[roll.mask == 0] == 0).all()
 
 
-def test_choose_logprobs_are_a_softmax_over_each_actions_sequence_logprob(policy):
+@pytest.mark.parametrize("score", ["sum", "mean"])
+def test_choose_logprobs_are_a_softmax_over_each_actions_sequence_logprob(policy, score):
     """log pi(a_t) = s_a - logsumexp_b s_b, s_b the sum of b's token log-probs (its text, then the
-    end token) after the context, each computed here by a plain forward over the whole text."""
-    roll = episodes(policy, "choose", g=1, rows=ROWS[:1])
+    end token) after the context (``mean``: that sum over b's token count), each computed here by
+    a plain forward over the whole text."""
+    roll = episodes(policy, "choose", g=1, rows=ROWS[:1], choose_score=score)
     names = ["left", "down", "right", "up"]
     cands = reply_ids(policy.tokenizer, names, policy.tokenizer.eos_token_id)
     prompt = roll.prompt_ids[0][roll.prompt_mask[0] > 0]
@@ -99,7 +101,7 @@ def test_choose_logprobs_are_a_softmax_over_each_actions_sequence_logprob(policy
             ids = torch.cat([prompt, roll.completion_ids[0, :start], torch.tensor(c)])[None]
             with torch.no_grad():
                 logits = policy.model(input_ids=ids).logits[0, -len(c) - 1:-1] / 0.9
-            s.append(selective_log_softmax(logits, torch.tensor(c)).sum())
+            s.append(selective_log_softmax(logits, torch.tensor(c)).sum() / (len(c) if score == "mean" else 1))
         chosen = names.index(roll.reward_inputs.completions[0][2 * t]["content"])
         expected = torch.log_softmax(torch.stack(s).double(), 0)[chosen]
         assert abs(float(trained[0, start]) - float(expected)) < 1e-5
