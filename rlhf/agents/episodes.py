@@ -150,13 +150,13 @@ class EpisodeSource:
         text, ended = reply
         s = self.settings
         e.turns += 1
-        if e.out_of_budget:
+        if e.out_of_budget and not ended:  # a reply the token budget cut short is not acted on
             e.done = True
             return
         obs, reward, terminated, truncated, info = e.env.step(text)
         info = info or {}
         e.ret += float(reward)
-        e.done = bool(terminated or truncated) or e.turns >= s.max_turns
+        e.done = bool(terminated or truncated) or e.turns >= s.max_turns or e.out_of_budget
         e.success = bool(info.get("success", terminated and reward > 0))
         if info.get("invalid_action"):
             e.invalid += 1
