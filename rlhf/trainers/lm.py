@@ -108,7 +108,7 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:
     """The policy (with a checkpoint's adapter when resuming), its optimiser placed for the
     processes (DDP, FSDP2 or DeepSpeed under accelerate) and the warm-up LR schedule."""
-    policy = policy_class(cfg)(
+    policy = policy_class(cfg, LMPolicy)(
         resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype, temperature=cfg.temperature,
         adapter_path=ckpt and str(ckpt / "adapter"), value_head=cfg.algo == "ppo", critic=cfg.critic,

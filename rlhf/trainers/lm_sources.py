@@ -32,9 +32,10 @@ def draws_per_row(cfg: LMConfig) -> int:
     return cfg.max_turns * cfg.max_new_tokens if isinstance(cfg, AgentConfig) else cfg.max_new_tokens
 
 
-def policy_class(cfg: LMConfig) -> type[LMPolicy]:
-    """``ChoicePolicy`` scores a ``choose`` episode's actions in the training forward."""
-    return ChoicePolicy if isinstance(cfg, AgentConfig) and cfg.action_mode == "choose" else LMPolicy
+def policy_class(cfg: LMConfig, base: type[LMPolicy] = LMPolicy) -> type[LMPolicy]:
+    """``ChoicePolicy`` scores a ``choose`` episode's actions in the training forward; any other
+    run builds ``base`` (the trainer's own ``LMPolicy``)."""
+    return ChoicePolicy if isinstance(cfg, AgentConfig) and cfg.action_mode == "choose" else base
 
 
 def completion_budget(cfg: LMConfig) -> int:
