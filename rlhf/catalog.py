@@ -50,7 +50,16 @@ def find_recipe(arg: str) -> str:
 
 def field_docs(cls) -> dict[str, str]:
     """Each dataclass field's comment: the ``# ...`` on its line plus the comment-only lines
-    below it that start in the same column (a wrapped comment)."""
+    below it that start in the same column (a wrapped comment); a subclass's over its bases'."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base) and base is not object:
+            docs.update(class_field_docs(base))
+    return docs
+
+
+def class_field_docs(cls) -> dict[str, str]:
+    """``field_docs`` of the fields ``cls`` itself declares."""
     source = textwrap.dedent(inspect.getsource(cls))
     fields = {node.lineno: node.target.id for node in ast.parse(source).body[0].body
               if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
@@ -83,10 +92,10 @@ def config_keys(cls) -> list[tuple[str, object, str]]:
 
 
 def families(algo: str | None = None) -> list[type]:
-    """The config classes (LM, gym) that hold ``algo`` (all of them for None)."""
-    from rlhf.config import CONFIGS
+    """The config classes (LM, agent, gym) that hold ``algo`` (all of them for None)."""
+    from rlhf.config import CONFIGS, AgentConfig
 
-    classes = list(dict.fromkeys(CONFIGS.values()))
+    classes = list(dict.fromkeys([*CONFIGS.values(), AgentConfig]))
     if algo is None:
         return classes
     chosen = [c for c in classes if algo in c.choices["algo"]]

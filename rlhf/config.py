@@ -21,6 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from rlhf.agents.config import AgentKeys
 from rlhf.core import ADV_ESTIMATORS, POLICY_OBJECTIVES
 from rlhf.errors import UserError, check_choices
 from rlhf.gym.config import GymConfig
@@ -32,7 +33,7 @@ from rlhf.toolkit_names import unknown_keys_message, value_note
 from rlhf.tracking import tracker_names
 from rlhf.validation import check_ranges
 
-__all__ = ["LMConfig", "CONFIGS", "KL_REFUSED", "DEFAULT_KL_ESTIMATOR", "load_recipe", "read_recipe",
+__all__ = ["LMConfig", "AgentConfig", "CONFIGS", "KL_REFUSED", "DEFAULT_KL_ESTIMATOR", "load_recipe", "read_recipe",
            "config_class", "build", "to_dict", "load_run_config"]
 
 
@@ -232,6 +233,26 @@ ONE_STEP_PLAIN_PG = {
 }
 # each algo's own advantage estimator (adv_estimator: None)
 DEFAULT_ADV_ESTIMATOR = {"grpo": "grpo", "rloo": "rloo", "reinforce": "reinforce", "ppo": "gae"}
+
+
+@dataclass
+class AgentConfig(LMConfig, AgentKeys):
+    """A language model acting over many turns in a text environment (rlhf/agents/config.py holds
+    the agent keys): LMConfig's keys, same meanings, the environment's return as the reward."""
+
+    rewards: list = field(default_factory=lambda: ["env_return"])  # the environment's return (others can be added)
+    max_new_tokens: int = 16             # tokens of one reply (generate mode)
+    group_size: int = 8                  # episodes from one task seed
+    eval_problems: int = 100             # held-out seeds played by `rlhf eval`
+
+    choices = {**LMConfig.choices, **AgentKeys.agent_choices,
+               "algo": tuple(a for a in LMConfig.choices["algo"] if a != "reward_model")}
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_agent()
+
+
 # algo name -> config class; names both families use (ppo, reinforce) keep their LM entry and
 # config_class settles them by the recipe's keys
 CONFIGS: dict[str, type] = {a: LMConfig for a in LMConfig.choices["algo"]}
@@ -247,7 +268,11 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> LMConfig:
 def config_class(values: dict) -> type:
     """The config family of a recipe: the one whose ``algo`` choices hold its algo. A name in
     two families (``ppo`` for LMs and for gym agents) is settled by which family's fields the
-    recipe's keys belong to (``env:`` is gym, ``model:`` / ``task:`` are LM)."""
+    recipe's keys belong to (``env:`` is gym, ``model:`` / ``task:`` are LM). A recipe with both
+    ``env:`` and ``model:`` is an agent recipe (``AgentConfig``): a language model acting in an
+    environment."""
+    if "env" in values and "model" in values:  # a language model in an environment
+        return AgentConfig
     algo = values.get("algo", "grpo")
     families = list(dict.fromkeys(CONFIGS.values()))
     classes = [c for c in families if isinstance(algo, str) and algo in c.choices["algo"]]

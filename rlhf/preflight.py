@@ -34,6 +34,9 @@ def preflight(cfg) -> None:
         env_spec(cfg)  # the env exists here and suits the algorithm
         check_saveable(cfg)  # save_every can checkpoint it
         return
+    if type(cfg).__name__ == "AgentConfig":
+        check_agent(cfg)
+        return
     if cfg.algo == "reward_model":  # preference pairs: generated for arith, else the file's
         completion_keys = ("chosen", "rejected")
         needed = {k: "it needs prompt, chosen and rejected" for k in completion_keys}
@@ -65,6 +68,22 @@ def check_packages(cfg) -> None:
             continue
         fn = load_reward(spec) if isinstance(spec, str) else spec
         require(getattr(fn, "requires", ()), f"reward {reward_label(spec)!r}")
+
+
+def check_agent(cfg) -> None:
+    """An agent recipe: its environment loads and resets to a text observation, its rewards read
+    only the columns an episode has, its model directory is whole."""
+    from rlhf.agents.env_loading import env_factory
+    from rlhf.agents.episodes import EPISODE_COLUMNS, first_messages
+
+    first_messages(env_factory(cfg.env, cfg.env_kwargs)(), 0, None)
+    missing = {c: why for c, why in reward_columns(cfg.rewards).items() if c not in EPISODE_COLUMNS}
+    if missing:
+        raise UserError(f"an episode has the columns {', '.join(EPISODE_COLUMNS)}, not {', '.join(missing)} "
+                        f"({'; '.join(sorted(set(missing.values())))})")
+    model_dir = local_model(cfg.model)
+    if model_dir is not None:
+        check_model_dir(model_dir, cfg.model)
 
 
 def local_model(name: str) -> str | None:

@@ -58,6 +58,8 @@ RENAMED: dict[str, dict] = {
     },
 }
 
+RENAMED["AgentConfig"] = RENAMED["LMConfig"]  # an agent recipe is an LM recipe
+
 
 def rename_deprecated(cls, values: dict) -> dict:
     """``values`` with each old key of ``cls``'s family replaced by its new key, one logged line

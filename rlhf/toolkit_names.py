@@ -186,6 +186,11 @@ NO_COUNTERPART: dict[str, frozenset] = {"LMConfig": frozenset((
 )), "GymConfig": frozenset()}
 
 
+# an agent recipe is an LM recipe: other toolkits' names are answered the same way
+for _table in (EQUIVALENT, SENTENCE, VALUE_NOTE, NO_COUNTERPART):
+    _table["AgentConfig"] = _table["LMConfig"]
+
+
 def answer(family: str, key: str, names) -> tuple[str, str | None]:
     """What an unknown recipe ``key`` of config ``family`` (whose keys are ``names``) is told:
     ("key", our key) | ("sentence", how it differs) | ("none", None): a setting with no

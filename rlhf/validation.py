@@ -95,6 +95,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "top_p": Range(0, 1, low_open=True),                                    # 1 turns it off
         "log_completions_every": NON_NEGATIVE,                                  # 0 turns it off
     },
+    "AgentConfig": {},  # LMConfig's and the agent keys (below)
     "GymConfig": {
         "seed": SEED, "total_steps": AT_LEAST_1, "n_envs": AT_LEAST_1, "threads": AT_LEAST_1,
         "gamma": UNIT, "lr": POSITIVE, "hidden": AT_LEAST_1, "layers": AT_LEAST_1,
@@ -114,6 +115,9 @@ RANGES: dict[str, dict[str, Range]] = {
         "save_every": NON_NEGATIVE, "keep_checkpoints": AT_LEAST_1,
     },
 }
+
+RANGES["AgentConfig"] = {**RANGES["LMConfig"], "max_turns": AT_LEAST_1, "max_episode_tokens": Range(2),
+                         "invalid_penalty": ANY}
 
 
 # ---------------------------------------------------------------------------------- 1. ranges

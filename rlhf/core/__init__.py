@@ -5,6 +5,7 @@ from rlhf.core.advantages import (
     explained_variance,
     gae,
     group_normalize,
+    last_index,
     leave_one_out,
     whiten,
 )
@@ -35,7 +36,8 @@ from rlhf.core.registry import (
 from rlhf.core import estimators  # noqa: E402,F401  registers the built-in advantage estimators
 
 __all__ = [
-    "discounted_cumsum", "discounted_returns", "explained_variance", "gae", "group_normalize", "leave_one_out",
+    "discounted_cumsum", "discounted_returns", "explained_variance", "gae", "group_normalize", "last_index",
+    "leave_one_out",
     "whiten", "AGG_MODES", "KL_ESTIMATORS", "KL_PLACEMENTS", "aggregate", "clipped_surrogate",
     "entropy_from_logits", "kl_estimate", "kl_penalty_surrogate", "adaptive_kl_coef", "bradley_terry_loss",
     "policy_loss", "reinforce", "value_loss",

@@ -16,6 +16,7 @@ __all__ = [
     "discounted_returns",
     "gae",
     "group_normalize",
+    "last_index",
     "leave_one_out",
     "whiten",
     "explained_variance",
@@ -85,6 +86,13 @@ def gae(
     the final observation's value on truncation), ``terminated`` (no bootstrap) and ``dones``
     (terminated or truncated: the advantage recursion is cut).
     """
+    if mask is not None and next_values is None and terminated is None and dones is None and has_gaps(mask):
+        # a multi-turn episode: the environment's tokens (mask 0) sit between the policy's; they
+        # are no steps of the policy's, so GAE runs over its tokens alone (s_{t+1}: its next one)
+        idx, steps = masked_steps(mask)
+        adv, ret = gae(rewards.gather(-1, idx), values.gather(-1, idx), gamma, gae_lambda, mask=steps)
+        return (torch.zeros_like(rewards).scatter(-1, idx, adv * steps),
+                torch.zeros_like(rewards).scatter(-1, idx, ret * steps))
     mask = torch.ones_like(rewards) if mask is None else mask.to(rewards.dtype)
     if next_values is None:  # V(s_{t+1}) from the same row; 0 past the last real step
         next_values = torch.zeros_like(values)
@@ -96,6 +104,30 @@ def gae(
     deltas = (rewards + gamma * (1 - terminated) * next_values - values) * mask
     adv = discounted_cumsum(deltas, gamma * gae_lambda * (1 - dones)) * mask
     return adv, (adv + values) * mask
+
+
+def has_gaps(mask: Tensor) -> bool:
+    """Whether some row of ``mask`` [B, T] has a 0 before a nonzero entry (not a prefix of ones)."""
+    m = mask != 0
+    return bool((m[..., 1:] & ~m[..., :-1]).any())
+
+
+def masked_steps(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(idx, steps)`` [B, K]: the positions of each row's nonzero ``mask`` entries, in order and
+    left-aligned (K: the most any row has), and 1 where a row has that many (0: filler)."""
+    nonzero = mask != 0
+    k = int(nonzero.sum(-1).max()) if mask.numel() else 0
+    idx = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :k]
+    return idx, nonzero.gather(-1, idx).to(mask.dtype)
+
+
+def last_index(mask: Tensor) -> Tensor:
+    """[N] long: the position of the last nonzero entry of each row of ``mask`` [N, C], -1 where
+    the row has none. For a mask that is a prefix of ones this is ``mask.sum(1) - 1``."""
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return ((mask != 0).long() * pos).amax(1) - 1
 
 
 def group_normalize(

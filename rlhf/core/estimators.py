@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf.core.advantages import discounted_returns, gae, group_normalize, leave_one_out
+from rlhf.core.advantages import discounted_returns, gae, group_normalize, last_index, leave_one_out
 from rlhf.core.registry import AdvInput, register_adv_est
 
 
@@ -30,7 +30,7 @@ def sequence_rewards(x: AdvInput) -> Tensor:
 def token_rewards(x: AdvInput) -> Tensor:
     """This process's rewards per token [n, C]: each completion's reward on its last token, minus
     the per-token KL placed in the reward."""
-    last = (x.mask.sum(1).long() - 1).clamp(min=0)
+    last = last_index(x.mask).clamp(min=0)  # (the mask is not a prefix in a multi-turn episode)
     out = torch.zeros_like(x.mask)
     out[torch.arange(len(out)), last] = x.local(x.rewards)  # sequence reward on its last token
     if x.kl is not None:

@@ -128,6 +128,15 @@ class PolicyNet(torch.nn.Module):
                 out["values"] = self.value_head(hidden.float()).squeeze(-1) * mask
         return out
 
+    def token_logprobs(self, hidden: Tensor, ids: Tensor, adapter: bool = True) -> Tensor:
+        """Log-probs [M] of ``ids`` [M] from the hidden states [M, d] that predict them, as the
+        training forward computes them (sampling temperature; the policy's truncated
+        distribution, the reference's full one): for a source that runs the decoder itself
+        (an action scored by its text, ``rlhf.agents.choose``)."""
+        lm, _ = self.lm(adapter)
+        trunc = self.truncation if adapter else Truncation()
+        return self._head(lm.get_output_embeddings(), hidden, ids, False, trunc)[0]
+
     def _head(self, head, hidden: Tensor, ids: Tensor, entropy: bool, trunc: Truncation = Truncation()
               ) -> tuple[Tensor, Tensor | None]:
         """Log-probs [M] of ``ids`` at the sampling temperature (and entropies) from hidden [M, d]

@@ -38,6 +38,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from rlhf.core.advantages import last_index  # (where a sequence-level reward lands; re-exported here)
+
 
 @dataclass
 class RewardInputs:
@@ -108,15 +110,6 @@ class Rollout:
         """[N] long: the position of each row's last policy token (0 for a row without one):
         where a sequence-level reward lands. Right for any mask, not only a prefix of ones."""
         return last_index(self.mask).clamp(min=0)
-
-
-def last_index(mask: Tensor) -> Tensor:
-    """[N] long: the position of the last nonzero entry of each row of ``mask`` [N, C], -1 where
-    the row has none. For a mask that is a prefix of ones this is ``mask.sum(1) - 1``."""
-    if mask.shape[1] == 0:
-        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
-    pos = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    return ((mask != 0).long() * pos).amax(1) - 1
 
 
 def completion_id_lists(roll: Rollout) -> list[list[int]]:

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rlhf.config import LMConfig
+from rlhf.config import AgentConfig, LMConfig
 from rlhf.core import Registry
 from rlhf.gym.config import GymConfig
 
 LM_ALGOS = tuple(a for a in LMConfig.choices["algo"] if a != "reward_model")
 GYM_ALGOS = GymConfig.choices["algo"]
+AGENT_ALGOS = AgentConfig.choices["algo"]
 
-TRAINERS = {"LMConfig": Registry("algo"), "GymConfig": Registry("algo")}
-EVALUATORS = {"LMConfig": Registry("algo"), "GymConfig": Registry("algo")}
+TRAINERS = {"LMConfig": Registry("algo"), "AgentConfig": Registry("algo"), "GymConfig": Registry("algo")}
+EVALUATORS = {"LMConfig": Registry("algo"), "AgentConfig": Registry("algo"), "GymConfig": Registry("algo")}
 TRAINERS["LMConfig"].register("reward_model")("rlhf.trainers.reward_model:train_reward_model")
 TRAINERS["LMConfig"].register(*LM_ALGOS)("rlhf.trainers.lm:train")
+TRAINERS["AgentConfig"].register(*AGENT_ALGOS)("rlhf.trainers.lm:train")  # the LM loop, episodes as its source
 TRAINERS["GymConfig"].register(*GYM_ALGOS)("rlhf.trainers.gym:train")
 EVALUATORS["LMConfig"].register("reward_model")("rlhf.lm.evaluate:evaluate_rm_cli")
 EVALUATORS["LMConfig"].register(*LM_ALGOS)("rlhf.lm.evaluate:evaluate_lm_cli")
+EVALUATORS["AgentConfig"].register(*AGENT_ALGOS)("rlhf.agents.evaluate:evaluate_agent_cli")
 EVALUATORS["GymConfig"].register(*GYM_ALGOS)("rlhf.gym.evaluate:evaluate_cli")
 
 

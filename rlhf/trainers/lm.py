@@ -33,14 +33,14 @@ from rlhf.distributed import ONE_PROCESS, Dist
 from rlhf.lm.models import resolve_model
 from rlhf.lm.forward import length_buckets
 from rlhf.lm.policy import LMPolicy
-from rlhf.lm.rollout import RolloutPass, collect, kl_after_update, kl_terms, rollout_pass, sampling_uniforms
+from rlhf.lm.rollout import RolloutPass, kl_after_update, kl_terms, rollout_pass, sampling_uniforms
 from rlhf.lm.rollout_record import Rollout, completion_id_lists
 from rlhf.lm.share import adapter_writer
 from rlhf.trainers.lm_step import accumulate, optimiser_step
 from rlhf.rewards import TrainerState, load_rewards, score
 from rlhf.run import Run
 from rlhf.seeding import seed_everything
-from rlhf.tasks import task_from_config
+from rlhf.trainers.lm_sources import completion_budget, draws_per_row, policy_class, rollout_source, train_rows
 from rlhf.tracking import Tracking, accelerator_kwargs
 
 
@@ -50,7 +50,6 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     dist.check_split(cfg.prompts_per_step, cfg.minibatches)
     dist.check_micro_batches(cfg.micro_batch_size)
     seed_everything(cfg.seed, cfg.threads)
-    task = task_from_config(cfg)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, saved = load_lm_checkpoint(run.dir, dist) if resume else (None, None)
     policy, opt, sched = build(cfg, dist, ckpt)
@@ -59,7 +58,8 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     if saved is not None:
         state = LoopState(**{**asdict(state), **saver.resume(ckpt, saved)})
     baseline = Baseline(value=state.baseline)
-    prompts_iter = itertools.islice(task.train_rows(), state.step * cfg.prompts_per_step, None)
+    prompts_iter = itertools.islice(train_rows(cfg), state.step * cfg.prompts_per_step, None)
+    source = rollout_source(policy, cfg)  # the task's prompts through the sampler, or episodes in an env
     t_start = time.time()
     bar = tqdm(range(state.step, cfg.steps), desc=cfg.algo, disable=not progress or not dist.is_main,
                dynamic_ncols=True, initial=state.step, total=cfg.steps)
@@ -68,8 +68,9 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
             t0 = time.time()
             rows = [next(prompts_iter) for _ in range(cfg.prompts_per_step)]  # the global batch
             with dist.autocast():                                                   # collect
-                roll, prompts, completions, columns = collect(policy, dist.shard(rows), cfg,
-                                                              uniforms=rank_uniforms(cfg, step, dist))
+                roll = source(dist.shard(rows), uniforms=rank_uniforms(cfg, step, dist))
+            prompts, completions, columns = (roll.reward_inputs.prompts, roll.reward_inputs.completions,
+                                             roll.reward_inputs.columns)
             t1 = time.time()
             reward_values: dict = {}
             local_rewards, reward_means, local_scored = score(                       # score
@@ -109,12 +110,12 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:
     """The policy (with a checkpoint's adapter when resuming), its optimiser placed for the
     processes (DDP, FSDP2 or DeepSpeed under accelerate) and the warm-up LR schedule."""
-    policy = LMPolicy(resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype,
-                      temperature=cfg.temperature, adapter_path=ckpt and str(ckpt / "adapter"),
-                      value_head=cfg.algo == "ppo", critic=cfg.critic,
-                      gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout,
-                      device=dist.device, reference=bool(cfg.kl_coef))
+    policy = policy_class(cfg, LMPolicy)(
+        resolve_model(cfg.model, revision=cfg.revision), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, lora_targets=cfg.lora_targets, dtype=cfg.dtype, temperature=cfg.temperature,
+        adapter_path=ckpt and str(ckpt / "adapter"), value_head=cfg.algo == "ppo", critic=cfg.critic,
+        gradient_checkpointing=cfg.gradient_checkpointing, disable_dropout=cfg.disable_dropout, device=dist.device,
+        reference=bool(cfg.kl_coef))
     policy.set_options(top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p, stop=cfg.stop, max_prompt_length=
                        cfg.max_prompt_length, chat_template_kwargs=cfg.chat_template_kwargs, decode=cfg.decode)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -146,7 +147,7 @@ def rank_uniforms(cfg: LMConfig, step: int, dist: Dist) -> torch.Tensor:
     """The sampling noise of this rank's prompts of ``step`` (keyed by each prompt's position in the run)."""
     per_rank = cfg.prompts_per_step // dist.world
     first = step * cfg.prompts_per_step + dist.rank * per_rank
-    return sampling_uniforms(cfg.seed, range(first, first + per_rank), cfg.group_size, cfg.max_new_tokens)
+    return sampling_uniforms(cfg.seed, range(first, first + per_rank), cfg.group_size, draws_per_row(cfg))
 
 
 def metrics_row(step: int, rewards, reward_means: dict, roll: Rollout, stats: dict, cfg: LMConfig,
@@ -354,7 +355,7 @@ def _denom(mask: torch.Tensor, cfg: LMConfig) -> float:
         return float(mask.sum().clamp(min=1))
     if cfg.agg == "seq_mean":
         return float(mask.shape[0])
-    return float(mask.shape[0] * cfg.max_new_tokens)  # constant: Dr. GRPO's B * max_len
+    return float(mask.shape[0] * completion_budget(cfg))  # constant: Dr. GRPO's B * max_len
 
 
 def _pick(t, idx):

@@ -110,13 +110,16 @@ def test_recipes_run_by_name_from_anywhere(tmp_path, monkeypatch, capsys):
 
 
 def test_keys_prints_every_key_with_default_and_its_comment(capsys):
-    from rlhf.config import LMConfig
+    from rlhf.config import AgentConfig, LMConfig
     from rlhf.gym.config import GymConfig
 
-    assert main(["keys", "grpo"]) == 0
+    assert main(["keys", "grpo"]) == 0  # the LM family, then the agent family (LM keys and its own)
     out = capsys.readouterr().out.splitlines()
+    assert [x for x in out if x.startswith(("LMConfig:", "AgentConfig:"))] == [
+        "LMConfig: algo grpo | rloo | reinforce | ppo | reward_model", "AgentConfig: algo grpo | rloo | reinforce | ppo"]
     rows = {x.split()[0]: x for x in out if x.startswith("  ")}
-    assert list(rows) == [f.name for f in LMConfig.__dataclass_fields__.values()]
+    lm_keys = [f.name for f in LMConfig.__dataclass_fields__.values()]
+    assert list(rows) == lm_keys + [f for f in AgentConfig.__dataclass_fields__ if f not in lm_keys]
     assert re.fullmatch(r"  lr\s+0\.0002\s+AdamW learning rate of the adapter", rows["lr"])
     # a comment wrapped onto the next line is read whole
     assert rows["reward_timeout_s"].endswith("with one line naming both, and the run goes on (0: no limit)")
@@ -125,7 +128,7 @@ def test_keys_prints_every_key_with_default_and_its_comment(capsys):
     assert "LMConfig:" in out and "GymConfig:" in out and "ppo clip epsilon" in out
     from rlhf.catalog import field_docs
 
-    for cls in (LMConfig, GymConfig):  # every key has its one-line doc
+    for cls in (LMConfig, AgentConfig, GymConfig):  # every key has its one-line doc
         docs = field_docs(cls)
         assert [f for f in cls.__dataclass_fields__ if not docs.get(f)] == []
     assert "--- on-policy" not in field_docs(GymConfig)["clip_obs"]  # a section comment is not a doc
