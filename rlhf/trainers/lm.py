@@ -47,8 +47,7 @@ from rlhf.tracking import Tracking, accelerator_kwargs
 def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) -> dict:
     dist = Dist(trackers=accelerator_kwargs(cfg, run.dir))
     track = Tracking(cfg, run, dist.acc, progress)  # trackers, completions.jsonl, report.html
-    dist.check_split(cfg.prompts_per_step, cfg.minibatches)
-    dist.check_micro_batches(cfg.micro_batch_size)
+    check_batches(cfg, dist)
     seed_everything(cfg.seed, cfg.threads)
     reward_fns = load_rewards(cfg.rewards, cfg.reward_timeout_s, cfg.reward_workers)
     ckpt, saved = load_lm_checkpoint(run.dir, dist) if resume else (None, None)
@@ -105,6 +104,12 @@ def train(cfg: LMConfig, run: Run, progress: bool = True, resume: bool = False) 
     if dist.is_main:
         run.plot("reward")
     return track.finish(summary(run, policy, time.time() - t_start, full))
+
+
+def check_batches(cfg: LMConfig, dist: Dist) -> None:
+    """The step's prompts split over processes and minibatches; micro-batches where they can run."""
+    dist.check_split(cfg.prompts_per_step, cfg.minibatches)
+    dist.check_micro_batches(cfg.micro_batch_size)
 
 
 def build(cfg: LMConfig, dist: Dist, ckpt=None) -> tuple[LMPolicy, torch.optim.Optimizer, object]:
