@@ -37,18 +37,25 @@ class DecodeSettings:
     tokenizer: object = None
 
 
-@torch.no_grad()
-def decode(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_new_tokens: int, s: DecodeSettings,
-           greedy: bool = False, uniforms: Tensor | None = None) -> Rollout:
-    """Sample ``g`` completions per prompt (a group's rows contiguous) of at most
-    ``max_new_tokens``; ``greedy`` takes the argmax. ``uniforms`` [N, max_new_tokens] in [0, 1):
-    the random numbers of each row's draws (default: torch's global generator)."""
+def decode_buffers(prompt_ids: Tensor, g: int, max_new_tokens: int, s: DecodeSettings, uniforms: Tensor | None):
+    """What both decode paths start from: the row count, the device, the end-token ids, the token
+    and log-prob buffers [N, max_new_tokens], and the per-row uniforms on the device."""
     n, dev = prompt_ids.shape[0] * g, prompt_ids.device
     eos = torch.tensor(s.eos_ids, device=dev)
     tokens = torch.full((n, max_new_tokens), s.pad_id, dtype=torch.long, device=dev)
     logps = torch.zeros(n, max_new_tokens, device=dev)
     if uniforms is not None:  # (float64 from the CPU's generators: float32 on an accelerator)
         uniforms = uniforms.to(dev, wide_dtype(dev))
+    return n, dev, eos, tokens, logps, uniforms
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_new_tokens: int, s: DecodeSettings,
+           greedy: bool = False, uniforms: Tensor | None = None) -> Rollout:
+    """Sample ``g`` completions per prompt (a group's rows contiguous) of at most
+    ``max_new_tokens``; ``greedy`` takes the argmax. ``uniforms`` [N, max_new_tokens] in [0, 1):
+    the random numbers of each row's draws (default: torch's global generator)."""
+    n, dev, eos, tokens, logps, uniforms = decode_buffers(prompt_ids, g, max_new_tokens, s, uniforms)
     out = prefill(model, prompt_ids, prompt_mask)
     cache = out.past_key_values
     cache.batch_repeat_interleave(g)

@@ -31,10 +31,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import StaticCache, StaticLayer
 
-from rlhf.core.logprobs import wide_dtype
 from rlhf.errors import UserError
 from rlhf.lm.rollout_record import Rollout
-from rlhf.lm.sampler import DecodeSettings, decode, draw, prefill, record, stop_hit
+from rlhf.lm.sampler import DecodeSettings, decode, decode_buffers, draw, prefill, record, stop_hit
 
 DECODE_MODES = ("auto", "dynamic", "static")
 
@@ -66,12 +65,7 @@ def decode_static(model, prompt_ids: Tensor, prompt_mask: Tensor, g: int, max_ne
             raise UserError("decode: static needs full attention in every layer (this model has sliding-window "
                             "layers); set decode: dynamic or auto")
         return decode(model, prompt_ids, prompt_mask, g, max_new_tokens, s, greedy, uniforms)
-    n, dev = prompt_ids.shape[0] * g, prompt_ids.device
-    eos = torch.tensor(s.eos_ids, device=dev)
-    tokens = torch.full((n, max_new_tokens), s.pad_id, dtype=torch.long, device=dev)
-    logps = torch.zeros(n, max_new_tokens, device=dev)
-    if uniforms is not None:  # (float64 from the CPU's generators: float32 on an accelerator)
-        uniforms = uniforms.to(dev, wide_dtype(dev))
+    n, dev, eos, tokens, logps, uniforms = decode_buffers(prompt_ids, g, max_new_tokens, s, uniforms)
     out = prefill(model, prompt_ids, prompt_mask)
     step = StaticStep(model, out.past_key_values, prompt_mask, g, max_new_tokens,
                       graph=dev.type == "cuda" if graph is None else graph, strict=strict)
