@@ -23,7 +23,6 @@ import hashlib
 import re
 from functools import partial
 
-import gymnasium as gym
 import numpy as np
 
 
@@ -35,6 +34,14 @@ def parse_action(text: str, names: list[str]) -> int | None:
     return said.pop() if len(said) == 1 else None
 
 
+def make_gym(env_id: str, **kwargs):
+    """``gymnasium.make``, imported when an environment is made: importing the trainer for a
+    single-turn LM run must not import gymnasium (a GPU machine may not have it)."""
+    import gymnasium
+
+    return gymnasium.make(env_id, **kwargs)
+
+
 class RenderedEnv:
     """A gymnasium environment with discrete actions as a text environment: ``render_obs``
     turns the numeric observation into text, ``ACTIONS`` names the actions by index."""
@@ -43,7 +50,7 @@ class RenderedEnv:
     INSTRUCTIONS = ""
 
     def __init__(self, env_id: str, **kwargs):
-        self.env = gym.make(env_id, **kwargs)
+        self.env = make_gym(env_id, **kwargs)
         self.instructions = self.INSTRUCTIONS + f" Reply with one action: {', '.join(self.ACTIONS)}."
         self.obs = None
 
@@ -116,7 +123,7 @@ class FrozenLakeRandom(FrozenLakeText):
                 return desc
 
     def reset(self, seed: int | None = None, options: dict | None = None):
-        self.env = gym.make("FrozenLake-v1", desc=self.map_for(seed), is_slippery=self.slippery,
+        self.env = make_gym("FrozenLake-v1", desc=self.map_for(seed), is_slippery=self.slippery,
                             max_episode_steps=self.max_steps)
         return super().reset(seed=seed, options=options)
 
