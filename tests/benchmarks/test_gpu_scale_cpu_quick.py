@@ -13,13 +13,17 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"card", "model", "rows", "new_tokens", "engine", "tokens_per_s", "step_s", "peak_mem_gb", "mfu"}
 
 
-def test_cpu_quick_run_writes_every_measurement(tmp_path):
+def run_quick(out, *args: str) -> list[dict]:
+    """``gpu_scale.py --cpu --quick`` into ``out`` (exit 0 asserted); its JSONL rows."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--cpu", "--quick",
-                           "--out", str(tmp_path), "--variant", "lora:", "--variant", "static:decode=static"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "--out", str(out), *args], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "gpu_scale_cpu.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (out / "gpu_scale_cpu.jsonl").read_text().splitlines()]
+
+
+def test_cpu_quick_run_writes_every_measurement(tmp_path):
+    rows = run_quick(tmp_path, "--variant", "lora:", "--variant", "static:decode=static")
     assert rows[-1]["kind"] == "done" and rows[-1]["absent_modules_loaded"] == []
     measured = [r for r in rows if r["kind"] != "done"]
     assert not [r for r in measured if "error" in r or "skipped" in r]
@@ -37,11 +41,6 @@ def test_cpu_quick_run_writes_every_measurement(tmp_path):
 
 
 def test_past_the_budget_every_measurement_is_a_skipped_line(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--cpu", "--quick",
-                           "--out", str(tmp_path), "--budget-s", "0", "--models", "tiny-llama"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "gpu_scale_cpu.jsonl").read_text().splitlines()]
+    rows = run_quick(tmp_path, "--budget-s", "0", "--models", "tiny-llama")
     assert rows[-1]["kind"] == "done"
     assert len(rows) == 1 + 2 * 4 + 1 and all("skipped" in r for r in rows[:-1])  # 2 shapes x 4 engines, 1 step
