@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result))
+    if "torch.distributed" in sys.modules:  # (a light command never imported torch)
+        from rlhf.distributed import close_process_group
+
+        close_process_group()  # every rank got here: end the group before the interpreter's exit
     return 0
 
 
