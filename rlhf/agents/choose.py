@@ -8,9 +8,9 @@ and one action is drawn from pi. In the record an action is one draw: its first 
 mask 1 and log pi(a) (the rest of its tokens: mask 0, attended), so the loss, ratios, KL and
 PPO's value (V at the state before the action) are per action, as for a gym policy.
 
-The sampler and the trainer score with the same function (``candidate_logps``): each context
-runs once through the decoder, and every candidate of every turn runs on top of its cached
-keys and values, attending to the context up to its turn only.
+The sampler and the trainer score with the same function (``candidate_logps``): one decoder
+pass per batch, every candidate of every turn behind its row's ids, attending to the context up
+to its turn only.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import contextlib
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from rlhf.core import sample_categorical
 from rlhf.errors import UserError
@@ -32,36 +31,61 @@ def candidate_logps(net: PolicyNet, prompt_ids: Tensor, prompt_mask: Tensor, own
                     values: bool = False) -> tuple[Tensor, Tensor | None]:
     """Sequence log-probs [M] of the candidate replies ``entries`` = (row, start, ids): ``ids``
     placed at completion position ``start`` of ``row`` (after ``completion_ids[row, :start]``;
-    ``owner[row]``: its prompt). With ``values``: V [M] at the state before the candidate."""
+    ``owner[row]``: its prompt). With ``values``: V [M] at the state before the candidate.
+
+    One decoder pass: each row's candidates ride behind its sequence, every candidate token
+    attending to its row's ids before its turn and to its own earlier tokens only (a 4-D mask),
+    placed at the positions it would have right after its turn: the log-probs a plain forward
+    over ``context + candidate`` gives, for every candidate of every turn at once."""
     decoder = net.model.get_base_model().get_decoder()
-    lp_len = prompt_ids.shape[1]
-    rows = torch.tensor([r for r, _, _ in entries], device=completion_ids.device)
-    starts = torch.tensor([s for _, s, _ in entries], device=completion_ids.device)
-    width = max(len(c) for _, _, c in entries)
-    cand = torch.zeros(len(entries), width, dtype=torch.long, device=completion_ids.device)
-    cmask = torch.zeros(len(entries), width, device=completion_ids.device)
-    for j, (_, _, c) in enumerate(entries):
-        cand[j, :len(c)], cmask[j, :len(c)] = torch.tensor(c), 1.0
+    dev, lp_len = completion_ids.device, prompt_ids.shape[1]
+    ctx_ids = torch.cat([prompt_ids[owner], completion_ids], 1)
+    ctx_attn = torch.cat([prompt_mask[owner], attn_mask.to(prompt_mask.dtype)], 1).bool()
+    rows_n, width = ctx_ids.shape
+    # each candidate's inputs are its ids but the last (ids[0] is predicted by the context's last id)
+    block = [0] * rows_n
+    where = []  # (row, offset of the entry's first input in its row's block)
+    for r, _, c in entries:
+        where.append(block[r])
+        block[r] += len(c) - 1
+    extra = max(block)
+    total = width + extra
+    ids = torch.cat([ctx_ids, torch.zeros(rows_n, extra, dtype=torch.long, device=dev)], 1)
+    pos = torch.cat([positions(ctx_attn.long()), torch.zeros(rows_n, extra, dtype=torch.long, device=dev)], 1)
+    allowed = torch.zeros(rows_n, total, total, dtype=torch.bool, device=dev)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    allowed[:, :width, :width] = causal[None] & ctx_attn[:, None, :]
+    real_before = prompt_mask[owner].sum(-1)  # real prompt ids of each row
+    for (r, start, c), off in zip(entries, where):
+        n = len(c) - 1
+        if n == 0:
+            continue
+        q = torch.arange(width + off, width + off + n, device=dev)
+        ids[r, q] = torch.tensor(c[:-1], device=dev)
+        pos[r, q] = real_before[r] + start + torch.arange(n, device=dev)
+        allowed[r, q, :lp_len + start] = ctx_attn[r, :lp_len + start]
+        allowed[r, q[:, None], q[None, :]] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    allowed |= torch.eye(total, dtype=torch.bool, device=dev)  # (padding attends to itself: no empty row)
+    dtype = next(decoder.parameters()).dtype
+    mask4 = torch.zeros(rows_n, 1, total, total, dtype=dtype, device=dev).masked_fill(
+        ~allowed[:, None], torch.finfo(dtype).min)
     with contextlib.nullcontext() if adapter else net.model.disable_adapter():
-        attn = torch.cat([prompt_mask[owner], attn_mask.to(prompt_mask.dtype)], 1)
-        full = decoder(input_ids=torch.cat([prompt_ids[owner], completion_ids], 1), attention_mask=attn,
-                       position_ids=positions(attn), use_cache=True)
-        first = full.last_hidden_state[rows, lp_len + starts - 1]           # predicts each candidate's token 0
-        hidden = first[:, None]
-        if width > 1:  # the candidates' own tokens, on the row's cache cut at their turn
-            cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v, *_ in full.past_key_values],
-                                 config=net.model.config)
-            seen = attn[rows] * (torch.arange(attn.shape[1], device=attn.device)[None] < lp_len + starts[:, None])
-            at = prompt_mask[owner[rows]].sum(-1, keepdim=True) + starts[:, None]
-            rest = decoder(input_ids=cand[:, :-1], past_key_values=cache, use_cache=True,
-                           attention_mask=torch.cat([seen, cmask[:, :-1].to(seen.dtype)], 1),
-                           position_ids=at + torch.arange(width - 1, device=at.device))
-            hidden = torch.cat([hidden, rest.last_hidden_state], 1)
-    real = cmask.bool()
-    lp = net.token_logprobs(hidden[real], cand[real], adapter)
-    seq = torch.zeros(len(entries), dtype=lp.dtype, device=lp.device).index_put((real.nonzero()[:, 0],), lp,
-                                                                                accumulate=True)
-    vals = net.value_head(first.float()).squeeze(-1) if values and net.value_head is not None else None
+        hidden_all = decoder(input_ids=ids, attention_mask=mask4, position_ids=pos).last_hidden_state
+    # the hidden states predicting each candidate's ids: its turn's last context id, then its own inputs
+    at_rows, at_cols, targets, owners = [], [], [], []
+    for j, ((r, start, c), off) in enumerate(zip(entries, where)):
+        at_rows += [r] * len(c)
+        at_cols += [lp_len + start - 1] + list(range(width + off, width + off + len(c) - 1))
+        targets += c
+        owners += [j] * len(c)
+    at_rows, at_cols = torch.tensor(at_rows, device=dev), torch.tensor(at_cols, device=dev)
+    lp = net.token_logprobs(hidden_all[at_rows, at_cols], torch.tensor(targets, device=dev), adapter)
+    seq = torch.zeros(len(entries), dtype=lp.dtype, device=dev).index_add(0, torch.tensor(owners, device=dev), lp)
+    vals = None
+    if values and net.value_head is not None:
+        first = hidden_all[torch.tensor([r for r, _, _ in entries], device=dev),
+                           torch.tensor([lp_len + s - 1 for _, s, _ in entries], device=dev)]
+        vals = net.value_head(first.float()).squeeze(-1)
     return seq, vals
 
 

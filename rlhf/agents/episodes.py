@@ -115,8 +115,9 @@ class EpisodeSource:
         self.chat = ChatTurns(self.policy.tokenizer, self.policy.chat_template_kwargs)
 
     def __call__(self, rows: list[dict], *, greedy: bool = False, adapter: bool = True,
-                 uniforms: Tensor | None = None) -> Rollout:
-        g = 1 if greedy else self.group_size
+                 uniforms: Tensor | None = None, group_size: int | None = None) -> Rollout:
+        """``group_size``: episodes per row in place of the source's (evaluation: 1)."""
+        g = 1 if greedy else group_size or self.group_size
         episodes, prompts = self.start(rows, g)
         act = choose_turn if self.settings.action_mode == "choose" else generate_turn
         for turn in range(self.settings.max_turns):

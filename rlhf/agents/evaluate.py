@@ -1,6 +1,8 @@
-"""``rlhf eval`` of an agent run: greedy episodes on held-out seeds (and held-out environments:
+"""``rlhf eval`` of an agent run: episodes on held-out seeds (and held-out environments:
 ``eval_env_kwargs``), the base model against the trained adapter: success rate and mean return,
-each with its standard error."""
+each with its standard error, acting greedily (``base_success``, ...: the most likely action
+each turn) and sampling at the recipe's temperature (``base_sampled_success``, ...: the policy
+as it trained), one episode per seed either way."""
 from __future__ import annotations
 
 import math
@@ -40,16 +42,21 @@ def evaluate_agent(run_dir: str, episodes: int | None = None, progress: bool = T
     source = episode_source(policy, cfg, held_out=True)
     out = {"run_dir": str(run_dir), "episodes": len(rows), "env": cfg.env, "device": str(policy.device)}
     for label, use_adapter in (("base", False), ("trained", True)):
-        out.update({f"{label}_{k}": v for k, v in play(source, rows, cfg.eval_batch, use_adapter, progress).items()})
+        for mode, greedy in (("", True), ("sampled_", False)):
+            scores = play(source, rows, cfg.eval_batch, use_adapter, progress, greedy)
+            out.update({f"{label}_{mode}{k}": v for k, v in scores.items()})
     return out
 
 
 @torch.no_grad()
-def play(source: EpisodeSource, rows: list[dict], batch: int, adapter: bool, progress: bool = False) -> dict:
-    """Greedy episodes from ``rows``' seeds: success rate and mean return with standard errors."""
+def play(source: EpisodeSource, rows: list[dict], batch: int, adapter: bool, progress: bool = False,
+         greedy: bool = True) -> dict:
+    """One episode from each of ``rows``' seeds, greedy or sampled: success rate and mean return
+    with standard errors."""
     success, returns = [], []
-    for i in tqdm(range(0, len(rows), batch), desc="eval " + ("trained" if adapter else "base"), disable=not progress):
-        cols = source(rows[i:i + batch], greedy=True, adapter=adapter).reward_inputs.columns
+    desc = f"eval {'trained' if adapter else 'base'}{'' if greedy else ' (sampled)'}"
+    for i in tqdm(range(0, len(rows), batch), desc=desc, disable=not progress):
+        cols = source(rows[i:i + batch], greedy=greedy, adapter=adapter, group_size=1).reward_inputs.columns
         success += cols["success"]
         returns += cols["env_return"]
     n = max(len(returns), 1)

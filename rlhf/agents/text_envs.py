@@ -19,11 +19,9 @@ by a hash of their layout into training maps and held-out maps, which never meet
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import partial
 
-import numpy as np
 
 
 def parse_action(text: str, names: list[str]) -> int | None:
@@ -69,7 +67,9 @@ class RenderedEnv:
         info = {"valid_actions": list(self.ACTIONS)}
         if a is None:
             return self.describe(), 0.0, False, False, {**info, "invalid_action": True}
-        self.obs, reward, terminated, truncated, _ = self.env.step(a)
+        self.obs, reward, terminated, truncated, env_info = self.env.step(a)
+        if "success" in env_info:  # (where the reward alone does not say it: shaping)
+            info["success"] = env_info["success"]
         return self.describe(), float(reward), bool(terminated), bool(truncated), info
 
 
@@ -95,41 +95,26 @@ class FrozenLakeText(RenderedEnv):
 
 
 class FrozenLakeRandom(FrozenLakeText):
-    """FrozenLake on a fresh random ``size`` x ``size`` map per seed (gymnasium's
-    ``generate_random_map``: a path from S to G always exists), not slippery by default.
-    ``split``: ``train`` maps or ``eval`` maps (one in ``eval_every`` layouts, by a hash of the
-    layout), so held-out maps are never trained on; ``rlhf eval`` plays the held-out ones."""
+    """FrozenLake on a fresh random ``size`` x ``size`` map per seed, not slippery by default:
+    ``rlhf.gym.random_lake.RandomLake`` (its maps, their split into ``train`` and held-out
+    ``eval`` maps, its optional potential-based ``shaping``) rendered as text. ``rlhf eval``
+    plays the held-out maps."""
 
     held_out_kwargs = {"split": "eval"}
 
     def __init__(self, size: int = 4, p: float = 0.8, is_slippery: bool = False, split: str = "train",
-                 eval_every: int = 5, max_episode_steps: int = 100):
-        from gymnasium.envs.toy_text.frozen_lake import generate_random_map
+                 eval_every: int = 5, max_episode_steps: int = 100, shaping: float = 0.0):
+        from rlhf.gym.random_lake import RandomLake
 
-        if split not in ("train", "eval"):
-            raise ValueError(f"split must be train or eval, got {split!r}")
-        self.size, self.p, self.split, self.eval_every = size, p, split, eval_every
-        self.slippery, self.max_steps, self.make_map = is_slippery, max_episode_steps, generate_random_map
-        super().__init__("FrozenLake-v1", desc=self.map_for(0), is_slippery=is_slippery,
-                         max_episode_steps=max_episode_steps)
+        self.env = RandomLake(size, p, is_slippery, split, eval_every, max_episode_steps, shaping)
+        self.instructions = self.INSTRUCTIONS + f" Reply with one action: {', '.join(self.ACTIONS)}."
+        self.obs = None
 
     def map_for(self, seed: int | None) -> list[str]:
-        """The first map of this split drawn from ``seed``'s generator."""
-        rng = np.random.default_rng(seed)
-        while True:
-            desc = self.make_map(size=self.size, p=self.p, seed=int(rng.integers(2**31)))
-            held_out = map_hash(desc) % self.eval_every == 0
-            if held_out == (self.split == "eval"):
-                return desc
+        return self.env.map_for(seed)
 
-    def reset(self, seed: int | None = None, options: dict | None = None):
-        self.env = make_gym("FrozenLake-v1", desc=self.map_for(seed), is_slippery=self.slippery,
-                            max_episode_steps=self.max_steps)
-        return super().reset(seed=seed, options=options)
-
-
-def map_hash(desc: list[str]) -> int:
-    return int.from_bytes(hashlib.blake2b("/".join(desc).encode(), digest_size=4).digest(), "little")
+    def render_obs(self, obs) -> str:
+        return super().render_obs(self.env.state)  # (obs: the classic agents' planes)
 
 
 class CliffWalkingText(RenderedEnv):

@@ -52,6 +52,10 @@ def _register_pixel_envs(env_id: str) -> None:
 def make_env(env_id: str):
     import gymnasium as gym
 
+    if env_id.startswith("rlhf/"):  # ours: random FrozenLake maps, the language-model agents' task
+        from rlhf.gym.random_lake import register
+
+        register()
     if env_id not in gym.envs.registry:
         _register_pixel_envs(env_id)
     if env_id not in gym.envs.registry:

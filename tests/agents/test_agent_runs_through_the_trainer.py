@@ -82,7 +82,8 @@ def test_someone_elses_env_trains_and_logs_whole_episodes(recipe, words_env, tin
     assert main(["eval", str(run), "--no-progress"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["episodes"] == 3 and {"base_success", "trained_success", "base_return", "trained_return",
-                                    "trained_return_se"} <= set(ev)
+                                    "trained_return_se", "base_sampled_success", "trained_sampled_success",
+                                    "trained_sampled_success_se"} <= set(ev)
 
 
 @pytest.mark.parametrize("recipe", ["grpo_frozenlake.yaml", "ppo_frozenlake_choose.yaml"])

@@ -4,7 +4,8 @@ and a user's environment loaded from ``module:Class`` or ``path/to/file.py:Class
 import pytest
 
 from rlhf.agents.env_loading import env_factory
-from rlhf.agents.text_envs import RENDERED, FrozenLakeRandom, map_hash, parse_action
+from rlhf.agents.text_envs import RENDERED, FrozenLakeRandom, parse_action
+from rlhf.gym.random_lake import map_hash
 from rlhf.errors import UserError
 
 USER_ENV = '''
