@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from rlhf.core import sample_categorical
 from rlhf.errors import UserError
@@ -103,54 +104,117 @@ def reply_ids(tokenizer, names: list[str], eos_id: int) -> list[list[int]]:
     return [tokenizer(n, add_special_tokens=False).input_ids + [eos_id] for n in names]
 
 
-def choose_turn(src, prompts, episodes, live, g, greedy, adapter, uniforms, turn) -> list[tuple[str, bool]]:
-    """One ``choose`` turn of the live episodes: score each one's valid actions, draw one (greedy:
-    the most likely), append its ids (mask 1 and log pi(a) on its first token only)."""
-    policy: LMPolicy = src.policy
-    eos = policy.eos_ids[0] if policy.tokenizer.eos_token_id is None else policy.tokenizer.eos_token_id
-    entries, names, rows = [], {}, {}
-    for j, i in enumerate(live):
-        e = episodes[i]
-        if not e.valid_actions:
-            raise UserError("action_mode: choose needs the environment to name its valid actions "
-                            "(info['valid_actions'] from reset and step); this one does not")
-        names[i], rows[i] = e.valid_actions, len(entries)
-        entries += [(j, len(e.ids), c) for c in reply_ids(policy.tokenizer, e.valid_actions, eos)]
-    comp, cattn = right_pad([episodes[i].ids for i in live], policy.tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = left_pad(prompts, policy.tokenizer.pad_token_id)
-    owner = torch.tensor([i // g for i in live])
-    policy.eval_mode()
-    dev = policy.device
-    with torch.no_grad(), policy.sampling_context():
-        seq, _ = candidate_logps(policy.net, prompt_ids.to(dev), prompt_mask.to(dev), owner.to(dev), comp.to(dev),
-                                 cattn.to(dev), entries, adapter)
-    replies = []
-    for i in live:
-        e, k = episodes[i], len(names[i])
-        cands = [c for _, _, c in entries[rows[i]:rows[i] + k]]
-        logits = action_logprobs(seq[rows[i]:rows[i] + k].double(), cands, src.settings.choose_score)
-        u = None if uniforms is None else uniforms[i, turn:turn + 1]
-        a = int(logits.argmax()) if greedy else int(sample_categorical(logits.exp()[None], uniform=u)[0])
-        ids = entries[rows[i] + a][2]
-        e.choices.append((len(e.ids), cands, a))
-        e.append(ids, [1.0] + [0.0] * (len(ids) - 1), [float(logits[a])] + [0.0] * (len(ids) - 1))
-        if len(e.ids) >= src.settings.max_episode_tokens:
-            e.out_of_budget = True
-        replies.append((names[i][a], True))
-    return replies
+class ChooseTurns:
+    """``choose`` mode's turns over one batch of episodes on one growing KV cache: each turn the
+    decoder reads only the ids that are new since the last turn (the first prompt, then the
+    chosen action's and the environment's ids), and the candidates ride behind the cache without
+    staying in it. The scores are ``candidate_logps``' (the training forward's) up to rounding:
+    the same ids at the same positions, attending to the same ids."""
 
+    def __init__(self, src, prompts: list[list[int]], n: int, g: int):
+        self.src, self.prompts, self.g = src, prompts, g
+        policy: LMPolicy = src.policy
+        self.decoder = policy.net.model.get_base_model().get_decoder()
+        self.dev = policy.device
+        self.cache = DynamicCache(config=policy.net.model.config)
+        self.keys = torch.zeros(n, 0, dtype=torch.bool, device=self.dev)  # the cache's real ids
+        self.fed = [0] * n                               # ids of each episode in the cache
+        self.last = [None] * n                           # the hidden state after each one's last fed id
+        self.dtype = next(self.decoder.parameters()).dtype
 
-def right_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids, attn = torch.full((len(rows), width), pad, dtype=torch.long), torch.zeros(len(rows), width)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], attn[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1.0
-    return ids, attn
+    def run(self, ids: Tensor, attend: Tensor, pos: Tensor) -> Tensor:
+        """The decoder on ``ids`` [N, W] behind the cache: ``attend`` [N, W, W] among the new
+        ids, every real cached id seen; returns the hidden states [N, W, d]."""
+        allowed = torch.cat([self.keys[:, None].expand(-1, ids.shape[1], -1), attend], 2)
+        allowed[:, :, self.keys.shape[1]:] |= torch.eye(ids.shape[1], dtype=torch.bool, device=self.dev)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.dev).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min)[:, None]
+        return self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
+                            use_cache=True).last_hidden_state
 
+    def feed(self, episodes, live: list[int]) -> None:
+        """The live episodes' new ids into the cache (right-padded into one block)."""
+        new = {i: (self.prompts[i // self.g] + episodes[i].ids)[self.fed[i]:] for i in live}
+        width = max(len(x) for x in new.values())
+        n = len(self.fed)
+        ids = torch.full((n, width), self.src.policy.tokenizer.pad_token_id, dtype=torch.long)
+        real = torch.zeros(n, width, dtype=torch.bool)
+        for i, x in new.items():
+            ids[i, :len(x)], real[i, :len(x)] = torch.tensor(x, dtype=torch.long), True
+        ids, real = ids.to(self.dev), real.to(self.dev)
+        pos = self.keys.sum(-1, keepdim=True) + torch.arange(width, device=self.dev)
+        hidden = self.run(ids, torch.ones(width, width, dtype=torch.bool, device=self.dev).tril()[None] &
+                          real[:, None, :], pos)
+        self.keys = torch.cat([self.keys, real], 1)
+        for i, x in new.items():
+            self.fed[i] += len(x)
+            self.last[i] = hidden[i, len(x) - 1]
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    ids, attn = right_pad([r[::-1] for r in rows], pad)
-    return ids.flip(1), attn.flip(1).long()
+    def scores(self, episodes, live: list[int], entries: list[tuple[int, int, list[int]]]) -> Tensor:
+        """Sequence log-probs [M] of ``entries`` (episode index, -, candidate ids), each after
+        its episode's ids so far."""
+        self.feed(episodes, live)
+        net, n = self.src.policy.net, len(self.fed)
+        block, where = [0] * n, []
+        for i, _, c in entries:
+            where.append(block[i])
+            block[i] += len(c) - 1
+        width = max(block)
+        hidden = None
+        if width:  # the candidates' own ids behind the cache, each seeing its earlier ids only
+            ids = torch.zeros(n, width, dtype=torch.long, device=self.dev)
+            attend = torch.zeros(n, width, width, dtype=torch.bool, device=self.dev)
+            pos = self.keys.sum(-1, keepdim=True).repeat(1, width)
+            for (i, _, c), off in zip(entries, where):
+                k = len(c) - 1
+                ids[i, off:off + k] = torch.tensor(c[:-1], device=self.dev)
+                pos[i, off:off + k] += torch.arange(k, device=self.dev)
+                attend[i, off:off + k, off:off + k] = torch.ones(k, k, dtype=torch.bool, device=self.dev).tril()
+            held = self.keys.shape[1]
+            hidden = self.run(ids, attend, pos)
+            for layer in self.cache.layers:  # the candidates leave the cache again
+                layer.keys, layer.values = layer.keys[:, :, :held], layer.values[:, :, :held]
+        states, targets, owners = [], [], []
+        for j, ((i, _, c), off) in enumerate(zip(entries, where)):
+            states += [self.last[i][None]] + ([hidden[i, off:off + len(c) - 1]] if len(c) > 1 else [])
+            targets += c
+            owners += [j] * len(c)
+        lp = net.token_logprobs(torch.cat(states), torch.tensor(targets, device=self.dev), self.adapter)
+        return torch.zeros(len(entries), dtype=lp.dtype, device=self.dev).index_add(
+            0, torch.tensor(owners, device=self.dev), lp)
+
+    def __call__(self, src, prompts, episodes, live, g, greedy, adapter, uniforms, turn) -> list[tuple[str, bool]]:
+        """One turn of the live episodes: score each one's valid actions, draw one (greedy: the
+        most likely), append its ids (mask 1 and log pi(a) on its first token only)."""
+        policy: LMPolicy = src.policy
+        eos = policy.eos_ids[0] if policy.tokenizer.eos_token_id is None else policy.tokenizer.eos_token_id
+        entries, names, rows = [], {}, {}
+        for i in live:
+            e = episodes[i]
+            if not e.valid_actions:
+                raise UserError("action_mode: choose needs the environment to name its valid actions "
+                                "(info['valid_actions'] from reset and step); this one does not")
+            names[i], rows[i] = e.valid_actions, len(entries)
+            entries += [(i, len(e.ids), c) for c in reply_ids(policy.tokenizer, e.valid_actions, eos)]
+        policy.eval_mode()
+        self.adapter = adapter
+        with torch.no_grad(), policy.sampling_context(), \
+                contextlib.nullcontext() if adapter else policy.net.model.disable_adapter():
+            seq = self.scores(episodes, live, entries)
+        replies = []
+        for i in live:
+            e, k = episodes[i], len(names[i])
+            cands = [c for _, _, c in entries[rows[i]:rows[i] + k]]
+            logits = action_logprobs(seq[rows[i]:rows[i] + k].double(), cands, src.settings.choose_score)
+            u = None if uniforms is None else uniforms[i, turn:turn + 1]
+            a = int(logits.argmax()) if greedy else int(sample_categorical(logits.exp()[None], uniform=u)[0])
+            ids = entries[rows[i] + a][2]
+            e.choices.append((len(e.ids), cands, a))
+            e.append(ids, [1.0] + [0.0] * (len(ids) - 1), [float(logits[a])] + [0.0] * (len(ids) - 1))
+            if len(e.ids) >= src.settings.max_episode_tokens:
+                e.out_of_budget = True
+            replies.append((names[i][a], True))
+        return replies
 
 
 class ChoiceRollout(Rollout):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from rlhf.agents.chat_turns import ChatTurns
-from rlhf.agents.choose import ChoiceRollout, choose_turn
+from rlhf.agents.choose import ChoiceRollout, ChooseTurns
 from rlhf.agents.env_loading import env_class, env_factory
 from rlhf.errors import UserError
 from rlhf.lm.policy import LMPolicy
@@ -119,7 +119,7 @@ class EpisodeSource:
         """``group_size``: episodes per row in place of the source's (evaluation: 1)."""
         g = 1 if greedy else group_size or self.group_size
         episodes, prompts = self.start(rows, g)
-        act = choose_turn if self.settings.action_mode == "choose" else generate_turn
+        act = ChooseTurns(self, prompts, len(episodes), g) if self.settings.action_mode == "choose" else generate_turn
         for turn in range(self.settings.max_turns):
             live = [i for i, e in enumerate(episodes) if not e.done]
             if not live:
