@@ -234,6 +234,11 @@ class ChoiceRollout(Rollout):
         rows = self.rows_of(groups).tolist()
         return ChoiceRollout.of(super().select_groups(groups), [self.choices[r] for r in rows], self.score)
 
+    def select_rows(self, rows: Tensor) -> "ChoiceRollout":
+        """A micro-batch's rows, their turns with them (a plain ``Rollout`` would be scored as
+        generated text)."""
+        return ChoiceRollout.of(super().select_rows(rows), [self.choices[r] for r in rows.tolist()], self.score)
+
 
 def choice_forward(net: PolicyNet, roll: ChoiceRollout, adapter: bool = True, values: bool = False,
                    entropy: bool = False) -> dict[str, Tensor]:

@@ -85,6 +85,17 @@ def test_sampler_and_trainer_agree_over_multi_turn_episodes(policy):
         assert (logp[roll.mask == 0] == 0).all()
 
 
+def test_a_micro_batch_of_a_choose_record_scores_its_actions(policy):
+    """micro_batch_size splits a record into rows: a choose record's rows keep their turns, so
+    they score the same log pi(a) as in the whole record (not the actions' text as generated)."""
+    roll = episodes(policy, "choose", g=2)
+    whole = policy.forward(roll, entropy=True)
+    rows = torch.tensor([1, 2])
+    part = policy.forward(roll.select_rows(rows), entropy=True)
+    assert torch.allclose(part["logp"], whole["logp"][rows], atol=1e-5)
+    assert torch.allclose(part["entropy"], whole["entropy"][rows], atol=1e-5)
+
+
 @pytest.mark.parametrize("score", ["sum", "mean"])
 def test_choose_logprobs_are_a_softmax_over_each_actions_sequence_logprob(policy, score):
     """log pi(a_t) = s_a - logsumexp_b s_b, s_b the sum of b's token log-probs (its text, then the
