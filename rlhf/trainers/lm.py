@@ -166,8 +166,17 @@ def metrics_row(step: int, rewards, reward_means: dict, roll: Rollout, stats: di
             "frac_groups_all_equal": _frac_equal_groups(rewards, cfg.group_size),
             "completion_len": dist.mean(float(roll.mask.sum(1).mean())),
             "truncated": dist.mean(float(roll.truncated.float().mean())),
-            **stats, "lr": lr, "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
+            **episode_stats(roll, dist), **stats, "lr": lr, "time/generate_s": t1 - t0, "time/score_s": t2 - t1,
             "time/update_s": t3 - t2, "time/step_s": t3 - t0}
+
+
+def episode_stats(roll: Rollout, dist: Dist) -> dict:
+    """An agent run's episodes (none for single-turn rollouts): environment steps this step
+    (every rank's episodes' turns) and the mean turns an episode."""
+    turns = roll.reward_inputs.columns.get("turns") if roll.reward_inputs is not None else None
+    if not turns:
+        return {}
+    return {"env_steps": dist.sum(float(sum(turns))), "episode/turns": dist.mean(sum(turns) / len(turns))}
 
 
 class Baseline:

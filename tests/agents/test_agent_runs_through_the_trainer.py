@@ -71,6 +71,8 @@ def test_someone_elses_env_trains_and_logs_whole_episodes(recipe, words_env, tin
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["logp_gap_rollout_trainer"] < 1e-4 for r in rows), [r["logp_gap_rollout_trainer"] for r in rows]
+    # environment steps: every episode's turns (3 questions each; 2 tasks x 3 episodes)
+    assert all(r["episode/turns"] == 3 and r["env_steps"] == 3 * 2 * 3 for r in rows), rows
     samples = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
     first = samples[0]
     assert first["prompt"].startswith("user: Answer each question with yes or no.\n\nQuestion 1 of seed")
