@@ -80,18 +80,34 @@ def grid_text(desc, row: int, col: int) -> str:
     return "\n".join("".join(line) for line in lines)
 
 
+TILES = {"F": "ice", "S": "ice", "H": "hole", "G": "goal"}  # FrozenLake's tiles, as a move's hint names them
+
+
 class FrozenLakeText(RenderedEnv):
     ACTIONS = ["left", "down", "right", "up"]
     INSTRUCTIONS = ("You walk on a frozen lake drawn as a grid: P is you, F frozen ice (safe), H a hole "
                     "(you fall in and lose), G the goal (reach it to win), S the start.")
 
-    def __init__(self, env_id: str = "FrozenLake-v1", **kwargs):
+    def __init__(self, env_id: str = "FrozenLake-v1", hints: bool = False, **kwargs):
         super().__init__(env_id, **kwargs)
+        self.hints = hints
 
     def render_obs(self, obs) -> str:
         ncol = self.env.unwrapped.ncol
         row, col = divmod(int(obs), ncol)
-        return f"{grid_text(self.env.unwrapped.desc, row, col)}\nYou are at row {row + 1}, column {col + 1}."
+        text = f"{grid_text(self.env.unwrapped.desc, row, col)}\nYou are at row {row + 1}, column {col + 1}."
+        return f"{text}\n{self.moves_text(row, col)}" if self.hints else text
+
+    def moves_text(self, row: int, col: int) -> str:
+        """``hints``: what each move leads to, and where the goal is, in words."""
+        desc = [[c.decode() if isinstance(c, bytes) else c for c in line] for line in self.env.unwrapped.desc]
+        n = len(desc)
+        ahead = []
+        for name, (dr, dc) in zip(self.ACTIONS, ((0, -1), (1, 0), (0, 1), (-1, 0))):
+            r, c = row + dr, col + dc
+            ahead.append(f"{name}: " + ("wall" if not (0 <= r < n and 0 <= c < len(desc[0])) else TILES[desc[r][c]]))
+        goal = next((r, c) for r in range(n) for c in range(len(desc[0])) if desc[r][c] == "G")
+        return f"Moves: {', '.join(ahead)}. The goal is {goal[0] - row} down and {goal[1] - col} right."
 
 
 class FrozenLakeRandom(FrozenLakeText):
@@ -103,10 +119,11 @@ class FrozenLakeRandom(FrozenLakeText):
     held_out_kwargs = {"split": "eval"}
 
     def __init__(self, size: int = 4, p: float = 0.8, is_slippery: bool = False, split: str = "train",
-                 eval_every: int = 5, max_episode_steps: int = 100, shaping: float = 0.0):
+                 eval_every: int = 5, max_episode_steps: int = 100, shaping: float = 0.0, hints: bool = False):
         from rlhf.gym.random_lake import RandomLake
 
         self.env = RandomLake(size, p, is_slippery, split, eval_every, max_episode_steps, shaping)
+        self.hints = hints
         self.instructions = self.INSTRUCTIONS + f" Reply with one action: {', '.join(self.ACTIONS)}."
         self.obs = None
 

@@ -89,7 +89,7 @@ class RandomLake(gym.Env):
 
 
 # the classic agents' ids: moves per episode as the agent recipes' max_turns, and their shaping
-AGENT_RECIPE_STEPS, AGENT_RECIPE_SHAPING = 8, 1.0
+AGENT_RECIPE_STEPS, AGENT_RECIPE_SHAPING = 8, 0.5
 REGISTERED = {"rlhf/FrozenLakeRandom-v0": "train", "rlhf/FrozenLakeRandomHeldOut-v0": "eval"}
 
 

@@ -73,6 +73,21 @@ def test_random_maps_split_into_training_and_held_out_maps():
     assert obs.splitlines()[:4] == ["P" + train.map_for(7)[0][1:]] + train.map_for(7)[1:]
 
 
+def test_frozen_lake_hints_name_what_each_move_leads_to():
+    env = FrozenLakeRandom(hints=True)
+    for seed in range(20):
+        obs, _ = env.reset(seed=seed)
+        desc = env.map_for(seed)
+        tile = {"F": "ice", "H": "hole"}
+        expected = (f"Moves: left: wall, down: {tile[desc[1][0]]}, right: {tile[desc[0][1]]}, up: wall. "
+                    "The goal is 3 down and 3 right.")
+        assert obs.splitlines()[5] == expected
+        if desc[0][1] == "F":
+            obs, *_ = env.step("right")
+            assert "The goal is 3 down and 2 right." in obs and "left: ice" in obs
+    assert "Moves:" not in FrozenLakeRandom().reset(seed=0)[0]
+
+
 def test_a_users_environment_loads_from_a_file_and_from_a_module(tmp_path, monkeypatch):
     path = tmp_path / "guess_env.py"
     path.write_text(USER_ENV)
