@@ -55,11 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:  # one result line, from the main process
         print(json.dumps(result))
-    if "torch.distributed" in sys.modules:  # (a light command never imported torch)
-        from rlhf.distributed import close_process_group
-
-        close_process_group()  # every rank got here: end the group before the interpreter's exit
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """End the processes' group (torch.distributed) once every rank finished its command: a
+    barrier, then ``destroy_process_group``. Left to the interpreter's exit, gloo's worker threads
+    may still hold tensors and the process aborts ("terminate called without an active
+    exception", pytorch #190489) though the run finished. Not after an error: a rank still in a
+    collective would leave the barrier waiting. (A light command never imported torch.)"""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
 
 
 def _train(args) -> dict:

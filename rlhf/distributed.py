@@ -371,19 +371,6 @@ def _sharding_on_cpus(acc) -> None:
         deepspeed.comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
 
 
-def close_process_group() -> None:
-    """End this process's group (torch.distributed) after a run that succeeded on every rank:
-    a barrier, then ``destroy_process_group``. Left to the interpreter's exit, gloo's worker
-    threads may still hold tensors then and the process aborts ("terminate called without an
-    active exception", pytorch #190489) although the run finished. Not after an error: a rank
-    still inside a collective would leave the barrier waiting."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
-
-
 def use_cpu() -> bool:
     """CPU processes (gloo) when asked (ACCELERATE_USE_CPU) or when there is no accelerator:
     ``accelerate launch --multi_gpu --num_processes 2`` then runs two CPU processes."""

@@ -73,21 +73,29 @@ def candidate_logps(net: PolicyNet, prompt_ids: Tensor, prompt_mask: Tensor, own
     with contextlib.nullcontext() if adapter else net.model.disable_adapter():
         hidden_all = decoder(input_ids=ids, attention_mask=mask4, position_ids=pos).last_hidden_state
     # the hidden states predicting each candidate's ids: its turn's last context id, then its own inputs
-    at_rows, at_cols, targets, owners = [], [], [], []
-    for j, ((r, start, c), off) in enumerate(zip(entries, where)):
+    at_rows, at_cols = [], []
+    for (r, start, c), off in zip(entries, where):
         at_rows += [r] * len(c)
         at_cols += [lp_len + start - 1] + list(range(width + off, width + off + len(c) - 1))
-        targets += c
-        owners += [j] * len(c)
-    at_rows, at_cols = torch.tensor(at_rows, device=dev), torch.tensor(at_cols, device=dev)
-    lp = net.token_logprobs(hidden_all[at_rows, at_cols], torch.tensor(targets, device=dev), adapter)
-    seq = torch.zeros(len(entries), dtype=lp.dtype, device=dev).index_add(0, torch.tensor(owners, device=dev), lp)
+    states = hidden_all[torch.tensor(at_rows, device=dev), torch.tensor(at_cols, device=dev)]
+    seq = sequence_logps(net, states, entries, adapter)
     vals = None
     if values and net.value_head is not None:
         first = hidden_all[torch.tensor([r for r, _, _ in entries], device=dev),
                            torch.tensor([lp_len + s - 1 for _, s, _ in entries], device=dev)]
         vals = net.value_head(first.float()).squeeze(-1)
     return seq, vals
+
+
+def sequence_logps(net: PolicyNet, states: Tensor, entries: list[tuple[int, int, list[int]]],
+                   adapter: bool = True) -> Tensor:
+    """Each entry's sequence log-prob [M]: the sum of its ids' log-probs, read from ``states``
+    [sum of the entries' lengths, d], the hidden states predicting them, entry after entry."""
+    dev = states.device
+    targets = torch.tensor([t for _, _, c in entries for t in c], device=dev)
+    owners = torch.tensor([j for j, (_, _, c) in enumerate(entries) for _ in c], device=dev)
+    lp = net.token_logprobs(states, targets, adapter)
+    return torch.zeros(len(entries), dtype=lp.dtype, device=dev).index_add(0, owners, lp)
 
 
 def action_logprobs(seq: Tensor, cands: list[list[int]], score: str = "sum") -> Tensor:
@@ -174,14 +182,9 @@ class ChooseTurns:
             hidden = self.run(ids, attend, pos)
             for layer in self.cache.layers:  # the candidates leave the cache again
                 layer.keys, layer.values = layer.keys[:, :, :held], layer.values[:, :, :held]
-        states, targets, owners = [], [], []
-        for j, ((i, _, c), off) in enumerate(zip(entries, where)):
-            states += [self.last[i][None]] + ([hidden[i, off:off + len(c) - 1]] if len(c) > 1 else [])
-            targets += c
-            owners += [j] * len(c)
-        lp = net.token_logprobs(torch.cat(states), torch.tensor(targets, device=self.dev), self.adapter)
-        return torch.zeros(len(entries), dtype=lp.dtype, device=self.dev).index_add(
-            0, torch.tensor(owners, device=self.dev), lp)
+        states = [s for (i, _, c), off in zip(entries, where)
+                  for s in [self.last[i][None]] + ([hidden[i, off:off + len(c) - 1]] if len(c) > 1 else [])]
+        return sequence_logps(net, torch.cat(states), entries, self.adapter)
 
     def __call__(self, src, prompts, episodes, live, g, greedy, adapter, uniforms, turn) -> list[tuple[str, bool]]:
         """One turn of the live episodes: score each one's valid actions, draw one (greedy: the

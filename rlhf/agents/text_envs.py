@@ -95,8 +95,13 @@ class FrozenLakeText(RenderedEnv):
     def render_obs(self, obs) -> str:
         ncol = self.env.unwrapped.ncol
         row, col = divmod(int(obs), ncol)
-        text = f"{grid_text(self.env.unwrapped.desc, row, col)}\nYou are at row {row + 1}, column {col + 1}."
-        return f"{text}\n{self.moves_text(row, col)}" if self.hints else text
+        grid = grid_text(self.env.unwrapped.desc, row, col)
+        if self.hints:  # (the moves line names the valid actions too)
+            return f"{grid}\n{self.moves_text(row, col)}"
+        return f"{grid}\nYou are at row {row + 1}, column {col + 1}."
+
+    def describe(self) -> str:
+        return self.render_obs(self.obs) if self.hints else super().describe()
 
     def moves_text(self, row: int, col: int) -> str:
         """``hints``: what each move leads to, and where the goal is, in words."""
