@@ -89,28 +89,28 @@ def lm_play(run_dir: str | None, maps: int, adapter: bool, sampled: bool, cfg=No
     return out
 
 
-def lm_config(overrides: list[str]):
+def lm_config(overrides: list[str], recipe: str = LM_RECIPE):
     from rlhf.catalog import find_recipe
     from rlhf.config import load_recipe
 
-    return load_recipe(find_recipe(LM_RECIPE), overrides)
+    return load_recipe(find_recipe(recipe), overrides)
 
 
 def cmd_lm(args) -> None:
     from rlhf.cli import main
 
-    run_dir = Path(args.runs) / f"lm-seed{args.seed}"
+    run_dir = Path(args.runs) / (f"lm-seed{args.seed}" if args.recipe == LM_RECIPE else f"{args.recipe}-seed{args.seed}")
     sets = [f"seed={args.seed}", f"threads={args.threads}", *args.set]
     t = time.perf_counter()
-    argv = ["train", LM_RECIPE, "--run-dir", str(run_dir), "--no-progress"]
+    argv = ["train", args.recipe, "--run-dir", str(run_dir), "--no-progress"]
     if main(argv + [x for s in sets for x in ("--set", s)]) != 0:
         raise SystemExit("the LM run failed")
     train_s = time.perf_counter() - t
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    cfg = lm_config(sets)
+    cfg = lm_config(sets, args.recipe)
     held = lm_play(str(run_dir), args.maps, True, True, cfg)
     append(Path(args.data), {
-        "what": "lm", "recipe": LM_RECIPE, "seed": args.seed, "overrides": sets, "machine": machine(),
+        "what": "lm", "recipe": args.recipe, "seed": args.seed, "overrides": sets, "machine": machine(),
         "train_s": round(train_s, 1), "env_steps": sum(r.get("env_steps", 0) for r in rows),
         "curve": [{"step": r["step"], "env_steps": r.get("env_steps"), "reward": r["reward"],
                    "success": r.get("rewards/env_success"), "step_s": round(r["time/step_s"], 1)} for r in rows],
@@ -118,11 +118,11 @@ def cmd_lm(args) -> None:
 
 
 def cmd_base(args) -> None:
-    cfg = lm_config([f"threads={args.threads}", *args.set])
+    cfg = lm_config([f"threads={args.threads}", *args.set], args.recipe)
     import torch
 
     torch.set_num_threads(args.threads)
-    append(Path(args.data), {"what": "base", "recipe": LM_RECIPE, "overrides": args.set, "machine": machine(),
+    append(Path(args.data), {"what": "base", "recipe": args.recipe, "overrides": args.set, "machine": machine(),
                              "held_out": lm_play(None, args.maps, False, True, cfg),
                              "date": time.strftime("%Y-%m-%d %H:%M")})
 
@@ -245,6 +245,8 @@ def main() -> None:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
         if name == "mlp":
             p.add_argument("--ladder", type=int, nargs="+", default=list(MLP_LADDER))
+        if name in ("lm", "base"):
+            p.add_argument("--recipe", default=LM_RECIPE, help="an agent recipe in choose mode (default: %(default)s)")
         if name == "report":
             p.add_argument("--plot", default=str(ROOT / "docs" / "agents_frozenlake.png"))
     args = parser.parse_args()

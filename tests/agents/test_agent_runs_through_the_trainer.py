@@ -62,12 +62,13 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("recipe", ["grpo_frozenlake.yaml", "ppo_frozenlake_choose.yaml", "grpo_frozenlake_choose.yaml"])
+@pytest.mark.parametrize("recipe", ["grpo_frozenlake.yaml", "ppo_frozenlake_choose.yaml", "grpo_frozenlake_choose.yaml",
+                                    "grpo_blackjack_choose.yaml"])
 def test_someone_elses_env_trains_and_logs_whole_episodes(recipe, words_env, tiny_model, tmp_path, capsys):
     run = tmp_path / "run"
     # (grpo in choose mode: the tiny model's summed scores put 99.6% on one action, every group would
     # be equal and nothing would train; per-token scores spread it)
-    extra = ["choose_score=mean"] if recipe == "grpo_frozenlake_choose.yaml" else []
+    extra = ["choose_score=mean"] if recipe.startswith("grpo_") and "choose" in recipe else []
     assert train(recipe, run, tiny_model, [f"env={words_env}", "env_kwargs={}", *extra]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["adapter_norm"] > 0

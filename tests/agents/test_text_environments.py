@@ -81,7 +81,7 @@ def test_frozen_lake_hints_name_what_each_move_leads_to():
         tile = {"F": "ice", "H": "hole"}
         expected = (f"Moves: left: wall, down: {tile[desc[1][0]]}, right: {tile[desc[0][1]]}, up: wall. "
                     "The goal is 3 down and 3 right.")
-        assert obs.splitlines()[5] == expected
+        assert obs.splitlines()[4] == expected and len(obs.splitlines()) == 5
         if desc[0][1] == "F":
             obs, *_ = env.step("right")
             assert "The goal is 3 down and 2 right." in obs and "left: ice" in obs
