@@ -157,6 +157,9 @@ def cmd_mlp(args) -> None:
     from rlhf.config import load_run_config
     from rlhf.gym.common import load_agent
 
+    # a first short run outside the clock: the trainer's imports are not the first rung's training time
+    rlhf.train(MLP_RECIPE, run_dir=str(Path(args.runs) / f"mlp-seed{args.seed}-warmup"), progress=False,
+               seed=args.seed, total_steps=512, threads=1, eval_episodes=1)
     for steps in args.ladder:
         run_dir = Path(args.runs) / f"mlp-seed{args.seed}-{steps}"
         t = time.perf_counter()
