@@ -180,24 +180,38 @@ def cmd_report(args) -> None:
     rows = [json.loads(x) for x in Path(args.data).read_text().splitlines() if x.strip()]
     base = [r for r in rows if r["what"] == "base"][-1:]
     lm = {r["seed"]: r for r in rows if r["what"] == "lm"}
-    mlp = {}
-    for r in rows:
-        if r["what"] == "mlp":
-            mlp[(r["seed"], r["env_steps"])] = r
-    print("| agent | seed | env steps | train s | held-out success, greedy | sampled |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    mlp = {(r["seed"], r["env_steps"]): r for r in rows if r["what"] == "mlp"}
+
+    def cell(rs, mode):
+        return " / ".join(f"{r['held_out'][mode]['success']:.2f}±{r['held_out'][mode]['success_se']:.2f}" for r in rs)
+
+    print("| agent | env steps | train time (s) | held-out success, greedy | sampled |")
+    print("| --- | --- | --- | --- | --- |")
     for r in base:
-        g, s = r["held_out"]["greedy"], r["held_out"]["sampled"]
-        print(f"| SmolLM2-135M base | - | 0 | 0 | {g['success']:.3f} ± {g['success_se']:.3f} | "
-              f"{s['success']:.3f} ± {s['success_se']:.3f} |")
-    for seed, r in sorted(lm.items()):
-        g, s = r["held_out"]["greedy"], r["held_out"]["sampled"]
-        print(f"| SmolLM2-135M + LoRA, {r['recipe']} | {seed} | {r['env_steps']:.0f} | {r['train_s']:.0f} | "
-              f"{g['success']:.3f} ± {g['success_se']:.3f} | {s['success']:.3f} ± {s['success_se']:.3f} |")
-    for (seed, steps), r in sorted(mlp.items()):
-        g, s = r["held_out"]["greedy"], r["held_out"]["sampled"]
-        print(f"| MLP PPO, {r['recipe']} | {seed} | {steps} | {r['train_s']:.0f} | "
-              f"{g['success']:.3f} ± {g['success_se']:.3f} | {s['success']:.3f} ± {s['success_se']:.3f} |")
+        print(f"| SmolLM2-135M-Instruct, base | 0 | 0 | {cell([r], 'greedy')} | {cell([r], 'sampled')} |")
+    if lm:
+        rs = [lm[s] for s in sorted(lm)]
+        steps = " / ".join("%.0f" % r["env_steps"] for r in rs)
+        secs = " / ".join("%.0f" % r["train_s"] for r in rs)
+        print(f"| SmolLM2-135M + LoRA r16, {rs[0]['recipe']}, seeds {', '.join(map(str, sorted(lm)))} | "
+              f"{steps} | {secs} | {cell(rs, 'greedy')} | {cell(rs, 'sampled')} |")
+    seeds = sorted({s for s, _ in mlp})
+    for steps in sorted({k for _, k in mlp}):
+        rs = [mlp[(s, steps)] for s in seeds if (s, steps) in mlp]
+        secs = " / ".join("%.1f" % r["train_s"] for r in rs)
+        print(f"| MLP PPO, {rs[0]['recipe']}, seeds {', '.join(map(str, seeds))} | {steps} | "
+              f"{secs} | {cell(rs, 'greedy')} | {cell(rs, 'sampled')} |")
+    if lm and mlp:  # the MLP agent's first rung at or above the LM's mean held-out success
+        for mode in ("greedy", "sampled"):
+            target = sum(r["held_out"][mode]["success"] for r in lm.values()) / len(lm)
+            reach = []
+            for s in seeds:
+                hit = [(k, r) for (t, k), r in sorted(mlp.items()) if t == s and r["held_out"][mode]["success"] >= target]
+                reach.append(f"seed {s}: {hit[0][0]} steps, {hit[0][1]['train_s']:.1f} s" if hit else f"seed {s}: not reached")
+            lm_steps = sum(r["env_steps"] for r in lm.values()) / len(lm)
+            lm_s = sum(r["train_s"] for r in lm.values()) / len(lm)
+            print(f"\n{mode}: the LM's mean held-out success {target:.3f} after {lm_steps:.0f} env steps, {lm_s:.0f} s; "
+                  f"the MLP agent's first rung at or above it: {'; '.join(reach)}")
     if args.plot:
         plot(base, lm, mlp, Path(args.plot))
 
