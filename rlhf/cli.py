@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _close_process_group() -> None:
-    """End the processes' group (torch.distributed) once every rank finished its command: a
-    barrier, then ``destroy_process_group``. Left to the interpreter's exit, gloo's worker threads
-    may still hold tensors and the process aborts ("terminate called without an active
-    exception", pytorch #190489) though the run finished. Not after an error: a rank still in a
-    collective would leave the barrier waiting. (A light command never imported torch.)"""
+    """End a process of several (torch.distributed) once every rank finished its command: a
+    barrier, ``destroy_process_group``, then the process exits at once with status 0, its output
+    flushed and every run file already closed. Left to the interpreter's finalisation, objects
+    still holding gloo work (FSDP2's, the process group's own threads) can abort a finished run
+    ("terminate called without an active exception", SIGABRT: pytorch #190489, #179291); the
+    barrier and destroy alone did not stop it (CI, FSDP2 resume). Not after an error: a rank
+    still in a collective would leave the barrier waiting. (A light command never imported torch.)"""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as tdist
@@ -72,6 +74,9 @@ def _close_process_group() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _train(args) -> dict:
