@@ -222,7 +222,7 @@ def plot(base, lm, mlp, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for mode, style in (("greedy", "-"), ("sampled", "--")):
         seeds = sorted({s for s, _ in mlp})
         for seed in seeds:
@@ -242,7 +242,7 @@ def plot(base, lm, mlp, path: Path) -> None:
     ax.set_xlabel("environment steps of training (log)")
     ax.set_ylabel("success on held-out maps")
     ax.set_title("FrozenLake 4x4, random maps, 8 moves: LM agent vs MLP agent (CPU)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}")
