@@ -43,13 +43,7 @@ def candidate_logps(net: PolicyNet, prompt_ids: Tensor, prompt_mask: Tensor, own
     ctx_ids = torch.cat([prompt_ids[owner], completion_ids], 1)
     ctx_attn = torch.cat([prompt_mask[owner], attn_mask.to(prompt_mask.dtype)], 1).bool()
     rows_n, width = ctx_ids.shape
-    # each candidate's inputs are its ids but the last (ids[0] is predicted by the context's last id)
-    block = [0] * rows_n
-    where = []  # (row, offset of the entry's first input in its row's block)
-    for r, _, c in entries:
-        where.append(block[r])
-        block[r] += len(c) - 1
-    extra = max(block)
+    where, extra = candidate_slots(entries, rows_n)
     total = width + extra
     ids = torch.cat([ctx_ids, torch.zeros(rows_n, extra, dtype=torch.long, device=dev)], 1)
     pos = torch.cat([positions(ctx_attn.long()), torch.zeros(rows_n, extra, dtype=torch.long, device=dev)], 1)
@@ -85,6 +79,16 @@ def candidate_logps(net: PolicyNet, prompt_ids: Tensor, prompt_mask: Tensor, own
                            torch.tensor([lp_len + s - 1 for _, s, _ in entries], device=dev)]
         vals = net.value_head(first.float()).squeeze(-1)
     return seq, vals
+
+
+def candidate_slots(entries: list[tuple[int, int, list[int]]], rows: int) -> tuple[list[int], int]:
+    """Where each candidate's inputs go in its row's block behind the row's ids (its ids but the
+    last: its first id is predicted by its turn's last context id), and the widest block."""
+    block, where = [0] * rows, []
+    for r, _, c in entries:
+        where.append(block[r])
+        block[r] += len(c) - 1
+    return where, max(block)
 
 
 def sequence_logps(net: PolicyNet, states: Tensor, entries: list[tuple[int, int, list[int]]],
@@ -163,11 +167,7 @@ class ChooseTurns:
         its episode's ids so far."""
         self.feed(episodes, live)
         net, n = self.src.policy.net, len(self.fed)
-        block, where = [0] * n, []
-        for i, _, c in entries:
-            where.append(block[i])
-            block[i] += len(c) - 1
-        width = max(block)
+        where, width = candidate_slots(entries, n)
         hidden = None
         if width:  # the candidates' own ids behind the cache, each seeing its earlier ids only
             ids = torch.zeros(n, width, dtype=torch.long, device=self.dev)

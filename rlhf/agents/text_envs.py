@@ -23,7 +23,6 @@ import re
 from functools import partial
 
 
-
 def parse_action(text: str, names: list[str]) -> int | None:
     """The index of the one valid action ``text`` names (a whole word, case ignored); None when
     it names none or several different ones."""
@@ -47,8 +46,9 @@ class RenderedEnv:
     ACTIONS: list[str] = []
     INSTRUCTIONS = ""
 
-    def __init__(self, env_id: str, **kwargs):
-        self.env = make_gym(env_id, **kwargs)
+    def __init__(self, env_id: str, env=None, **kwargs):
+        """``env``: an environment made already (else ``gymnasium.make(env_id, **kwargs)``)."""
+        self.env = env if env is not None else make_gym(env_id, **kwargs)
         self.instructions = self.INSTRUCTIONS + f" Reply with one action: {', '.join(self.ACTIONS)}."
         self.obs = None
 
@@ -73,9 +73,14 @@ class RenderedEnv:
         return self.describe(), float(reward), bool(terminated), bool(truncated), info
 
 
+def char_rows(desc) -> list[list[str]]:
+    """A map's rows (of bytes or str) as lists of one-character strings."""
+    return [[c.decode() if isinstance(c, bytes) else c for c in line] for line in desc]
+
+
 def grid_text(desc, row: int, col: int) -> str:
     """A character grid (rows of bytes or str) with the agent drawn as ``P`` at (row, col)."""
-    lines = [[c.decode() if isinstance(c, bytes) else c for c in line] for line in desc]
+    lines = char_rows(desc)
     lines[row][col] = "P"
     return "\n".join("".join(line) for line in lines)
 
@@ -105,7 +110,7 @@ class FrozenLakeText(RenderedEnv):
 
     def moves_text(self, row: int, col: int) -> str:
         """``hints``: what each move leads to, and where the goal is, in words."""
-        desc = [[c.decode() if isinstance(c, bytes) else c for c in line] for line in self.env.unwrapped.desc]
+        desc = char_rows(self.env.unwrapped.desc)
         n = len(desc)
         ahead = []
         for name, (dr, dc) in zip(self.ACTIONS, ((0, -1), (1, 0), (0, 1), (-1, 0))):
@@ -127,10 +132,8 @@ class FrozenLakeRandom(FrozenLakeText):
                  eval_every: int = 5, max_episode_steps: int = 100, shaping: float = 0.0, hints: bool = False):
         from rlhf.gym.random_lake import RandomLake
 
-        self.env = RandomLake(size, p, is_slippery, split, eval_every, max_episode_steps, shaping)
-        self.hints = hints
-        self.instructions = self.INSTRUCTIONS + f" Reply with one action: {', '.join(self.ACTIONS)}."
-        self.obs = None
+        super().__init__("FrozenLake-v1", hints,
+                         env=RandomLake(size, p, is_slippery, split, eval_every, max_episode_steps, shaping))
 
     def map_for(self, seed: int | None) -> list[str]:
         return self.env.map_for(seed)
