@@ -13,6 +13,8 @@ from rlhf.core import selective_log_softmax
 from rlhf.errors import UserError
 from rlhf.testing import CHAT_TEMPLATE
 
+from conftest import logp_rounding_bound
+
 ROWS = [{"seed": 3}, {"seed": 4}]
 
 
@@ -83,6 +85,29 @@ def test_sampler_and_trainer_agree_over_multi_turn_episodes(policy):
         gap = ((logp - roll.rollout_logp).abs() * roll.mask).max()
         assert float(gap) < 1e-4, (mode, float(gap))
         assert (logp[roll.mask == 0] == 0).all()
+
+
+def test_bf16_choose_sampler_and_trainer_agree_within_the_rounding_bound(tiny_model):
+    """In bf16 the sampler (a KV cache kept across turns, candidates behind it) and the trainer
+    (one pass, candidates under a 4-D mask) round differently. Each token log-prob is within
+    B = logp_rounding_bound(u = 2^-8) of the exact one (IEEE round-to-nearest only: any CPU);
+    an action's score sums at most L of them (L: its ids), and log pi(a) = s_a - logsumexp(s)
+    moves by at most 2 max |ds| (logsumexp is 1-Lipschitz in the max norm), so the two differ
+    by at most 2 * 2 * L * B (each side within 2 L B of the exact value)."""
+    torch.manual_seed(0)
+    p = ChoicePolicy(tiny_model, lora_r=4, lora_alpha=8, temperature=0.9, dtype="bfloat16")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for n, w in p.model.named_parameters():
+            if "lora_B" in n:
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+    roll = episodes(p, "choose")
+    longest = max(len(c) for row in roll.choices for _, cands, _ in row for c in cands)
+    bound = 4 * longest * logp_rounding_bound(p, 2.0 ** -8)
+    with torch.no_grad():
+        logp = p.forward(roll)["logp"]
+    gap = ((logp - roll.rollout_logp).abs() * roll.mask).max()
+    assert 0 < roll.mask.sum() and float(gap) <= bound, (float(gap), bound)
 
 
 def test_a_micro_batch_of_a_choose_record_scores_its_actions(policy):
